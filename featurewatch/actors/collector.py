@@ -1,0 +1,220 @@
+"""The collector: a plain gRPC server that validates, dedupes and spools batches.
+
+validate -> dedupe by (replica, stream epoch, seq) -> spool append (fsync, group commit)
+-> ack. Acked means durable. A bad batch aborts its call with INVALID_ARGUMENT (or
+RESOURCE_EXHAUSTED when too large) naming the field; nothing from it is stored and the
+server keeps serving everyone else. `CollectorServer` runs without Ray; `CollectorActor`
+hosts the same server inside a Ray actor (a plain grpc server beats Serve's gRPC
+ingress here, see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import ray
+
+from featurewatch.capture.sender import REJECTED_SEQ_KEY
+from featurewatch.errors import BatchValidationError
+from featurewatch.proto import activations_pb2 as pb
+from featurewatch.proto import activations_pb2_grpc as pb_grpc
+from featurewatch.proto.codec import validate_batch
+from featurewatch.storage.spool import Spool, read_segment, sealed_segments
+
+log = logging.getLogger(__name__)
+
+
+class _BearerAuth(grpc.ServerInterceptor):
+    """Every method needs `authorization: Bearer <token>`, compared in constant time."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):
+        supplied = b""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                supplied = value.encode() if isinstance(value, str) else value
+        if hmac.compare_digest(supplied, self._expected):
+            return continuation(handler_call_details)
+        if handler_call_details.method.endswith("/Stream"):
+            return self._deny_stream
+        return self._deny_unary
+
+
+def replay_last_seqs(spool_dir: Path) -> dict[tuple[str, int], int]:
+    """Highest durable seq per (replica, stream epoch), read back from the spool."""
+    last: dict[tuple[str, int], int] = {}
+    for path in sealed_segments(spool_dir):
+        for payload in read_segment(path):
+            batch = pb.ActivationBatch.FromString(payload)
+            key = (batch.replica_id, batch.stream_epoch)
+            last[key] = max(last.get(key, 0), batch.seq)
+    return last
+
+
+class CollectorService(pb_grpc.CollectorServicer):
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        expected_width: int | None = None,
+        max_batch_bytes: int | None = None,
+        allowed_models: set[str] | None = None,
+    ):
+        self.spool = spool
+        self.expected_width = expected_width
+        self.max_batch_bytes = max_batch_bytes
+        self.allowed_models = allowed_models
+        self._lock = threading.Lock()
+        # Replay: what is already durable must still count as seen after a restart.
+        self._last_seq = replay_last_seqs(spool.directory)
+        self._stream_locks: dict[tuple[str, int], threading.Lock] = {}
+        self.accepted_batches = 0
+        self.accepted_vectors = 0
+        self.duplicate_batches = 0
+        self.rejected_batches = 0
+
+    def _accept(self, batch: pb.ActivationBatch, context: grpc.ServicerContext) -> pb.Ack:
+        try:
+            validate_batch(
+                batch,
+                expected_width=self.expected_width,
+                max_bytes=self.max_batch_bytes,
+                allowed_models=self.allowed_models,
+            )
+        except BatchValidationError as err:
+            with self._lock:
+                self.rejected_batches += 1
+            code = (
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+                if err.too_large
+                else grpc.StatusCode.INVALID_ARGUMENT
+            )
+            context.set_trailing_metadata(((REJECTED_SEQ_KEY, str(batch.seq)),))
+            context.abort(code, f"batch seq {batch.seq}: {err}")
+        key = (batch.replica_id, batch.stream_epoch)
+        with self._lock:
+            stream_lock = self._stream_locks.setdefault(key, threading.Lock())
+        ack = pb.Ack(replica_id=batch.replica_id, stream_epoch=batch.stream_epoch, seq=batch.seq)
+        with stream_lock:
+            if batch.seq <= self._last_seq.get(key, 0):
+                with self._lock:
+                    self.duplicate_batches += 1
+                ack.duplicate = True
+                return ack
+            self.spool.append(batch.SerializeToString())
+            self._last_seq[key] = batch.seq
+        with self._lock:
+            self.accepted_batches += 1
+            self.accepted_vectors += batch.rows
+        return ack
+
+    def Stream(self, request_iterator, context):
+        for batch in request_iterator:
+            yield self._accept(batch, context)
+
+    def Push(self, request, context):
+        return self._accept(request, context)
+
+
+class CollectorServer:
+    """A gRPC collector over a spool directory; start() binds, stop() seals and exits."""
+
+    def __init__(
+        self,
+        spool_dir: Path,
+        token: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        expected_width: int | None = None,
+        max_batch_bytes: int = 16 * 1024 * 1024,
+        segment_max_bytes: int = 64 * 1024 * 1024,
+        segment_max_age_s: float = 30.0,
+        allowed_models: set[str] | None = None,
+        max_workers: int = 32,
+    ):
+        if not token:
+            raise ValueError("the collector needs a non-empty bearer token")
+        self.spool = Spool(
+            Path(spool_dir),
+            segment_max_bytes=segment_max_bytes,
+            segment_max_age_s=segment_max_age_s,
+        )
+        self.service = CollectorService(
+            self.spool,
+            expected_width=expected_width,
+            max_batch_bytes=max_batch_bytes,
+            allowed_models=allowed_models,
+        )
+        # Leave room above the payload limit for metadata; larger messages fail in grpc.
+        max_message = max_batch_bytes * 2 + (1 << 20)
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fw-grpc"),
+            interceptors=[_BearerAuth(token)],
+            options=[
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_CollectorServicer_to_server(self.service, self._server)
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"collector cannot bind {host}:{port}")
+        self.address = f"{host}:{self.port}"
+
+    def start(self) -> CollectorServer:
+        self._server.start()
+        log.info("collector listening on %s", self.address)
+        return self
+
+    def stats(self) -> dict:
+        s = self.service
+        return {
+            "address": self.address,
+            "accepted_batches": s.accepted_batches,
+            "accepted_vectors": s.accepted_vectors,
+            "duplicate_batches": s.duplicate_batches,
+            "rejected_batches": s.rejected_batches,
+            "fsyncs": self.spool.fsyncs,
+        }
+
+    def seal(self) -> None:
+        self.spool.seal()
+
+    def stop(self, grace: float = 2.0) -> None:
+        self._server.stop(grace).wait()
+        self.spool.close()
+
+
+@ray.remote(num_cpus=0)
+class CollectorActor:
+    """Hosts a CollectorServer inside Ray; the same code as `featurewatch collect`."""
+
+    def __init__(self, spool_dir: str, token: str, **kwargs):
+        logging.basicConfig(level=logging.INFO)
+        self.server = CollectorServer(Path(spool_dir), token, **kwargs).start()
+
+    def address(self) -> str:
+        return self.server.address
+
+    def stats(self) -> dict:
+        return self.server.stats()
+
+    def seal(self) -> None:
+        self.server.seal()
+
+    def stop(self) -> None:
+        self.server.stop()

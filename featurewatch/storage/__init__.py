@@ -1,0 +1,1 @@
+"""Durable storage: spool (append-only segments), lake (Parquet), catalog (DuckDB)."""

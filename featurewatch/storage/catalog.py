@@ -1,0 +1,252 @@
+"""The DuckDB catalog: manifest of committed lake files, versions, views and macros.
+
+Parquet stays the source of truth. A lake file becomes visible only when the catalog
+commits it: the manifest insert and the rebuilt views happen in one DuckDB transaction,
+so a crash between writing files and committing leaves nothing half-visible, and a
+segment already in the manifest is never committed twice.
+
+A process that opens the file read-write locks out all others, so the pipeline opens
+it only for a commit; analysts open it read-only (`featurewatch sql`).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from featurewatch.errors import CatalogError
+from featurewatch.storage.lake import SCHEMAS
+
+_SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS segments (
+    segment_id   VARCHAR NOT NULL,
+    sae_version  VARCHAR NOT NULL,
+    tokens       BIGINT NOT NULL,
+    feature_rows BIGINT NOT NULL,
+    committed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (segment_id, sae_version)
+);
+CREATE TABLE IF NOT EXISTS lake_files (
+    table_name  VARCHAR NOT NULL,
+    path        VARCHAR NOT NULL PRIMARY KEY,
+    segment_id  VARCHAR NOT NULL,
+    sae_version VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sae_versions (
+    sae_version  VARCHAR PRIMARY KEY,
+    path         VARCHAR NOT NULL,
+    architecture VARCHAR NOT NULL,
+    model        VARCHAR NOT NULL,
+    layer        INTEGER NOT NULL,
+    d_in         INTEGER NOT NULL,
+    d_sae        INTEGER NOT NULL,
+    k            INTEGER,
+    created_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    metrics      JSON
+);
+CREATE TABLE IF NOT EXISTS model_versions (
+    model         VARCHAR NOT NULL,
+    model_version VARCHAR NOT NULL,
+    path          VARCHAR NOT NULL,
+    registered_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (model, model_version)
+);
+"""
+
+# Firing rate of every feature in a baseline window and a comparison window.
+#   rate        = tokens where the feature fired / tokens sampled in the window
+#   rate_ratio  = smoothed ratio (fired + 0.5) / (tokens + 1), window over baseline
+#   z           = two-proportion z-score with the pooled rate; NULL when undefined
+# Arguments are timestamps; windows are half-open [start, end).
+_RATE_CHANGE_MACRO = """
+CREATE OR REPLACE MACRO rate_change(base_start, base_end, win_start, win_end) AS TABLE
+WITH
+  bt AS (SELECT sae_version, count(*) AS n FROM tokens
+         WHERE ts >= base_start AND ts < base_end GROUP BY sae_version),
+  wt AS (SELECT sae_version, count(*) AS n FROM tokens
+         WHERE ts >= win_start AND ts < win_end GROUP BY sae_version),
+  bf AS (SELECT sae_version, feature_id, count(*) AS fired FROM feature_acts
+         WHERE ts >= base_start AND ts < base_end GROUP BY sae_version, feature_id),
+  wf AS (SELECT sae_version, feature_id, count(*) AS fired FROM feature_acts
+         WHERE ts >= win_start AND ts < win_end GROUP BY sae_version, feature_id),
+  f AS (SELECT sae_version, feature_id FROM bf UNION SELECT sae_version, feature_id FROM wf),
+  joined AS (
+    SELECT f.sae_version, f.feature_id,
+           coalesce(bf.fired, 0) AS base_fired, bt.n AS base_tokens,
+           coalesce(wf.fired, 0) AS win_fired, wt.n AS win_tokens
+    FROM f
+    JOIN bt ON bt.sae_version = f.sae_version
+    JOIN wt ON wt.sae_version = f.sae_version
+    LEFT JOIN bf ON bf.sae_version = f.sae_version AND bf.feature_id = f.feature_id
+    LEFT JOIN wf ON wf.sae_version = f.sae_version AND wf.feature_id = f.feature_id
+  )
+SELECT sae_version, feature_id, base_fired, base_tokens, win_fired, win_tokens,
+       base_fired / base_tokens AS base_rate,
+       win_fired / win_tokens AS win_rate,
+       ((win_fired + 0.5) / (win_tokens + 1)) / ((base_fired + 0.5) / (base_tokens + 1))
+           AS rate_ratio,
+       CASE WHEN (base_fired + win_fired) IN (0, base_tokens + win_tokens) THEN NULL
+            ELSE (win_fired / win_tokens - base_fired / base_tokens) / sqrt(
+                 ((base_fired + win_fired) / (base_tokens + win_tokens))
+                 * (1 - (base_fired + win_fired) / (base_tokens + win_tokens))
+                 * (1.0 / base_tokens + 1.0 / win_tokens))
+       END AS z
+FROM joined
+"""
+
+_DUCK_TYPES = {
+    "timestamp[us, tz=UTC]": "TIMESTAMPTZ",
+    "string": "VARCHAR",
+    "int32": "INTEGER",
+    "int16": "SMALLINT",
+    "float": "FLOAT",
+}
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _empty_view_sql(table_name: str) -> str:
+    schema = SCHEMAS[table_name]
+    cols = [f"NULL::{_DUCK_TYPES[str(f.type)]} AS {f.name}" for f in schema]
+    cols += ["NULL::VARCHAR AS model", "NULL::DATE AS date", "NULL::INTEGER AS hour"]
+    return f"SELECT {', '.join(cols)} WHERE false"
+
+
+class Catalog:
+    """One DuckDB file over the lake. Use as a context manager to close the connection."""
+
+    def __init__(self, path: Path, lake_dir: Path, *, read_only: bool = False):
+        self.path = Path(path)
+        self.lake_dir = Path(lake_dir)
+        if read_only and not self.path.exists():
+            raise CatalogError(f"no catalog at {self.path}: run the pipeline (or the demo) first")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.Error as err:
+            raise CatalogError(f"cannot open catalog {self.path}: {err}") from None
+        if not read_only:
+            self.con.execute(_SCHEMA_SQL)
+            self._rebuild_views()
+            self.con.execute(_RATE_CHANGE_MACRO)
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.con.close()
+
+    # ---- manifest
+
+    def committed_segments(self, sae_version: str) -> set[str]:
+        rows = self.con.execute(
+            "SELECT segment_id FROM segments WHERE sae_version = ?", [sae_version]
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def commit_segment(
+        self,
+        segment_id: str,
+        sae_version: str,
+        files: dict[str, list[str]],
+        *,
+        tokens: int,
+        feature_rows: int,
+    ) -> bool:
+        """Record a segment's lake files and expose them; False if already committed."""
+        con = self.con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            exists = con.execute(
+                "SELECT count(*) FROM segments WHERE segment_id = ? AND sae_version = ?",
+                [segment_id, sae_version],
+            ).fetchone()[0]
+            if exists:
+                con.execute("ROLLBACK")
+                return False
+            con.execute(
+                "INSERT INTO segments (segment_id, sae_version, tokens, feature_rows) "
+                "VALUES (?, ?, ?, ?)",
+                [segment_id, sae_version, tokens, feature_rows],
+            )
+            for table_name, paths in files.items():
+                for rel in paths:
+                    con.execute(
+                        "INSERT OR REPLACE INTO lake_files VALUES (?, ?, ?, ?)",
+                        [table_name, rel, segment_id, sae_version],
+                    )
+            self._rebuild_views()
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return True
+
+    def _rebuild_views(self) -> None:
+        for table_name in SCHEMAS:
+            rows = self.con.execute(
+                "SELECT path FROM lake_files WHERE table_name = ? ORDER BY path", [table_name]
+            ).fetchall()
+            if rows:
+                files = ", ".join(_sql_str(str(self.lake_dir / r[0])) for r in rows)
+                body = (
+                    f"SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
+                    "hive_types = {'model': VARCHAR, 'date': DATE, 'hour': INTEGER})"
+                )
+            else:
+                body = _empty_view_sql(table_name)
+            self.con.execute(f"CREATE OR REPLACE VIEW {table_name} AS {body}")
+
+    # ---- versions
+
+    def register_sae(
+        self,
+        sae_version: str,
+        path: Path,
+        *,
+        architecture: str,
+        model: str,
+        layer: int,
+        d_in: int,
+        d_sae: int,
+        k: int | None,
+        metrics: dict,
+    ) -> None:
+        self.con.execute(
+            "INSERT OR REPLACE INTO sae_versions "
+            "(sae_version, path, architecture, model, layer, d_in, d_sae, k, metrics) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [sae_version, str(path), architecture, model, layer, d_in, d_sae, k]
+            + [json.dumps(metrics)],
+        )
+
+    def register_model_version(self, model: str, model_version: str, path: str) -> None:
+        self.con.execute(
+            "INSERT OR IGNORE INTO model_versions (model, model_version, path) VALUES (?, ?, ?)",
+            [model, model_version, path],
+        )
+
+    # ---- queries
+
+    def query(self, sql: str, params: list | dict | None = None) -> pa.Table:
+        """Run one statement and return its result as an Arrow table."""
+        try:
+            return fetch_arrow(self.con, sql, params)
+        except duckdb.Error as err:
+            raise CatalogError(str(err)) from None
+
+
+def fetch_arrow(con: duckdb.DuckDBPyConnection, sql: str, params=None) -> pa.Table:
+    """Execute with parameters and return Arrow (the copy DuckDB warns about is tiny here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return con.execute(sql, params or []).to_arrow_table()

@@ -1,0 +1,90 @@
+"""The Parquet lake: sparse feature rows and sampled tokens, hive-partitioned.
+
+Layout: <lake>/<table>/model=<m>/date=<YYYY-MM-DD>/hour=<HH>/<segment>__<sae>.parquet.
+`model`, `date` and `hour` live only in the path (hive style); DuckDB reads them back as
+columns. Files are written to a temporary name and renamed, so a reader never sees a
+partial file; a file becomes visible to SQL only when the catalog commits it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+TS = pa.timestamp("us", tz="UTC")
+
+# Columns stored in the files (partition columns model/date/hour come from the path).
+FEATURE_ACTS_SCHEMA = pa.schema(
+    [
+        ("ts", TS),
+        ("model_version", pa.string()),
+        ("replica", pa.string()),
+        ("request_id", pa.string()),
+        ("token_pos", pa.int32()),
+        ("layer", pa.int16()),
+        ("sae_version", pa.string()),
+        ("feature_id", pa.int32()),
+        ("value", pa.float32()),
+    ]
+)
+TOKENS_SCHEMA = pa.schema(
+    [
+        ("ts", TS),
+        ("model_version", pa.string()),
+        ("replica", pa.string()),
+        ("request_id", pa.string()),
+        ("token_pos", pa.int32()),
+        ("layer", pa.int16()),
+        ("sae_version", pa.string()),
+        ("token_id", pa.int32()),
+        ("token_text", pa.string()),
+        # ||x - x_hat||^2 / ||x||^2: rises when the dictionary goes stale on new traffic.
+        ("recon_error", pa.float32()),
+        ("segment_id", pa.string()),
+    ]
+)
+SCHEMAS = {"feature_acts": FEATURE_ACTS_SCHEMA, "tokens": TOKENS_SCHEMA}
+PARTITION_COLUMNS = ("model", "date", "hour")
+
+
+def write_partitioned(
+    lake_dir: Path, table_name: str, table: pa.Table, file_stem: str
+) -> list[str]:
+    """Write `table` (its columns plus `model`) split by model/date/hour.
+
+    Returns the written paths relative to `lake_dir`. Re-writing the same stem replaces
+    the same files, so a retried segment never leaves two copies.
+    """
+    schema = SCHEMAS[table_name]
+    if table.num_rows == 0:
+        return []
+    ts = table.column("ts")
+    dates = pc.strftime(ts, format="%Y-%m-%d", locale="C")
+    hours = pc.hour(ts)
+    keys = pa.table({"model": table.column("model"), "date": dates, "hour": hours})
+    groups = keys.group_by(["model", "date", "hour"]).aggregate([])
+    written = []
+    for model, date, hour in zip(
+        groups.column("model").to_pylist(),
+        groups.column("date").to_pylist(),
+        groups.column("hour").to_pylist(),
+        strict=True,
+    ):
+        mask = pc.and_(
+            pc.and_(pc.equal(keys.column("model"), model), pc.equal(keys.column("date"), date)),
+            pc.equal(keys.column("hour"), hour),
+        )
+        part = table.filter(mask).select(schema.names).cast(schema)
+        rel = Path(table_name) / f"model={model}" / f"date={date}" / f"hour={hour:02d}"
+        rel = rel / f"{file_stem}.parquet"
+        target = Path(lake_dir) / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        pq.write_table(part, tmp, compression="zstd", row_group_size=1_000_000)
+        os.replace(tmp, target)
+        written.append(str(rel))
+    return written

@@ -1,0 +1,54 @@
+import pytest
+
+from featurewatch.errors import ConfigError
+from featurewatch.platform.config import build_config, load_config
+
+
+def test_defaults_work_without_a_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATUREWATCH_HOME", str(tmp_path / "home"))
+    cfg = load_config(None)
+    assert cfg.home == tmp_path / "home"
+    assert cfg.capture.layer == 15
+    assert cfg.spool_dir == tmp_path / "home" / "spool"
+
+
+def test_yaml_values_override_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("capture:\n  layer: 3\n  sample_fraction: 0.05\nsae: {d_sae: 64, k: 4}\n")
+    cfg = load_config(path)
+    assert (cfg.capture.layer, cfg.capture.sample_fraction) == (3, 0.05)
+    assert (cfg.sae.d_sae, cfg.sae.k) == (64, 4)
+
+
+def test_unknown_field_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("capture:\n  layr: 3\n")
+    with pytest.raises(ConfigError, match=r"capture\.layr"):
+        load_config(path)
+
+
+def test_ill_typed_field_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("capture:\n  sample_fraction: lots\n")
+    with pytest.raises(ConfigError, match=r"capture\.sample_fraction"):
+        load_config(path)
+
+
+def test_out_of_range_and_cross_field_errors():
+    with pytest.raises(ConfigError, match=r"capture\.sample_fraction"):
+        build_config({"capture": {"sample_fraction": 1.5}})
+    with pytest.raises(ConfigError, match=r"sae\.k"):
+        build_config({"sae": {"d_sae": 8, "k": 16}})
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "capture: [unclosed\n"])
+def test_bad_yaml_shapes(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError):
+        load_config(path)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/featurewatch.yaml")
