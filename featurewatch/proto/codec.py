@@ -6,6 +6,8 @@ check and the spool write share that work.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -19,6 +21,8 @@ WIRE_DTYPES: dict[int, tuple[torch.dtype, int]] = {
     pb.FLOAT32: (torch.float32, 4),
 }
 DTYPE_BY_NAME = {"float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16, "float32": pb.FLOAT32}
+# Model ids become lake partition folders: keep them path-safe.
+MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ENUM_BY_TORCH = {torch_dtype: enum for enum, (torch_dtype, _) in WIRE_DTYPES.items()}
 
 
@@ -81,6 +85,10 @@ def validate_batch(
         raise BatchValidationError("replica_id", "must not be empty")
     if not batch.model:
         raise BatchValidationError("model", "must not be empty")
+    if not MODEL_ID.match(batch.model):
+        raise BatchValidationError(
+            "model", f"{batch.model!r} is not a valid model id (letters, digits, '._-')"
+        )
     if allowed_models is not None and batch.model not in allowed_models:
         raise BatchValidationError("model", f"unknown model {batch.model!r}")
     if batch.dtype not in WIRE_DTYPES:

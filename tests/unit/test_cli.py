@@ -1,0 +1,81 @@
+"""`featurewatch sql` and config errors through the real command line."""
+
+import json
+
+from typer.testing import CliRunner
+
+from featurewatch.platform.cli import app
+from featurewatch.storage.catalog import Catalog
+from tests.unit.test_lake_catalog import T0, commit, tables
+
+runner = CliRunner()
+
+
+def make_home(tmp_path):
+    home = tmp_path / "home"
+    with Catalog(home / "catalog.duckdb", home / "lake") as cat:
+        commit(cat, home / "lake", "seg-1", *tables(10, 4, T0))
+    return home
+
+
+def test_sql_prints_a_table(tmp_path):
+    home = make_home(tmp_path)
+    result = runner.invoke(
+        app,
+        [
+            "sql",
+            "SELECT feature_id, count(*) AS fired FROM feature_acts GROUP BY ALL",
+            "--home",
+            str(home),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "feature_id" in result.output and "fired" in result.output
+    assert "│" in result.output and " 4 " in result.output
+
+
+def test_sql_formats_file_and_stdin(tmp_path):
+    home = make_home(tmp_path)
+    query = tmp_path / "q.sql"
+    query.write_text("SELECT count(*) AS n FROM tokens")
+    result = runner.invoke(
+        app, ["sql", "--file", str(query), "--format", "json", "--home", str(home)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip()) == {"n": 10}
+    result = runner.invoke(
+        app, ["sql", "--format", "csv", "--home", str(home)], input="SELECT 1 AS a, 2 AS b"
+    )
+    assert result.exit_code == 0
+    assert result.output.splitlines()[:2] == ['"a","b"', "1,2"]
+
+
+def test_bad_query_prints_duckdb_error_and_fails(tmp_path):
+    home = make_home(tmp_path)
+    result = runner.invoke(app, ["sql", "SELEC nonsense", "--home", str(home)])
+    assert result.exit_code != 0
+    assert "Parser Error" in result.output
+    result = runner.invoke(app, ["sql", "SELECT * FROM no_such_table", "--home", str(home)])
+    assert result.exit_code != 0
+    assert "no_such_table" in result.output
+
+
+def test_writes_are_refused(tmp_path):
+    home = make_home(tmp_path)
+    result = runner.invoke(app, ["sql", "DROP VIEW feature_acts", "--home", str(home)])
+    assert result.exit_code != 0
+    assert "read-only" in result.output.lower()
+
+
+def test_bad_arguments(tmp_path):
+    home = make_home(tmp_path)
+    assert (
+        runner.invoke(app, ["sql", "SELECT 1", "--format", "xml", "--home", str(home)]).exit_code
+        == 2
+    )
+    missing = runner.invoke(app, ["sql", "SELECT 1", "--home", str(tmp_path / "nohome")])
+    assert missing.exit_code == 1 and "no catalog" in missing.output
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("capture: {layr: 1}\n")
+    bad = runner.invoke(app, ["sql", "SELECT 1", "--config", str(cfg)])
+    assert bad.exit_code == 1 and "capture.layr" in bad.output

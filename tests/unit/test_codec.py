@@ -1,0 +1,73 @@
+"""The wire codec round-trips vectors; validation names the bad field."""
+
+import numpy as np
+import pytest
+import torch
+
+from featurewatch.errors import BatchValidationError
+from featurewatch.proto import activations_pb2 as pb
+from featurewatch.proto.codec import make_batch, unpack_vectors, validate_batch
+
+
+def batch_of(vectors: torch.Tensor, **overrides) -> pb.ActivationBatch:
+    n = vectors.shape[0]
+    b = make_batch(
+        vectors,
+        model="tiny",
+        model_version="v1",
+        layer=1,
+        site="resid_post",
+        request_ids=["r0"],
+        request_index=[0] * n,
+        token_pos=list(range(n)),
+        token_id=[5] * n,
+        ts_unix_nanos=[1] * n,
+        token_text=["a"] * n,
+        replica_id="rep",
+    )
+    for key, value in overrides.items():
+        setattr(b, key, value)
+    return b
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_round_trip(dtype):
+    x = torch.randn(7, 16).to(dtype)
+    b = pb.ActivationBatch.FromString(batch_of(x).SerializeToString())
+    validate_batch(b, expected_width=16)
+    np.testing.assert_array_equal(unpack_vectors(b), x.float().numpy())
+
+
+def _bad(field, b, **kw):
+    with pytest.raises(BatchValidationError) as info:
+        validate_batch(b, **kw)
+    assert info.value.field == field
+    assert field in str(info.value)
+    return info.value
+
+
+def test_each_bad_field_is_named():
+    x = torch.randn(4, 8, dtype=torch.float16)
+    _bad("width", batch_of(x), expected_width=16)
+    _bad("dtype", batch_of(x, dtype=0))
+    _bad("dtype", batch_of(x, dtype=42))
+    _bad("data", batch_of(x, data=batch_of(x).data[:-2]))
+    _bad("rows", batch_of(x, rows=0))
+    _bad("replica_id", batch_of(x, replica_id=""))
+    _bad("model", batch_of(x, model=""))
+    _bad("model", batch_of(x, model="../etc"))
+    _bad("model", batch_of(x), allowed_models={"other"})
+    b = batch_of(x)
+    del b.token_pos[-1]
+    _bad("token_pos", b)
+    b = batch_of(x)
+    b.request_index[0] = 3
+    _bad("request_index", b)
+    assert _bad("data", batch_of(x), max_bytes=10).too_large
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_refused(value):
+    x = torch.randn(4, 8, dtype=torch.float16)
+    x[2, 3] = value
+    _bad("data", batch_of(x))
