@@ -195,7 +195,9 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
 
         step("Drift by SQL: features whose firing rate moved most from phase 1 to phase 2")
         movers = top_movers(catalog, trained.version, baseline, window, cfg.demo.top_movers)
-        print(duckdb.from_arrow(movers))
+        shown = movers.select(["feature_id", "base_rate", "win_rate", "rate_ratio", "z"])
+        shown = shown.append_column("top_tokens", movers.column("top_tokens"))
+        duckdb.from_arrow(shown).show(max_width=150, max_col_width=48)
         report.top_movers = movers.to_pylist()
     ray.get(collector.stop.remote())
 

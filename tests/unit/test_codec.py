@@ -26,7 +26,11 @@ def batch_of(vectors: torch.Tensor, **overrides) -> pb.ActivationBatch:
         replica_id="rep",
     )
     for key, value in overrides.items():
-        setattr(b, key, value)
+        if isinstance(value, list):  # repeated fields are replaced in place
+            del getattr(b, key)[:]
+            getattr(b, key).extend(value)
+        else:
+            setattr(b, key, value)
     return b
 
 

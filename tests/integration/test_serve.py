@@ -1,0 +1,118 @@
+"""The Serve model server on a tiny Llama: OpenAI-style API, batching, capture over gRPC."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import ray
+import requests
+from ray import serve
+
+from featurewatch.actors.collector import CollectorActor
+from featurewatch.actors.model_server import ModelServer
+from featurewatch.platform.config import build_config
+from featurewatch.proto import activations_pb2 as pb
+from featurewatch.storage.spool import read_segment, sealed_segments
+from tests.conftest import free_port
+
+TOKEN = "serve-test-token"
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_llama_dir, tmp_path_factory):
+    home = tmp_path_factory.mktemp("serve-home")
+    port = free_port()
+    cfg = build_config(
+        {
+            "home": str(home),
+            "model": {
+                "name": "tiny-llama",
+                "path": str(tiny_llama_dir),
+                "replica_cpus": 0.5,
+                "torch_threads": 1,
+                "batch_wait_timeout_s": 0.2,
+                "max_tokens_limit": 32,
+            },
+            "capture": {"layer": 1, "sample_fraction": 1.0, "batch_rows": 16},
+            "serve": {"port": port, "app_name": "fw-test"},
+            "demo": {"max_tokens": 8},
+        }
+    )
+    collector = CollectorActor.remote(str(cfg.spool_dir), TOKEN, expected_width=64)
+    address = ray.get(collector.address.remote())
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    handle = serve.run(
+        ModelServer.options(ray_actor_options={"num_cpus": 0.5}).bind(
+            cfg.model_dump(mode="json"), address, TOKEN
+        ),
+        name="fw-test",
+        route_prefix="/",
+    )
+    yield cfg, handle, collector, f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.get(collector.stop.remote())
+
+
+def chat(base, content, **extra):
+    body = {"messages": [{"role": "user", "content": content}], **extra}
+    return requests.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+
+
+def test_models_endpoint(served):
+    _, _, _, base = served
+    data = requests.get(f"{base}/v1/models", timeout=30).json()
+    assert data["object"] == "list" and data["data"][0]["id"] == "tiny-llama"
+
+
+def test_concurrent_requests_are_batched_and_activations_reach_the_spool(served):
+    cfg, handle, collector, base = served
+    prompts = [f"the quick brown fox {i}" for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda p: chat(base, p, max_tokens=6), prompts))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    bodies = [a.json() for a in answers]
+    for body in bodies:
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"]["role"] == "assistant"
+        assert 1 <= body["usage"]["completion_tokens"] <= 6
+    assert len({b["id"] for b in bodies}) == 8
+    assert handle.flush_capture.remote(60.0).result()
+    stats = handle.capture_stats.remote().result()
+    assert max(stats["batch_sizes"]) > 1  # concurrent requests shared a generate call
+    ray.get(collector.seal.remote())
+    batches = [
+        pb.ActivationBatch.FromString(r)
+        for p in sealed_segments(cfg.spool_dir)
+        for r in read_segment(p)
+    ]
+    assert all(b.width == 64 and b.layer == 1 and b.model == "tiny-llama" for b in batches)
+    per_request = {}
+    for b in batches:
+        for i in b.request_index:
+            rid = b.request_ids[i]
+            per_request[rid] = per_request.get(rid, 0) + 1
+    assert set(per_request) == {b["id"] for b in bodies}
+    for body in bodies:
+        total = body["usage"]["total_tokens"]
+        # every prompt and generated token at fraction 1.0 (the very last may not be fed)
+        assert total - 1 <= per_request[body["id"]] <= total
+    assert stats["acked_vectors"] == sum(b.rows for b in batches)
+    assert stats["dropped_vectors"] == 0
+
+
+@pytest.mark.parametrize(
+    "body, status, text",
+    [
+        ({"messages": []}, 422, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, 422, "role"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 999}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 422, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "stream": True}, 400, "stream"),
+        ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "model"),
+    ],
+)
+def test_bad_requests_are_refused_and_the_server_keeps_serving(served, body, status, text):
+    _, _, _, base = served
+    resp = requests.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == status
+    assert text in resp.text
+    assert chat(base, "still there?", max_tokens=2).status_code == 200
