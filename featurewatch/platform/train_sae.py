@@ -77,7 +77,8 @@ def train_sae(
 ) -> TrainedSAE:
     """Train on `data` (a dataset with a `vector` column); save under cfg.sae_dir."""
     sc = cfg.sae
-    data = data.select_columns(["vector"])
+    # Materialised once: every epoch re-reads blocks from the object store, not the spool.
+    data = data.select_columns(["vector"]).materialize()
     sample = np.stack([row["vector"] for row in data.take(4096)]).astype(np.float32)
     metadata = {
         "model_name": cfg.model.name,
