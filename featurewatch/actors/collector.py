@@ -3,9 +3,12 @@
 validate -> dedupe by (replica, stream epoch, seq) -> spool append (fsync, group commit)
 -> ack. Acked means durable. A bad batch aborts its call with INVALID_ARGUMENT (or
 RESOURCE_EXHAUSTED when too large) naming the field; nothing from it is stored and the
-server keeps serving everyone else. `CollectorServer` runs without Ray; `CollectorActor`
-hosts the same server inside a Ray actor (a plain grpc server beats Serve's gRPC
-ingress here, see DESIGN.md).
+server keeps serving everyone else. `CollectorServer` runs without Ray (`featurewatch
+collect`); `CollectorActor` hosts the same server inside a Ray actor (a plain grpc server
+beats Serve's gRPC ingress here, see DESIGN.md).
+
+The handlers receive each message's raw bytes next to the parsed message, so the spool
+stores exactly what arrived without serialising it again.
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ from pathlib import Path
 
 import grpc
 import ray
+from google.protobuf.message import DecodeError
 
 from featurewatch.capture.sender import REJECTED_SEQ_KEY
 from featurewatch.errors import BatchValidationError
 from featurewatch.proto import activations_pb2 as pb
-from featurewatch.proto import activations_pb2_grpc as pb_grpc
 from featurewatch.proto.codec import validate_batch
 from featurewatch.storage.spool import Spool, read_segment, sealed_segments
 
 log = logging.getLogger(__name__)
+SERVICE = "featurewatch.v1.Collector"
 
 
 class _BearerAuth(grpc.ServerInterceptor):
@@ -64,7 +68,16 @@ def replay_last_seqs(spool_dir: Path) -> dict[tuple[str, int], int]:
     return last
 
 
-class CollectorService(pb_grpc.CollectorServicer):
+def _parse(raw: bytes) -> tuple[bytes, pb.ActivationBatch | None]:
+    try:
+        return raw, pb.ActivationBatch.FromString(raw)
+    except DecodeError:
+        return raw, None
+
+
+class CollectorService:
+    """validate -> dedupe -> durable append -> ack, for Push and Stream alike."""
+
     def __init__(
         self,
         spool: Spool,
@@ -83,10 +96,24 @@ class CollectorService(pb_grpc.CollectorServicer):
         self._stream_locks: dict[tuple[str, int], threading.Lock] = {}
         self.accepted_batches = 0
         self.accepted_vectors = 0
+        self.accepted_bytes = 0
         self.duplicate_batches = 0
         self.rejected_batches = 0
 
-    def _accept(self, batch: pb.ActivationBatch, context: grpc.ServicerContext) -> pb.Ack:
+    def _reject(self, context, seq: int, err: BatchValidationError):
+        with self._lock:
+            self.rejected_batches += 1
+        code = (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+            if err.too_large
+            else grpc.StatusCode.INVALID_ARGUMENT
+        )
+        context.set_trailing_metadata(((REJECTED_SEQ_KEY, str(seq)),))
+        context.abort(code, f"batch seq {seq}: {err}")
+
+    def _accept(self, raw: bytes, batch: pb.ActivationBatch | None, context) -> pb.Ack:
+        if batch is None:
+            self._reject(context, 0, BatchValidationError("message", "not a valid ActivationBatch"))
         try:
             validate_batch(
                 batch,
@@ -95,15 +122,7 @@ class CollectorService(pb_grpc.CollectorServicer):
                 allowed_models=self.allowed_models,
             )
         except BatchValidationError as err:
-            with self._lock:
-                self.rejected_batches += 1
-            code = (
-                grpc.StatusCode.RESOURCE_EXHAUSTED
-                if err.too_large
-                else grpc.StatusCode.INVALID_ARGUMENT
-            )
-            context.set_trailing_metadata(((REJECTED_SEQ_KEY, str(batch.seq)),))
-            context.abort(code, f"batch seq {batch.seq}: {err}")
+            self._reject(context, batch.seq, err)
         key = (batch.replica_id, batch.stream_epoch)
         with self._lock:
             stream_lock = self._stream_locks.setdefault(key, threading.Lock())
@@ -114,19 +133,47 @@ class CollectorService(pb_grpc.CollectorServicer):
                     self.duplicate_batches += 1
                 ack.duplicate = True
                 return ack
-            self.spool.append(batch.SerializeToString())
+            self.spool.append(raw)
             self._last_seq[key] = batch.seq
         with self._lock:
             self.accepted_batches += 1
             self.accepted_vectors += batch.rows
+            self.accepted_bytes += len(raw)
         return ack
 
-    def Stream(self, request_iterator, context):
-        for batch in request_iterator:
-            yield self._accept(batch, context)
+    def stream(self, request_iterator, context):
+        previous = 0
+        for raw, batch in request_iterator:
+            # Within one call seqs only grow; a resend after a broken call opens a new one.
+            if batch is not None and batch.seq <= previous:
+                self._reject(
+                    context,
+                    batch.seq,
+                    BatchValidationError(
+                        "seq", f"going backwards within a stream ({batch.seq} after {previous})"
+                    ),
+                )
+            ack = self._accept(raw, batch, context)
+            previous = batch.seq
+            yield ack
 
-    def Push(self, request, context):
-        return self._accept(request, context)
+    def push(self, request, context):
+        raw, batch = request
+        return self._accept(raw, batch, context)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        serialize = pb.Ack.SerializeToString
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Stream": grpc.stream_stream_rpc_method_handler(
+                    self.stream, request_deserializer=_parse, response_serializer=serialize
+                ),
+                "Push": grpc.unary_unary_rpc_method_handler(
+                    self.push, request_deserializer=_parse, response_serializer=serialize
+                ),
+            },
+        )
 
 
 class CollectorServer:
@@ -144,10 +191,14 @@ class CollectorServer:
         segment_max_bytes: int = 64 * 1024 * 1024,
         segment_max_age_s: float = 30.0,
         allowed_models: set[str] | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
         max_workers: int = 32,
     ):
         if not token:
             raise ValueError("the collector needs a non-empty bearer token")
+        if bool(tls_cert_file) != bool(tls_key_file):
+            raise ValueError("TLS needs both a certificate and a key file")
         self.spool = Spool(
             Path(spool_dir),
             segment_max_bytes=segment_max_bytes,
@@ -157,9 +208,10 @@ class CollectorServer:
             self.spool,
             expected_width=expected_width,
             max_batch_bytes=max_batch_bytes,
-            allowed_models=allowed_models,
+            allowed_models=set(allowed_models) if allowed_models else None,
         )
-        # Leave room above the payload limit for metadata; larger messages fail in grpc.
+        # Leave room above the payload limit for metadata; larger messages fail in grpc
+        # with RESOURCE_EXHAUSTED before reaching us.
         max_message = max_batch_bytes * 2 + (1 << 20)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fw-grpc"),
@@ -169,16 +221,26 @@ class CollectorServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_CollectorServicer_to_server(self.service, self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        self._server.add_generic_rpc_handlers((self.service.handler(),))
+        bind = f"{host}:{port}"
+        if tls_cert_file:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(tls_key_file).read_bytes(), Path(tls_cert_file).read_bytes())]
+            )
+            self.port = self._server.add_secure_port(bind, credentials)
+        else:
+            self.port = self._server.add_insecure_port(bind)
         if self.port == 0:
-            raise OSError(f"collector cannot bind {host}:{port}")
+            raise OSError(f"collector cannot bind {bind}")
         self.address = f"{host}:{self.port}"
 
     def start(self) -> CollectorServer:
         self._server.start()
-        log.info("collector listening on %s", self.address)
+        log.info("collector listening on %s, spool %s", self.address, self.spool.directory)
         return self
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
 
     def stats(self) -> dict:
         s = self.service
@@ -186,6 +248,7 @@ class CollectorServer:
             "address": self.address,
             "accepted_batches": s.accepted_batches,
             "accepted_vectors": s.accepted_vectors,
+            "accepted_bytes": s.accepted_bytes,
             "duplicate_batches": s.duplicate_batches,
             "rejected_batches": s.rejected_batches,
             "fsyncs": self.spool.fsyncs,

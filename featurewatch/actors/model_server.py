@@ -8,19 +8,21 @@ monitoring.
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Literal
 
 import torch
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from featurewatch.capture.generation import BatchGenerator, GenerationResult
 from featurewatch.capture.hooks import ActivationCapture
 from featurewatch.capture.models import load_model, resolve_model_path
-from featurewatch.capture.sampler import TokenSampler
+from featurewatch.capture.sampler import SamplingPolicy
 from featurewatch.capture.sender import ActivationSender
 from featurewatch.platform.config import build_config
 from featurewatch.proto.codec import make_batch
@@ -42,32 +44,94 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     stream: bool = False
+    metadata: dict[str, str] | None = None
+
+
+class _Pending(BaseModel):
+    request: ChatRequest
+    always_sample: bool = False
+
+
+class _CaptureMetrics:
+    """Exports the sender's counters as Ray metrics (ray.util.metrics) every few seconds."""
+
+    def __init__(self, model: str, replica: str, period_s: float = 2.0):
+        from ray.util.metrics import Counter, Gauge
+
+        tags = ("model", "replica")
+        self._tags = {"model": model, "replica": replica}
+        self._counters = {
+            name: Counter(f"featurewatch_capture_{name}", description=desc, tag_keys=tags)
+            for name, desc in (
+                ("acked_vectors", "Captured vectors acked as durable by a collector."),
+                ("acked_bytes", "Vector payload bytes acked by a collector."),
+                ("dropped_vectors", "Vectors dropped because the send buffer was full."),
+                ("dropped_batches", "Batches dropped because the send buffer was full."),
+                ("rejected_batches", "Batches a collector refused as invalid."),
+                ("budget_dropped_vectors", "Vectors skipped by the vectors/s budget."),
+            )
+        }
+        self._queue = Gauge(
+            "featurewatch_capture_queue_depth",
+            description="Batches waiting in the send buffer.",
+            tag_keys=tags,
+        )
+        self._last: dict[str, int] = dict.fromkeys(self._counters, 0)
+        self.period_s = period_s
+
+    def export(self, stats: dict) -> None:
+        for name, counter in self._counters.items():
+            delta = stats[name] - self._last[name]
+            if delta > 0:
+                counter.inc(delta, tags=self._tags)
+            self._last[name] = stats[name]
+        self._queue.set(stats["queue_depth"], tags=self._tags)
 
 
 @serve.deployment(name="ModelServer", max_ongoing_requests=64)
 @serve.ingress(app)
 class ModelServer:
-    def __init__(self, config: dict, collector_address: str, token: str):
+    def __init__(self, config: dict, collector_addresses: list[str], token: str):
         self.cfg = build_config(config)
         torch.set_num_threads(self.cfg.model.torch_threads)
         folder = resolve_model_path(self.cfg.model.path, self.cfg.models_dir)
         model, tokenizer = load_model(folder, self.cfg.model.dtype)
         cap = self.cfg.capture
-        store_dtype = getattr(torch, cap.wire_dtype)
+        self.policy = SamplingPolicy(
+            cap.sample_fraction,
+            request_fraction=cap.request_fraction,
+            max_vectors_per_s=cap.max_vectors_per_s,
+            seed=cap.seed,
+        )
         self.capture = ActivationCapture(
-            model, [cap.layer], cap.site, TokenSampler(cap.sample_fraction, cap.seed), store_dtype
+            model, cap.layers, cap.sites, self.policy, getattr(torch, cap.wire_dtype)
         ).__enter__()
         self.generator = BatchGenerator(model, tokenizer, self.capture)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # constructed outside Serve (tests)
             self.replica_id = uuid.uuid4().hex[:12]
+        tls = self.cfg.collector.tls_cert_file
         self.sender = ActivationSender(
-            collector_address, token, self.replica_id, max_queue_batches=cap.queue_batches
+            collector_addresses,
+            token,
+            self.replica_id,
+            max_queue_batches=cap.queue_batches,
+            root_certificates=Path(tls).read_bytes() if tls else None,
         )
         self._chat_batch.set_max_batch_size(self.cfg.model.max_batch_size)
         self._chat_batch.set_batch_wait_timeout_s(self.cfg.model.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
+        self.metrics = _CaptureMetrics(self.cfg.model.name, self.replica_id)
+        threading.Thread(target=self._export_metrics, name="fw-metrics", daemon=True).start()
+
+    def _export_metrics(self) -> None:
+        while True:
+            time.sleep(self.metrics.period_s)
+            try:
+                self.metrics.export(self.capture_stats())
+            except Exception:  # metrics must never take the replica down
+                log.exception("exporting capture metrics failed")
 
     # ---- HTTP API
 
@@ -86,7 +150,7 @@ class ModelServer:
         }
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: ChatRequest) -> dict:
+    async def chat_completions(self, request: ChatRequest, http: Request) -> dict:
         if request.stream:
             raise HTTPException(400, "stream: streaming responses are not supported")
         if request.model not in (None, self.cfg.model.name):
@@ -94,17 +158,22 @@ class ModelServer:
         limit = self.cfg.model.max_tokens_limit
         if request.max_tokens is not None and request.max_tokens > limit:
             raise HTTPException(400, f"max_tokens: {request.max_tokens} exceeds the limit {limit}")
-        return await self._chat_batch(request)
+        flag = self.cfg.capture.always_sample_header
+        always = http.headers.get(flag, "").lower() == "always" or (
+            (request.metadata or {}).get(flag, "").lower() == "always"
+        )
+        return await self._chat_batch(_Pending(request=request, always_sample=always))
 
     # ---- batching
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _chat_batch(self, requests: list[ChatRequest]) -> list[dict]:
+    async def _chat_batch(self, requests: list[_Pending]) -> list[dict]:
         # generate is blocking; run it off the event loop so requests keep queueing.
         return await asyncio.to_thread(self._run_batch, requests)
 
-    def _run_batch(self, requests: list[ChatRequest]) -> list[dict]:
-        self.batch_sizes.append(len(requests))
+    def _run_batch(self, pending: list[_Pending]) -> list[dict]:
+        self.batch_sizes.append(len(pending))
+        requests = [p.request for p in pending]
         responses: list[dict | None] = [None] * len(requests)
         # One generate per temperature: a batch shares its decoding settings.
         by_temperature: dict[float, list[int]] = {}
@@ -117,6 +186,7 @@ class ModelServer:
                 [[m.model_dump() for m in r.messages] for r in group],
                 [r.max_tokens or self.cfg.demo.max_tokens for r in group],
                 temperature=temperature,
+                always_sample=[pending[i].always_sample for i in indices],
             )
             self._ship(result, ids)
             for j, i in enumerate(indices):
@@ -160,7 +230,7 @@ class ModelServer:
                     model=self.cfg.model.name,
                     model_version=self.cfg.model.version,
                     layer=captured.layer,
-                    site=self.cfg.capture.site,
+                    site=captured.site,
                     request_ids=[request_ids[r] for r in used],
                     request_index=[remap[r] for r in index],
                     token_pos=captured.token_pos[start:end].tolist(),
@@ -174,6 +244,7 @@ class ModelServer:
 
     def capture_stats(self) -> dict:
         stats = vars(self.sender.snapshot())
+        stats["budget_dropped_vectors"] = self.policy.budget_dropped
         stats["replica_id"] = self.replica_id
         stats["batch_sizes"] = list(self.batch_sizes)
         return stats

@@ -20,6 +20,7 @@ class CapturedTokens:
     """Sampled vectors of one layer, with the request and position of each row."""
 
     layer: int
+    site: str
     vectors: torch.Tensor  # [n, d_model]
     request_index: torch.Tensor  # int64 [n], index into the batch's requests
     token_pos: torch.Tensor  # int64 [n], position within that request's own sequence
@@ -69,7 +70,10 @@ class BatchGenerator:
         max_tokens: list[int],
         temperature: float = 0.0,
         seed: int | None = None,
+        always_sample: list[bool] | None = None,
     ) -> GenerationResult:
+        """Generate for every conversation at once; `always_sample` flags rows whose
+        tokens are all captured regardless of the sampling policy."""
         tok = self.tokenizer
         prompts = [self.prompt_text(c) for c in conversations]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -81,7 +85,9 @@ class BatchGenerator:
             if seed is not None:
                 torch.manual_seed(seed)
         if self.capture is not None:
-            self.capture.start(enc["attention_mask"])
+            always = always_sample or [False] * len(prompts)
+            chosen, flags = self.capture.sampler.select_requests(always)
+            self.capture.start(enc["attention_mask"], chosen, flags)
         try:
             out = self.model.generate(
                 **enc, max_new_tokens=max(max_tokens), pad_token_id=tok.pad_token_id, **kwargs
@@ -110,19 +116,20 @@ class BatchGenerator:
             completion_tokens=lengths,
         )
         ends = width + torch.tensor(lengths)  # first position past each row's own tokens
-        by_layer: dict[int, list] = {}
+        by_point: dict[tuple[int, str], list] = {}
         for chunk in chunks:
             keep = (chunk.positions >= pads[chunk.rows]) & (chunk.positions < ends[chunk.rows])
             if keep.any():
-                by_layer.setdefault(chunk.layer, []).append(
+                by_point.setdefault((chunk.layer, chunk.site), []).append(
                     (chunk.rows[keep], chunk.positions[keep], chunk.vectors[keep])
                 )
-        for layer, parts in by_layer.items():
+        for (layer, site), parts in by_point.items():
             rows = torch.cat([p[0] for p in parts])
             positions = torch.cat([p[1] for p in parts])
             result.captured.append(
                 CapturedTokens(
                     layer=layer,
+                    site=site,
                     vectors=torch.cat([p[2] for p in parts]),
                     request_index=rows,
                     token_pos=positions - pads[rows],

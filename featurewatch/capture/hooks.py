@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from featurewatch.capture.sampler import TokenSampler
+from featurewatch.capture.sampler import SamplingPolicy
 
 SITES = ("resid_post", "mlp_out")
 
@@ -22,6 +22,7 @@ class CapturedChunk:
     """Vectors copied by one hook call: row in the batch and absolute padded position."""
 
     layer: int
+    site: str
     rows: torch.Tensor  # int64 [n]
     positions: torch.Tensor  # int64 [n]
     vectors: torch.Tensor  # [n, d_model], store dtype
@@ -62,14 +63,14 @@ def site_module(block: nn.Module, site: str) -> nn.Module:
 
 
 class ActivationCapture:
-    """Copies sampled positions at the given layers while attached (a context manager)."""
+    """Copies sampled positions at every (layer, site) while attached (a context manager)."""
 
     def __init__(
         self,
         model: nn.Module,
         layers: list[int],
-        site: str = "resid_post",
-        sampler: TokenSampler | None = None,
+        site: str | list[str] = "resid_post",
+        sampler: SamplingPolicy | None = None,
         store_dtype: torch.dtype = torch.float16,
     ):
         blocks = find_decoder_layers(model)
@@ -78,20 +79,26 @@ class ActivationCapture:
                 raise ValueError(
                     f"capture.layer {layer} is out of range: the model has {len(blocks)} layers"
                 )
-        self.layers = list(layers)
-        self.site = site
-        self.sampler = sampler or TokenSampler(1.0)
+        sites = [site] if isinstance(site, str) else list(site)
+        self.points = [(layer, s) for layer in layers for s in sites]
+        self.sampler = sampler or SamplingPolicy(1.0)
         self.store_dtype = store_dtype
-        self._modules = {layer: site_module(blocks[layer], site) for layer in layers}
+        self._modules = {(layer, s): site_module(blocks[layer], s) for layer, s in self.points}
         self._handles: list = []
         self._active = False
         self._prefill_mask: torch.Tensor | None = None
-        self._cursor: dict[int, int] = {}
+        self._chosen: torch.Tensor | None = None
+        self._always: torch.Tensor | None = None
+        self._cursor: dict[tuple[int, str], int] = {}
         self._chunks: list[CapturedChunk] = []
 
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.points})
+
     def __enter__(self) -> ActivationCapture:
-        for layer, module in self._modules.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(layer)))
+        for point, module in self._modules.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(point)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -100,11 +107,21 @@ class ActivationCapture:
         self._handles.clear()
         self._active = False
 
-    def start(self, attention_mask: torch.Tensor | None = None) -> None:
-        """Begin one generate/forward call; `attention_mask` marks the prompt's real tokens."""
+    def start(
+        self,
+        attention_mask: torch.Tensor | None = None,
+        chosen: torch.Tensor | None = None,
+        always: torch.Tensor | None = None,
+    ) -> None:
+        """Begin one generate/forward call.
+
+        `attention_mask` marks the prompt's real tokens; `chosen` and `always` are the
+        per-row request decisions of the sampling policy (None: every row eligible).
+        """
         self._active = True
         self._prefill_mask = attention_mask.bool() if attention_mask is not None else None
-        self._cursor = {layer: 0 for layer in self.layers}
+        self._chosen, self._always = chosen, always
+        self._cursor = {point: 0 for point in self.points}
         self._chunks = []
 
     def finish(self) -> list[CapturedChunk]:
@@ -113,22 +130,27 @@ class ActivationCapture:
         chunks, self._chunks = self._chunks, []
         return chunks
 
-    def _make_hook(self, layer: int):
+    def _make_hook(self, point: tuple[int, str]):
+        layer, site = point
+
         def hook(module, inputs, output):
             if not self._active:
                 return
             hidden = output[0] if isinstance(output, tuple) else output
             batch, seq, _ = hidden.shape
-            cursor = self._cursor[layer]
-            self._cursor[layer] = cursor + seq
-            mask = self.sampler.mask((batch, seq))
+            cursor = self._cursor[point]
+            self._cursor[point] = cursor + seq
+            if self._chosen is not None and not self._chosen.any():
+                return  # no row of this call was chosen: nothing to draw or copy
+            mask = self.sampler.token_mask((batch, seq), self._chosen, self._always)
             if cursor == 0 and self._prefill_mask is not None:
                 mask &= self._prefill_mask[:, :seq]  # never sample left padding
+            mask = self.sampler.apply_budget(mask, self._always)
             if not mask.any():
                 return
             rows, cols = mask.nonzero(as_tuple=True)
             # Advanced indexing copies, so the model may reuse its buffers afterwards.
             vectors = hidden.detach()[rows, cols].to(self.store_dtype)
-            self._chunks.append(CapturedChunk(layer, rows, cols + cursor, vectors))
+            self._chunks.append(CapturedChunk(layer, site, rows, cols + cursor, vectors))
 
         return hook

@@ -5,6 +5,9 @@ the oldest unsent batch is dropped and counted. A background thread keeps a
 bidirectional gRPC stream open, numbers each batch (replica, epoch, seq), and forgets a
 batch only when the collector acks it as durable; after a broken stream it reconnects
 with backoff and resends every unacked batch (the collector drops duplicates).
+
+With several collectors, each replica starts on the one its id hashes to (spreading
+replicas across collectors) and moves to the next when its stream breaks.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import secrets
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 import grpc
@@ -52,15 +56,22 @@ class ActivationSender:
 
     def __init__(
         self,
-        address: str,
+        addresses: str | list[str],
         token: str,
         replica_id: str,
         *,
         max_queue_batches: int = 1024,
         max_in_flight: int = 64,
         stream_epoch: int | None = None,
+        root_certificates: bytes | None = None,
     ):
-        self.address = address
+        self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not self.addresses:
+            raise ValueError("the sender needs at least one collector address")
+        self._address_index = zlib.crc32(replica_id.encode()) % len(self.addresses)
+        self._credentials = (
+            grpc.ssl_channel_credentials(root_certificates) if root_certificates else None
+        )
         self.replica_id = replica_id
         self.stream_epoch = stream_epoch if stream_epoch is not None else secrets.randbits(63)
         self._metadata = (("authorization", f"Bearer {token}"),)
@@ -104,6 +115,16 @@ class ActivationSender:
                     return False
                 self._cond.wait(remaining)
         return True
+
+    @property
+    def address(self) -> str:
+        """The collector this sender streams to now."""
+        return self.addresses[self._address_index]
+
+    def _channel(self) -> grpc.Channel:
+        if self._credentials is not None:
+            return grpc.secure_channel(self.address, self._credentials)
+        return grpc.insecure_channel(self.address)
 
     def snapshot(self) -> SenderStats:
         with self._cond:
@@ -166,7 +187,7 @@ class ActivationSender:
                 generation = self._generation
             rejected_seq = None
             try:
-                with grpc.insecure_channel(self.address) as channel:
+                with self._channel() as channel:
                     stub = pb_grpc.CollectorStub(channel)
                     responses = stub.Stream(self._requests(generation), metadata=self._metadata)
                     for ack in responses:
@@ -189,5 +210,7 @@ class ActivationSender:
                     return
             if rejected_seq is None:
                 self.stats.reconnects += 1
+                # fail over: the next collector in the list (wraps around)
+                self._address_index = (self._address_index + 1) % len(self.addresses)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

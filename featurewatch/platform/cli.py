@@ -99,6 +99,76 @@ def sql(
             typer.echo(json.dumps(row, default=str))
 
 
+def _parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        _fail(f"--listen must be HOST:PORT (for example 127.0.0.1:7070), not {listen!r}", 2)
+    return host.strip("[]"), int(port)
+
+
+@app.command()
+def collect(
+    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on (port 0: any free).")],
+    spool: Annotated[Path, typer.Option(help="Spool directory (created if missing).")],
+    token_file: Annotated[Path, typer.Option(help="File holding the bearer token.")],
+    width: Annotated[int | None, typer.Option(help="Refuse vectors of another width.")] = None,
+    allowed_model: Annotated[
+        list[str] | None, typer.Option(help="Accept only these model ids (repeatable).")
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve TLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
+    max_batch_bytes: Annotated[int, typer.Option(min=1024)] = 16 * 1024 * 1024,
+    segment_max_bytes: Annotated[int, typer.Option(min=1024)] = 64 * 1024 * 1024,
+    segment_max_age_s: Annotated[float, typer.Option(min=0.01)] = 30.0,
+) -> None:
+    """Run a collector in the foreground, without Ray (edge nodes, tests)."""
+    import logging
+    import signal
+
+    from featurewatch.actors.collector import CollectorServer
+
+    host, port = _parse_listen(listen)
+    if not token_file.is_file():
+        _fail(f"--token-file {token_file} does not exist", 2)
+    token = token_file.read_text().strip()
+    if not token:
+        _fail(f"--token-file {token_file} is empty", 2)
+    if (tls_cert is None) != (tls_key is None):
+        _fail("--tls-cert and --tls-key go together", 2)
+    for path in (tls_cert, tls_key):
+        if path is not None and not path.is_file():
+            _fail(f"TLS file {path} does not exist", 2)
+    if width is not None and width <= 0:
+        _fail("--width must be positive", 2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        server = CollectorServer(
+            spool,
+            token,
+            host=host,
+            port=port,
+            expected_width=width,
+            max_batch_bytes=max_batch_bytes,
+            segment_max_bytes=segment_max_bytes,
+            segment_max_age_s=segment_max_age_s,
+            allowed_models=set(allowed_model) if allowed_model else None,
+            tls_cert_file=str(tls_cert) if tls_cert else None,
+            tls_key_file=str(tls_key) if tls_key else None,
+        ).start()
+    except (OSError, ValueError, RuntimeError) as err:
+        _fail(f"cannot start the collector: {err}")
+    # Scripts read this line to learn the bound port.
+    typer.echo(f"collector listening on {server.address}", err=True)
+
+    def shutdown(signum, frame):
+        server.stop(grace=2.0)
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    server.wait()
+    typer.echo(f"collector stopped: {server.stats()}", err=True)
+
+
 @app.command()
 def version() -> None:
     """Print the featurewatch version."""

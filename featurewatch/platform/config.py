@@ -58,10 +58,19 @@ class ModelConfig(_Strict):
     max_tokens_limit: int = Field(256, ge=1, description="Largest max_tokens a client may ask.")
 
 
+Site = Literal["resid_post", "mlp_out"]
+
+
 class CaptureConfig(_Strict):
-    layer: int = Field(15, ge=0, description="Decoder block whose output is sampled.")
-    site: Literal["resid_post", "mlp_out"] = Field(
-        "resid_post", description="resid_post: residual stream after the block."
+    layers: list[int] = Field(
+        [15],
+        min_length=1,
+        description="Decoder blocks sampled; the first is the one the SAE monitors.",
+    )
+    sites: list[Site] = Field(
+        ["resid_post"],
+        min_length=1,
+        description="resid_post: residual stream after the block; mlp_out: the MLP output.",
     )
     sample_fraction: float = Field(
         1.0,
@@ -69,6 +78,17 @@ class CaptureConfig(_Strict):
         le=1,
         description="Fraction of token positions sampled. 1.0 suits a one-machine demo "
         "(the SAE needs the data); a busy fleet samples about 0.05.",
+    )
+    request_fraction: float = Field(
+        1.0, ge=0, le=1, description="Fraction of requests whose tokens are eligible."
+    )
+    max_vectors_per_s: float | None = Field(
+        None, gt=0, description="Per-replica budget of captured vectors per second."
+    )
+    always_sample_header: str = Field(
+        "x-featurewatch-sample",
+        description="A request with this header (or metadata key) set to 'always' has "
+        "every token captured, whatever the fractions and budget.",
     )
     seed: int = Field(0, description="Sampler seed: the same seed picks the same positions.")
     wire_dtype: Literal["float16", "bfloat16", "float32"] = Field(
@@ -78,6 +98,15 @@ class CaptureConfig(_Strict):
     queue_batches: int = Field(
         1024, ge=1, description="Bounded send buffer; when full the oldest batch is dropped."
     )
+
+    @property
+    def layer(self) -> int:
+        """The monitored layer: the SAE and the drift analysis use it."""
+        return self.layers[0]
+
+    @property
+    def site(self) -> str:
+        return self.sites[0]
 
 
 class CollectorConfig(_Strict):
@@ -95,6 +124,11 @@ class CollectorConfig(_Strict):
     segment_max_age_s: float = Field(
         30.0, gt=0, description="Seal the open spool segment after this many seconds."
     )
+    count: int = Field(
+        1, ge=1, description="Collector actors; replicas spread across them and fail over."
+    )
+    tls_cert_file: str | None = Field(None, description="PEM certificate: collectors use TLS.")
+    tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file.")
 
 
 class SAEConfig(_Strict):
@@ -148,6 +182,8 @@ class FeaturewatchConfig(_Strict):
     def _cross_field(self) -> FeaturewatchConfig:
         if self.sae.k > self.sae.d_sae:
             raise ValueError(f"sae.k ({self.sae.k}) must not exceed sae.d_sae ({self.sae.d_sae})")
+        if bool(self.collector.tls_cert_file) != bool(self.collector.tls_key_file):
+            raise ValueError("collector.tls_cert_file and collector.tls_key_file go together")
         if self.demo.max_tokens > self.model.max_tokens_limit:
             raise ValueError("demo.max_tokens must not exceed model.max_tokens_limit")
         return self

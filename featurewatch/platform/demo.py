@@ -19,17 +19,20 @@ import requests
 from ray import serve
 from tqdm import tqdm
 
-from featurewatch.actors.collector import CollectorActor
 from featurewatch.actors.model_server import ModelServer
 from featurewatch.capture.models import model_dims, resolve_model_path
 from featurewatch.platform.config import FeaturewatchConfig
 from featurewatch.platform.pipeline import encode_segments, segments_dataset
 from featurewatch.platform.prompts import load_prompts
-from featurewatch.platform.runtime import collector_token, init_ray
+from featurewatch.platform.runtime import (
+    collector_token,
+    init_ray,
+    spool_segments,
+    start_collectors,
+)
 from featurewatch.platform.train_sae import train_sae
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.drift import top_movers
-from featurewatch.storage.spool import sealed_segments
 
 
 @dataclass
@@ -112,26 +115,16 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
     step("Starting a local Ray cluster and the gRPC collector actor")
     init_ray(cfg)
     token = collector_token(cfg)
-    cc = cfg.collector
-    collector = CollectorActor.remote(
-        str(cfg.spool_dir),
-        token,
-        host=cc.host,
-        port=cc.port,
-        expected_width=d_model,
-        max_batch_bytes=cc.max_batch_bytes,
-        segment_max_bytes=cc.segment_max_bytes,
-        segment_max_age_s=cc.segment_max_age_s,
-    )
-    address = ray.get(collector.address.remote())
-    print(f"  collector listening on {address}")
+    collectors = start_collectors(cfg, token, d_model)
+    addresses = ray.get([c.address.remote() for c in collectors])
+    print(f"  collectors listening on {', '.join(addresses)}")
 
     step(f"Deploying {cfg.model.name} on Ray Serve at http://{cfg.serve.host}:{cfg.serve.port}")
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     deployment = ModelServer.options(
         num_replicas=cfg.model.num_replicas,
         ray_actor_options={"num_cpus": cfg.model.replica_cpus},
-    ).bind(cfg.model_dump(mode="json"), address, token)
+    ).bind(cfg.model_dump(mode="json"), addresses, token)
     handle = serve.run(deployment, name=cfg.serve.app_name, route_prefix="/")
     models = requests.get(f"http://{cfg.serve.host}:{cfg.serve.port}/v1/models", timeout=30)
     print(f"  GET /v1/models -> {[m['id'] for m in models.json()['data']]}")
@@ -148,7 +141,7 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
     report.batch_sizes = stats["batch_sizes"]
     report.vectors_acked = stats["acked_vectors"]
     report.vectors_dropped = stats["dropped_vectors"]
-    ray.get(collector.seal.remote())
+    ray.get([c.seal.remote() for c in collectors])
     print(
         f"  generate batch sizes: {report.batch_sizes}; vectors acked {stats['acked_vectors']}, "
         f"dropped {stats['dropped_vectors']}"
@@ -156,7 +149,7 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
 
     if report.requests_sent == 0:
         raise RuntimeError("every chat request failed; see the errors above")
-    segments = sealed_segments(cfg.spool_dir)
+    segments = spool_segments(cfg)
     report.segments = len(segments)
     if not segments:
         raise RuntimeError("no activations reached the spool (capture.sample_fraction = 0?)")
@@ -164,7 +157,9 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
         f"Training a TopK SAE (d_sae={cfg.sae.d_sae}, k={cfg.sae.k}) with Ray Train "
         f"({cfg.sae.num_workers} workers) on {len(segments)} spool segments"
     )
-    trained = train_sae(cfg, segments_dataset(segments), d_model)
+    trained = train_sae(
+        cfg, segments_dataset(segments, cfg.capture.layer, cfg.capture.site), d_model
+    )
     report.sae_version, report.sae_metrics = trained.version, trained.metrics
     m = trained.metrics
     print(
@@ -199,7 +194,7 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
         shown = shown.append_column("top_tokens", movers.column("top_tokens"))
         duckdb.from_arrow(shown).show(max_width=150, max_col_width=48)
         report.top_movers = movers.to_pylist()
-    ray.get(collector.stop.remote())
+    ray.get([c.stop.remote() for c in collectors])
 
     step("Done")
     report.seconds = time.monotonic() - t0

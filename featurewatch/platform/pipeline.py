@@ -32,6 +32,7 @@ class EncodeReport:
     segments_skipped: int
     tokens: int
     feature_rows: int
+    duplicate_vectors: int = 0
 
 
 def segment_columns(path: str) -> dict[str, np.ndarray]:
@@ -47,6 +48,8 @@ def segment_columns(path: str) -> dict[str, np.ndarray]:
                 "request_id",
                 "token_pos",
                 "layer",
+                "site",
+                "batch_key",
                 "token_id",
                 "token_text",
                 "ts_ns",
@@ -63,6 +66,9 @@ def segment_columns(path: str) -> dict[str, np.ndarray]:
         cols["request_id"] += [batch.request_ids[i] for i in batch.request_index]
         cols["token_pos"] += list(batch.token_pos)
         cols["layer"] += [batch.layer] * n
+        cols["site"] += [batch.site] * n
+        # (replica, epoch, seq) names the batch; a resend to another collector repeats it.
+        cols["batch_key"] += [f"{batch.replica_id}/{batch.stream_epoch}/{batch.seq}"] * n
         cols["token_id"] += list(batch.token_id)
         cols["token_text"] += list(batch.token_text) if batch.token_text else [""] * n
         cols["ts_ns"] += list(batch.ts_unix_nanos)
@@ -72,16 +78,27 @@ def segment_columns(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _read_segments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _read_segments(
+    batch: dict[str, np.ndarray], layer: int | None, site: str | None
+) -> dict[str, np.ndarray]:
     parts = [segment_columns(p) for p in batch["path"]]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    keep = np.ones(len(cols["layer"]), dtype=bool)
+    if layer is not None:
+        keep &= cols["layer"] == layer
+    if site is not None:
+        keep &= cols["site"] == site
+    return cols if keep.all() else {k: v[keep] for k, v in cols.items()}
 
 
-def segments_dataset(paths: list[Path]) -> ray.data.Dataset:
-    """A Ray Dataset of every vector in the given sealed segments, one block per segment."""
+def segments_dataset(
+    paths: list[Path], layer: int | None = None, site: str | None = None
+) -> ray.data.Dataset:
+    """A Ray Dataset of the vectors in sealed segments (one block per segment), optionally
+    only those of one (layer, site): an SAE reads only the point it was trained for."""
     items = [{"path": str(p)} for p in paths]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return ds.map_batches(_read_segments, batch_size=1)
+    return ds.map_batches(_read_segments, batch_size=1, fn_kwargs={"layer": layer, "site": site})
 
 
 def _privacy(texts: np.ndarray, mode: str) -> list[str | None]:
@@ -144,7 +161,7 @@ def encode_segments(
         return report
     sae_ref = ray.put(sae_payload(sae))
     pc = cfg.pipeline
-    ds = segments_dataset(todo).map_batches(
+    ds = segments_dataset(todo, cfg.capture.layer, cfg.capture.site).map_batches(
         SAEEncoder,
         fn_constructor_kwargs={"sae_ref": sae_ref},
         batch_size=pc.batch_size,
@@ -157,9 +174,17 @@ def encode_segments(
         for seg in np.unique(seg_ids):
             mask = seg_ids == seg
             by_segment.setdefault(str(seg), []).append({k: v[mask] for k, v in batch.items()})
+    seen = catalog.ingested_batches(sae_version)
     for seg in sorted(by_segment):
         parts = by_segment[seg]
         cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        # A batch resent to another collector after a lost ack sits in two spools:
+        # keep its first copy only.
+        fresh = ~np.isin(cols["batch_key"], list(seen)) if seen else None
+        if fresh is not None and not fresh.all():
+            report.duplicate_vectors += int((~fresh).sum())
+            cols = {k: v[fresh] for k, v in cols.items()}
+        batch_keys = sorted(set(cols["batch_key"].tolist()))
         tokens, features = _segment_tables(cols, sae_version, pc.token_text)
         stem = f"{seg}__{sae_version}"
         files = {
@@ -167,8 +192,14 @@ def encode_segments(
             "feature_acts": write_partitioned(cfg.lake_dir, "feature_acts", features, stem),
         }
         if catalog.commit_segment(
-            seg, sae_version, files, tokens=tokens.num_rows, feature_rows=features.num_rows
+            seg,
+            sae_version,
+            files,
+            tokens=tokens.num_rows,
+            feature_rows=features.num_rows,
+            batch_keys=batch_keys,
         ):
+            seen.update(batch_keys)
             report.segments_committed += 1
             report.tokens += tokens.num_rows
             report.feature_rows += features.num_rows

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from pathlib import Path
 
 import ray
 
 from featurewatch.platform.config import FeaturewatchConfig
+from featurewatch.storage.spool import sealed_segments
 
 
 def quiet_ray_logs() -> None:
@@ -48,3 +50,36 @@ def collector_token(cfg: FeaturewatchConfig) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(token)
     return token
+
+
+def collector_spool_dir(cfg: FeaturewatchConfig, index: int) -> Path:
+    """Collector 0 writes to spool/, collector i > 0 to spool/collector-i/."""
+    return cfg.spool_dir if index == 0 else cfg.spool_dir / f"collector-{index}"
+
+
+def spool_segments(cfg: FeaturewatchConfig) -> list[Path]:
+    """Sealed segments of every collector's spool."""
+    dirs = [cfg.spool_dir] + sorted(cfg.spool_dir.glob("collector-*"))
+    return [p for d in dirs for p in sealed_segments(d)]
+
+
+def start_collectors(cfg: FeaturewatchConfig, token: str, width: int) -> list:
+    """cfg.collector.count collector actors, each with its own spool directory."""
+    from featurewatch.actors.collector import CollectorActor
+
+    cc = cfg.collector
+    return [
+        CollectorActor.remote(
+            str(collector_spool_dir(cfg, i)),
+            token,
+            host=cc.host,
+            port=cc.port if cc.count == 1 else 0,
+            expected_width=width,
+            max_batch_bytes=cc.max_batch_bytes,
+            segment_max_bytes=cc.segment_max_bytes,
+            segment_max_age_s=cc.segment_max_age_s,
+            tls_cert_file=cc.tls_cert_file,
+            tls_key_file=cc.tls_key_file,
+        )
+        for i in range(cc.count)
+    ]

@@ -36,6 +36,12 @@ CREATE TABLE IF NOT EXISTS lake_files (
     segment_id  VARCHAR NOT NULL,
     sae_version VARCHAR NOT NULL
 );
+CREATE TABLE IF NOT EXISTS batches (
+    batch_key   VARCHAR NOT NULL,
+    sae_version VARCHAR NOT NULL,
+    segment_id  VARCHAR NOT NULL,
+    PRIMARY KEY (batch_key, sae_version)
+);
 CREATE TABLE IF NOT EXISTS sae_versions (
     sae_version  VARCHAR PRIMARY KEY,
     path         VARCHAR NOT NULL,
@@ -153,6 +159,15 @@ class Catalog:
         ).fetchall()
         return {r[0] for r in rows}
 
+    def ingested_batches(self, sae_version: str | None = None) -> set[str]:
+        """Keys (replica/epoch/seq) of every batch already in the lake."""
+        sql = "SELECT batch_key FROM batches"
+        params: list = []
+        if sae_version is not None:
+            sql += " WHERE sae_version = ?"
+            params = [sae_version]
+        return {r[0] for r in self.con.execute(sql, params).fetchall()}
+
     def commit_segment(
         self,
         segment_id: str,
@@ -161,6 +176,7 @@ class Catalog:
         *,
         tokens: int,
         feature_rows: int,
+        batch_keys: list[str] | None = None,
     ) -> bool:
         """Record a segment's lake files and expose them; False if already committed."""
         con = self.con
@@ -184,6 +200,11 @@ class Catalog:
                         "INSERT OR REPLACE INTO lake_files VALUES (?, ?, ?, ?)",
                         [table_name, rel, segment_id, sae_version],
                     )
+            if batch_keys:
+                con.executemany(
+                    "INSERT INTO batches VALUES (?, ?, ?)",
+                    [(key, sae_version, segment_id) for key in batch_keys],
+                )
             self._rebuild_views()
             con.execute("COMMIT")
         except BaseException:

@@ -31,8 +31,10 @@ _NAME = re.compile(r"^seg-(\d{12})\.(open|seg)$")
 
 
 def segment_id(path: Path) -> str:
-    """A sealed segment's id, e.g. 'seg-000000000007'."""
-    return path.name.split(".")[0]
+    """A sealed segment's id, unique across the spools of one home: the spool folder's
+    name and the segment number, e.g. 'spool.seg-000000000007'."""
+    path = Path(path)
+    return f"{path.parent.name}.{path.name.split('.')[0]}"
 
 
 def sealed_segments(directory: Path) -> list[Path]:

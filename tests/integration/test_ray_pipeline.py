@@ -41,7 +41,7 @@ def trained(ray_cluster, tmp_path_factory):
     cfg = build_config(
         {
             "home": str(home),
-            "capture": {"layer": 1},
+            "capture": {"layers": [1]},
             "sae": {"d_sae": 48, "k": 4, "epochs": 20, "batch_size": 64, "lr": 3e-3},
         }
     )

@@ -32,7 +32,7 @@ def served(ray_cluster, tiny_llama_dir, tmp_path_factory):
                 "batch_wait_timeout_s": 0.2,
                 "max_tokens_limit": 32,
             },
-            "capture": {"layer": 1, "sample_fraction": 1.0, "batch_rows": 16},
+            "capture": {"layers": [1], "sample_fraction": 1.0, "batch_rows": 16},
             "serve": {"port": port, "app_name": "fw-test"},
             "demo": {"max_tokens": 8},
         }
@@ -42,7 +42,7 @@ def served(ray_cluster, tiny_llama_dir, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     handle = serve.run(
         ModelServer.options(ray_actor_options={"num_cpus": 0.5}).bind(
-            cfg.model_dump(mode="json"), address, TOKEN
+            cfg.model_dump(mode="json"), [address], TOKEN
         ),
         name="fw-test",
         route_prefix="/",

@@ -25,6 +25,7 @@ def batch_of(vectors: torch.Tensor, **overrides) -> pb.ActivationBatch:
         token_text=["a"] * n,
         replica_id="rep",
     )
+    b.seq = 1
     for key, value in overrides.items():
         if isinstance(value, list):  # repeated fields are replaced in place
             del getattr(b, key)[:]
@@ -57,6 +58,7 @@ def test_each_bad_field_is_named():
     _bad("dtype", batch_of(x, dtype=42))
     _bad("data", batch_of(x, data=batch_of(x).data[:-2]))
     _bad("rows", batch_of(x, rows=0))
+    _bad("seq", batch_of(x, seq=0))
     _bad("replica_id", batch_of(x, replica_id=""))
     _bad("model", batch_of(x, model=""))
     _bad("model", batch_of(x, model="../etc"))

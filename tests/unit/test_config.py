@@ -14,9 +14,10 @@ def test_defaults_work_without_a_file(tmp_path, monkeypatch):
 
 def test_yaml_values_override_defaults(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("capture:\n  layer: 3\n  sample_fraction: 0.05\nsae: {d_sae: 64, k: 4}\n")
+    path.write_text("capture:\n  layers: [3, 5]\n  sample_fraction: 0.05\nsae: {d_sae: 64, k: 4}\n")
     cfg = load_config(path)
     assert (cfg.capture.layer, cfg.capture.sample_fraction) == (3, 0.05)
+    assert cfg.capture.layers == [3, 5]
     assert (cfg.sae.d_sae, cfg.sae.k) == (64, 4)
 
 
