@@ -10,7 +10,7 @@ from featurewatch.platform.train_sae import train_sae
 from featurewatch.proto.codec import unpack_vectors
 from featurewatch.sae import load
 from featurewatch.storage.catalog import Catalog
-from featurewatch.storage.spool import Spool, sealed_segments
+from featurewatch.storage.spool import Spool, read_segment, sealed_segments
 from tests.unit.test_codec import batch_of
 
 WIDTH = 16
@@ -95,3 +95,27 @@ def test_pipeline_encodes_each_segment_exactly_once(trained):
     np.testing.assert_allclose(
         [got[k] for k in expected], [expected[k] for k in expected], rtol=1e-4, atol=1e-5
     )
+
+
+def test_a_batch_stored_by_two_collectors_lands_once(trained):
+    """After a lost ack a replica resends to the next collector: the same batch key sits
+    in two spools. The lake keeps one copy."""
+    from featurewatch.platform.runtime import collector_spool_dir, spool_segments
+
+    cfg, paths, result = trained
+    first = next(read_segment(paths[0]))  # seq 1, already in the lake
+    other = Spool(collector_spool_dir(cfg, 1))
+    other.append(first)
+    fresh = batch_of(torch.randn(64, WIDTH).half(), seq=999, request_ids=["req-999"])
+    other.append(fresh.SerializeToString())
+    other.close()
+    with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+        before = catalog.query("SELECT count(*) AS n FROM tokens").to_pylist()[0]["n"]
+        report = encode_segments(cfg, result.sae, result.version, catalog, spool_segments(cfg))
+        after = catalog.query("SELECT count(*) AS n FROM tokens").to_pylist()[0]["n"]
+        dupes = catalog.query(
+            "SELECT request_id, token_pos, count(*) AS n FROM tokens "
+            "GROUP BY ALL HAVING count(*) > 1"
+        ).num_rows
+    assert report.segments_committed == 1 and report.duplicate_vectors == 64
+    assert after - before == 64 and dupes == 0

@@ -32,7 +32,12 @@ def served(ray_cluster, tiny_llama_dir, tmp_path_factory):
                 "batch_wait_timeout_s": 0.2,
                 "max_tokens_limit": 32,
             },
-            "capture": {"layers": [1], "sample_fraction": 1.0, "batch_rows": 16},
+            "capture": {
+                "layers": [1],
+                "sample_fraction": 1.0,
+                "request_fraction": 0.0,  # only requests flagged 'always' are captured
+                "batch_rows": 16,
+            },
             "serve": {"port": port, "app_name": "fw-test"},
             "demo": {"max_tokens": 8},
         }
@@ -52,9 +57,29 @@ def served(ray_cluster, tiny_llama_dir, tmp_path_factory):
     ray.get(collector.stop.remote())
 
 
-def chat(base, content, **extra):
+ALWAYS = {"x-featurewatch-sample": "always"}
+
+
+def chat(base, content, headers=None, **extra):
     body = {"messages": [{"role": "user", "content": content}], **extra}
-    return requests.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+    return requests.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+
+def spooled(cfg, collector):
+    ray.get(collector.seal.remote())
+    return [
+        pb.ActivationBatch.FromString(r)
+        for p in sealed_segments(cfg.spool_dir)
+        for r in read_segment(p)
+    ]
+
+
+def vectors_per_request(batches):
+    counts = {}
+    for b in batches:
+        for i in b.request_index:
+            counts[b.request_ids[i]] = counts.get(b.request_ids[i], 0) + 1
+    return counts
 
 
 def test_models_endpoint(served):
@@ -67,7 +92,7 @@ def test_concurrent_requests_are_batched_and_activations_reach_the_spool(served)
     cfg, handle, collector, base = served
     prompts = [f"the quick brown fox {i}" for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda p: chat(base, p, max_tokens=6), prompts))
+        answers = list(pool.map(lambda p: chat(base, p, ALWAYS, max_tokens=6), prompts))
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     bodies = [a.json() for a in answers]
     for body in bodies:
@@ -78,25 +103,29 @@ def test_concurrent_requests_are_batched_and_activations_reach_the_spool(served)
     assert handle.flush_capture.remote(60.0).result()
     stats = handle.capture_stats.remote().result()
     assert max(stats["batch_sizes"]) > 1  # concurrent requests shared a generate call
-    ray.get(collector.seal.remote())
-    batches = [
-        pb.ActivationBatch.FromString(r)
-        for p in sealed_segments(cfg.spool_dir)
-        for r in read_segment(p)
-    ]
+    batches = spooled(cfg, collector)
     assert all(b.width == 64 and b.layer == 1 and b.model == "tiny-llama" for b in batches)
-    per_request = {}
-    for b in batches:
-        for i in b.request_index:
-            rid = b.request_ids[i]
-            per_request[rid] = per_request.get(rid, 0) + 1
-    assert set(per_request) == {b["id"] for b in bodies}
+    per_request = vectors_per_request(batches)
+    assert {b["id"] for b in bodies} <= set(per_request)
     for body in bodies:
         total = body["usage"]["total_tokens"]
         # every prompt and generated token at fraction 1.0 (the very last may not be fed)
         assert total - 1 <= per_request[body["id"]] <= total
     assert stats["acked_vectors"] == sum(b.rows for b in batches)
     assert stats["dropped_vectors"] == 0
+
+
+def test_only_flagged_requests_are_captured_at_request_fraction_zero(served):
+    cfg, handle, collector, base = served
+    plain = chat(base, "no flag here", max_tokens=3).json()["id"]
+    tagged = chat(
+        base, "flagged by metadata", max_tokens=3, metadata={"x-featurewatch-sample": "always"}
+    ).json()["id"]
+    headed = chat(base, "flagged by header", ALWAYS, max_tokens=3).json()["id"]
+    assert handle.flush_capture.remote(60.0).result()
+    counts = vectors_per_request(spooled(cfg, collector))
+    assert plain not in counts
+    assert counts[tagged] > 0 and counts[headed] > 0
 
 
 @pytest.mark.parametrize(
