@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import queue
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -24,7 +25,7 @@ import ray
 from google.protobuf.message import DecodeError
 
 from featurewatch.capture.sender import REJECTED_SEQ_KEY
-from featurewatch.errors import BatchValidationError
+from featurewatch.errors import BatchValidationError, SpoolError
 from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto.codec import validate_batch
 from featurewatch.storage.spool import Spool, read_segment, sealed_segments
@@ -111,55 +112,98 @@ class CollectorService:
         context.set_trailing_metadata(((REJECTED_SEQ_KEY, str(seq)),))
         context.abort(code, f"batch seq {seq}: {err}")
 
-    def _accept(self, raw: bytes, batch: pb.ActivationBatch | None, context) -> pb.Ack:
+    def _submit(self, raw: bytes, batch: pb.ActivationBatch | None):
+        """Validate, dedupe and queue the append. Returns (ack, pending write or None)."""
         if batch is None:
-            self._reject(context, 0, BatchValidationError("message", "not a valid ActivationBatch"))
-        try:
-            validate_batch(
-                batch,
-                expected_width=self.expected_width,
-                max_bytes=self.max_batch_bytes,
-                allowed_models=self.allowed_models,
-            )
-        except BatchValidationError as err:
-            self._reject(context, batch.seq, err)
+            raise BatchValidationError("message", "not a valid ActivationBatch")
+        validate_batch(
+            batch,
+            expected_width=self.expected_width,
+            max_bytes=self.max_batch_bytes,
+            allowed_models=self.allowed_models,
+        )
         key = (batch.replica_id, batch.stream_epoch)
-        with self._lock:
-            stream_lock = self._stream_locks.setdefault(key, threading.Lock())
         ack = pb.Ack(replica_id=batch.replica_id, stream_epoch=batch.stream_epoch, seq=batch.seq)
-        with stream_lock:
+        with self._lock:
             if batch.seq <= self._last_seq.get(key, 0):
-                with self._lock:
-                    self.duplicate_batches += 1
+                self.duplicate_batches += 1
                 ack.duplicate = True
-                return ack
-            self.spool.append(raw)
+                return ack, None
+            # Recorded at submit so a resend in the same group is still a duplicate; a
+            # failed write aborts the stream and the collector is unhealthy anyway.
             self._last_seq[key] = batch.seq
+            pending = self.spool.append_async(raw)
+        return ack, pending
+
+    def _complete(self, batch: pb.ActivationBatch, raw: bytes, pending, context) -> None:
+        """Wait until the batch is durable (no-op for a duplicate)."""
+        if pending is None:
+            return
+        try:
+            pending.wait()
+        except SpoolError as err:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"batch seq {batch.seq}: {err}")
         with self._lock:
             self.accepted_batches += 1
             self.accepted_vectors += batch.rows
             self.accepted_bytes += len(raw)
-        return ack
-
-    def stream(self, request_iterator, context):
-        previous = 0
-        for raw, batch in request_iterator:
-            # Within one call seqs only grow; a resend after a broken call opens a new one.
-            if batch is not None and batch.seq <= previous:
-                self._reject(
-                    context,
-                    batch.seq,
-                    BatchValidationError(
-                        "seq", f"going backwards within a stream ({batch.seq} after {previous})"
-                    ),
-                )
-            ack = self._accept(raw, batch, context)
-            previous = batch.seq
-            yield ack
 
     def push(self, request, context):
         raw, batch = request
-        return self._accept(raw, batch, context)
+        try:
+            ack, pending = self._submit(raw, batch)
+        except BatchValidationError as err:
+            self._reject(context, batch.seq if batch is not None else 0, err)
+        self._complete(batch, raw, pending, context)
+        return ack
+
+    def stream(self, request_iterator, context):
+        """Pipelined: a reader thread validates and queues appends while this generator
+        sends each ack, in order, once its batch is durable. One stream thus fills a
+        group commit by itself instead of paying one fsync per batch."""
+        items: queue.Queue = queue.Queue(maxsize=64)
+
+        def put(item) -> bool:
+            while context.is_active():
+                try:
+                    items.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def read() -> None:
+            previous = 0
+            try:
+                for raw, batch in request_iterator:
+                    try:
+                        # Within one call seqs only grow; a resend opens a new call.
+                        if batch is not None and batch.seq <= previous:
+                            raise BatchValidationError(
+                                "seq",
+                                f"going backwards within a stream ({batch.seq} after {previous})",
+                            )
+                        ack, pending = self._submit(raw, batch)
+                    except BatchValidationError as err:
+                        put(("reject", batch.seq if batch is not None else 0, err))
+                        return
+                    previous = batch.seq
+                    if not put(("ack", (ack, batch, raw), pending)):
+                        return
+            except Exception:  # the client went away; the generator sees the end
+                pass
+            put(("end", None, None))
+
+        threading.Thread(target=read, name="fw-stream-reader", daemon=True).start()
+        while True:
+            kind, payload, pending = items.get()
+            if kind == "end":
+                return
+            if kind == "reject":
+                self._reject(context, payload, pending)
+            ack, batch, raw = payload
+            self._complete(batch, raw, pending, context)
+            yield ack
 
     def handler(self) -> grpc.GenericRpcHandler:
         serialize = pb.Ack.SerializeToString

@@ -22,10 +22,10 @@ from ray import serve
 from featurewatch.capture.generation import BatchGenerator, GenerationResult
 from featurewatch.capture.hooks import ActivationCapture
 from featurewatch.capture.models import load_model, resolve_model_path
+from featurewatch.capture.packing import pack_batches
 from featurewatch.capture.sampler import SamplingPolicy
 from featurewatch.capture.sender import ActivationSender
 from featurewatch.platform.config import build_config
-from featurewatch.proto.codec import make_batch
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="featurewatch model server")
@@ -215,30 +215,15 @@ class ModelServer:
 
     def _ship(self, result: GenerationResult, request_ids: list[str]) -> None:
         """Pack captured vectors into messages and queue them; never blocks."""
-        tokenizer = self.generator.tokenizer
-        rows = self.cfg.capture.batch_rows
-        for captured in result.captured:
-            token_ids = captured.token_id.tolist()
-            texts = tokenizer.batch_decode([[t] for t in token_ids])
-            for start in range(0, len(token_ids), rows):
-                end = start + rows
-                index = captured.request_index[start:end].tolist()
-                used = sorted(set(index))
-                remap = {r: n for n, r in enumerate(used)}
-                batch = make_batch(
-                    captured.vectors[start:end],
-                    model=self.cfg.model.name,
-                    model_version=self.cfg.model.version,
-                    layer=captured.layer,
-                    site=captured.site,
-                    request_ids=[request_ids[r] for r in used],
-                    request_index=[remap[r] for r in index],
-                    token_pos=captured.token_pos[start:end].tolist(),
-                    token_id=token_ids[start:end],
-                    ts_unix_nanos=[captured.ts_unix_nanos] * len(index),
-                    token_text=texts[start:end],
-                )
-                self.sender.submit(batch)
+        for batch in pack_batches(
+            result,
+            request_ids,
+            self.generator.tokenizer,
+            model=self.cfg.model.name,
+            model_version=self.cfg.model.version,
+            rows_per_batch=self.cfg.capture.batch_rows,
+        ):
+            self.sender.submit(batch)
 
     # ---- operator calls (through a deployment handle, not HTTP)
 

@@ -76,12 +76,20 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class _Pending:
+    """A queued append; wait() returns once it is durable, or raises SpoolError."""
+
     __slots__ = ("payload", "done", "error")
 
     def __init__(self, payload: bytes):
         self.payload = payload
         self.done = threading.Event()
         self.error: BaseException | None = None
+
+    def wait(self, timeout: float = 60.0) -> None:
+        if not self.done.wait(timeout):
+            raise SpoolError("spool write timed out")
+        if self.error is not None:
+            raise SpoolError(f"spool write failed: {self.error}") from self.error
 
 
 class Spool:
@@ -118,16 +126,21 @@ class Spool:
 
     def append(self, payload: bytes, timeout: float = 60.0) -> None:
         """Write one record; return once it is fsynced. Thread-safe."""
+        self.append_async(payload).wait(timeout)
+
+    def append_async(self, payload: bytes) -> _Pending:
+        """Queue one record; `.wait()` on the result returns once it is fsynced.
+
+        Lets one stream keep several records in the same group commit instead of
+        waiting for each fsync in turn.
+        """
         item = _Pending(payload)
         with self._cond:
             if self._closed:
                 raise SpoolError("spool is closed")
             self._pending.append(item)
             self._cond.notify_all()
-        if not item.done.wait(timeout):
-            raise SpoolError("spool write timed out")
-        if item.error is not None:
-            raise SpoolError(f"spool write failed: {item.error}") from item.error
+        return item
 
     def seal(self, timeout: float = 30.0) -> None:
         """Seal the open segment now (if it holds anything) and wait until it is sealed."""
