@@ -14,6 +14,7 @@ rest and seals the segment.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import struct
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from featurewatch.errors import SpoolError
 
+log = logging.getLogger(__name__)
 MAGIC = b"FWS1"
 _HEADER = struct.Struct("<4sII")
 _NAME = re.compile(r"^seg-(\d{12})\.(open|seg)$")
@@ -119,6 +121,7 @@ class Spool:
         self._next_number = self._highest_number() + 1
         self.appended_records = 0
         self.fsyncs = 0
+        self.write_errors = 0
         self._writer = threading.Thread(target=self._write_loop, name="fw-spool", daemon=True)
         self._writer.start()
 
@@ -245,6 +248,9 @@ class Spool:
             except BaseException as err:  # report to every waiter, keep the thread alive
                 for item in batch:
                     item.error = err
+                self.write_errors += 1
+                log.error("spool %s: write or seal failed: %s", self.directory, err)
+                time.sleep(0.5)  # a persistent failure (disk gone) must not spin a core
             finally:
                 for item in batch:
                     item.done.set()

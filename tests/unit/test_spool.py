@@ -104,3 +104,15 @@ def test_append_after_close_fails(tmp_path):
     spool.close()
     with pytest.raises(SpoolError):
         spool.append(b"late")
+
+
+def test_a_vanished_directory_fails_appends_without_spinning(tmp_path):
+    import shutil
+    import time
+
+    spool = Spool(tmp_path / "s", segment_max_age_s=0.05)
+    spool.append(b"one")
+    shutil.rmtree(tmp_path / "s")  # the disk or folder goes away under the collector
+    time.sleep(1.2)
+    assert 1 <= spool.write_errors <= 4  # retried with a pause, not in a hot loop
+    spool._closed = True
