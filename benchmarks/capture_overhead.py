@@ -13,7 +13,6 @@ each and the ratio on/off (target >= 0.97).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -82,8 +81,10 @@ def main() -> None:
     on = totals["on"][0] / totals["on"][1]
     print(f"{args.rounds} alternating rounds of 8 requests x {args.max_tokens} tokens")
     print(f"monitoring off: {off:.1f} tokens/s")
-    print(f"monitoring on ({args.fraction:.0%} of tokens, layer 15): {on:.1f} tokens/s; "
-          f"{stats.acked_vectors} vectors acked, {stats.dropped_vectors} dropped")
+    print(
+        f"monitoring on ({args.fraction:.0%} of tokens, layer 15): {on:.1f} tokens/s; "
+        f"{stats.acked_vectors} vectors acked, {stats.dropped_vectors} dropped"
+    )
     print(f"ratio on/off: {on / off:.3f}")
 
 

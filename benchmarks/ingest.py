@@ -21,11 +21,8 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import re
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -34,6 +31,7 @@ import grpc
 import psutil
 import torch
 
+from featurewatch.actors.collector import start_collector_process
 from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto.codec import make_batch
 
@@ -85,31 +83,11 @@ def echo_server(ready: mp.Queue) -> None:
 
 
 def start_collector(spool: Path, token_file: Path) -> tuple[subprocess.Popen, str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "featurewatch.platform.cli",
-        "collect",
-        "--listen",
-        "127.0.0.1:0",
-        "--spool",
-        str(spool),
-        "--token-file",
-        str(token_file),
-        "--width",
-        str(WIDTH),
-        "--segment-max-bytes",
-        str(32 << 20),
-        "--segment-max-age-s",
-        "2",
-    ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        found = re.search(r"collector listening on ([\w.]+:\d+)", line)
-        if found:
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-            return proc, found.group(1)
-    raise RuntimeError("collector did not start")
+    """The real `featurewatch collect` process, with durability on."""
+    args = ("--width", str(WIDTH), "--segment-max-bytes", str(32 << 20))
+    return start_collector_process(
+        spool, token_file, extra_args=args + ("--segment-max-age-s", "2")
+    )
 
 
 # ---- clients

@@ -196,7 +196,12 @@ class CollectorService:
 
         threading.Thread(target=read, name="fw-stream-reader", daemon=True).start()
         while True:
-            kind, payload, pending = items.get()
+            try:
+                kind, payload, pending = items.get(timeout=0.5)
+            except queue.Empty:
+                if context.is_active():
+                    continue
+                return  # the call is over (client gone or server stopping)
             if kind == "end":
                 return
             if kind == "reject":
@@ -325,3 +330,26 @@ class CollectorActor:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+def start_collector_process(
+    spool_dir: Path, token_file: Path, listen: str = "127.0.0.1:0", extra_args: tuple = ()
+):
+    """Run `featurewatch collect` as a child process; return (process, bound address).
+
+    For tests and benchmarks that need a collector they can really kill.
+    """
+    import re
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "featurewatch.platform.cli", "collect", "--listen", listen]
+    cmd += ["--spool", str(spool_dir), "--token-file", str(token_file), *extra_args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        found = re.search(r"collector listening on ([\w.]+:\d+)$", line.strip())
+        if found:
+            # keep draining stderr so the child never blocks on a full pipe
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, found.group(1)
+    raise RuntimeError(f"collector process exited with {proc.wait()} before listening")

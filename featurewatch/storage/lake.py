@@ -18,28 +18,22 @@ import pyarrow.parquet as pq
 TS = pa.timestamp("us", tz="UTC")
 
 # Columns stored in the files (partition columns model/date/hour come from the path).
+# Every table starts with the keys that name a sampled token.
+TOKEN_KEY_FIELDS = [
+    ("ts", TS),
+    ("model_version", pa.string()),
+    ("replica", pa.string()),
+    ("request_id", pa.string()),
+    ("token_pos", pa.int32()),
+    ("layer", pa.int16()),
+    ("sae_version", pa.string()),
+]
 FEATURE_ACTS_SCHEMA = pa.schema(
-    [
-        ("ts", TS),
-        ("model_version", pa.string()),
-        ("replica", pa.string()),
-        ("request_id", pa.string()),
-        ("token_pos", pa.int32()),
-        ("layer", pa.int16()),
-        ("sae_version", pa.string()),
-        ("feature_id", pa.int32()),
-        ("value", pa.float32()),
-    ]
+    TOKEN_KEY_FIELDS + [("feature_id", pa.int32()), ("value", pa.float32())]
 )
 TOKENS_SCHEMA = pa.schema(
-    [
-        ("ts", TS),
-        ("model_version", pa.string()),
-        ("replica", pa.string()),
-        ("request_id", pa.string()),
-        ("token_pos", pa.int32()),
-        ("layer", pa.int16()),
-        ("sae_version", pa.string()),
+    TOKEN_KEY_FIELDS
+    + [
         ("token_id", pa.int32()),
         ("token_text", pa.string()),
         # ||x - x_hat||^2 / ||x||^2: rises when the dictionary goes stale on new traffic.

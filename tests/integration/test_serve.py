@@ -145,3 +145,15 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(served, body, sta
     assert resp.status_code == status
     assert text in resp.text
     assert chat(base, "still there?", max_tokens=2).status_code == 200
+
+
+def test_capture_metrics_export_counts_deltas(ray_cluster):
+    from featurewatch.actors.model_server import _CaptureMetrics
+
+    metrics = _CaptureMetrics("tiny-llama", "replica-x")
+    stats = {name: 0 for name in metrics._counters} | {"queue_depth": 3}
+    stats["acked_vectors"] = 10
+    metrics.export(stats)
+    stats["acked_vectors"] = 25
+    metrics.export(stats)
+    assert metrics._last["acked_vectors"] == 25

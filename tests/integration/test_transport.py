@@ -4,8 +4,6 @@ import datetime
 import ipaddress
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
@@ -14,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from featurewatch.actors.collector import CollectorServer
+from featurewatch.actors.collector import CollectorServer, start_collector_process
 from featurewatch.capture.sender import ActivationSender
 from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto import activations_pb2_grpc as pb_grpc
@@ -178,28 +176,10 @@ def test_fuzzed_and_truncated_messages(fuzz_server, data, cut):
 
 
 def _start_collect(port, spool, token_file):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "featurewatch.platform.cli",
-            "collect",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--spool",
-            str(spool),
-            "--token-file",
-            str(token_file),
-            "--width",
-            str(WIDTH),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
+    proc, _ = start_collector_process(
+        spool, token_file, f"127.0.0.1:{port}", ("--width", str(WIDTH))
     )
-    for line in proc.stderr:  # wait for the listening line
-        if "collector listening on" in line:
-            return proc
-    raise RuntimeError(f"collector did not start (rc={proc.wait()})")
+    return proc
 
 
 def test_collector_killed_mid_stream_loses_nothing_and_stores_no_duplicates(tmp_path):
