@@ -94,7 +94,6 @@ class CollectorService:
         self._lock = threading.Lock()
         # Replay: what is already durable must still count as seen after a restart.
         self._last_seq = replay_last_seqs(spool.directory)
-        self._stream_locks: dict[tuple[str, int], threading.Lock] = {}
         self.accepted_batches = 0
         self.accepted_vectors = 0
         self.accepted_bytes = 0

@@ -178,13 +178,14 @@ def encode_segments(
     for seg in sorted(by_segment):
         parts = by_segment[seg]
         cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        # A batch resent to another collector after a lost ack sits in two spools:
-        # keep its first copy only.
-        fresh = ~np.isin(cols["batch_key"], list(seen)) if seen else None
-        if fresh is not None and not fresh.all():
+        # A batch resent to another collector after a lost ack sits in two spools: keep
+        # its first copy only. Only this segment's distinct keys are looked up.
+        keys = np.unique(cols["batch_key"]).tolist()
+        batch_keys = [k for k in keys if k not in seen]
+        if len(batch_keys) < len(keys):
+            fresh = np.isin(cols["batch_key"], batch_keys)
             report.duplicate_vectors += int((~fresh).sum())
             cols = {k: v[fresh] for k, v in cols.items()}
-        batch_keys = sorted(set(cols["batch_key"].tolist()))
         tokens, features = _segment_tables(cols, sae_version, pc.token_text)
         stem = f"{seg}__{sae_version}"
         files = {

@@ -1,6 +1,5 @@
 """Ray Train SAE training and the Ray Data encode pipeline on a real local Ray cluster."""
 
-import time
 
 import numpy as np
 import pytest
@@ -127,38 +126,17 @@ def test_killed_collector_loses_no_lake_row_and_doubles_none(trained, tmp_path):
     """Issue 3's fault test at lake level: SIGKILL a `featurewatch collect` process three
     times while a replica streams; encode every sealed segment; the lake then holds
     exactly the batches the replica generated (none was dropped), each once."""
-    import os
-    import signal
-
-    from featurewatch.actors.collector import start_collector_process
-    from featurewatch.capture.sender import ActivationSender
-    from tests.conftest import free_port
+    from tests.integration.test_transport import stream_through_kills
 
     _, _, result = trained
     cfg = build_config({"home": str(tmp_path / "home"), "capture": {"layers": [1]}})
-    token = tmp_path / "token"
-    token.write_text("kill-token")
-    listen = f"127.0.0.1:{free_port()}"
-    args = ("--width", str(WIDTH))
-    proc, address = start_collector_process(cfg.spool_dir, token, listen, args)
-    sender = ActivationSender(address, "kill-token", "killed-replica")
-    generated = []
-    try:
-        for _ in range(3):
-            for _ in range(40):
-                request = f"kill-{len(generated)}"
-                generated.append(request)
-                sender.submit(batch_of(torch.randn(8, WIDTH).half(), request_ids=[request]))
-            time.sleep(0.05)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            proc, _ = start_collector_process(cfg.spool_dir, token, listen, args)
-        assert sender.flush(120)
-        stats = sender.snapshot()
-    finally:
-        sender.close(flush_timeout=0)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+    submitted, stats = stream_through_kills(
+        cfg.spool_dir,
+        WIDTH,
+        lambda n: batch_of(torch.randn(8, WIDTH).half(), request_ids=[f"kill-{n}"]),
+        per_round=40,
+    )
+    generated = [b.request_ids[0] for b in submitted]
     assert stats.dropped_batches == 0
     with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
         encode_segments(cfg, result.sae, result.version, catalog, sealed_segments(cfg.spool_dir))

@@ -175,37 +175,44 @@ def test_fuzzed_and_truncated_messages(fuzz_server, data, cut):
             validate_batch(pb.ActivationBatch.FromString(record), expected_width=WIDTH)
 
 
-def _start_collect(port, spool, token_file):
-    proc, _ = start_collector_process(
-        spool, token_file, f"127.0.0.1:{port}", ("--width", str(WIDTH))
-    )
-    return proc
-
-
-def test_collector_killed_mid_stream_loses_nothing_and_stores_no_duplicates(tmp_path):
-    """SIGKILL the collector process three times while a replica streams; after it comes
-    back each time, every batch the replica generated is stored exactly once."""
-    token_file = tmp_path / "token"
+def stream_through_kills(spool, width, make_batch, rounds=3, per_round=60):
+    """Stream batches from an ActivationSender into a `featurewatch collect` process that
+    is SIGKILLed and restarted after each round. Returns (submitted batches, sender stats
+    after a full flush)."""
+    spool.parent.mkdir(parents=True, exist_ok=True)
+    token_file = spool.parent / "kill-token"
     token_file.write_text(TOKEN)
-    spool, port = tmp_path / "spool", free_port()
-    proc = _start_collect(port, spool, token_file)
-    sender = ActivationSender(f"127.0.0.1:{port}", TOKEN, "killed-replica")
-    total = 0
+    listen, args = f"127.0.0.1:{free_port()}", ("--width", str(width))
+    proc, address = start_collector_process(spool, token_file, listen, args)
+    sender = ActivationSender(address, TOKEN, "killed-replica")
+    submitted = []
     try:
-        for _round in range(3):
-            for _ in range(60):
-                sender.submit(batch_of(torch.randn(32, WIDTH, dtype=torch.float16)))
-                total += 1
+        for _round in range(rounds):
+            for _ in range(per_round):
+                batch = make_batch(len(submitted))
+                submitted.append(batch)
+                sender.submit(batch)
             time.sleep(0.05)  # let some of this round be in flight
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-            proc = _start_collect(port, spool, token_file)
+            proc, _ = start_collector_process(spool, token_file, listen, args)
         assert sender.flush(120)
         stats = sender.snapshot()
     finally:
         sender.close(flush_timeout=0)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+    return submitted, stats
+
+
+def test_collector_killed_mid_stream_loses_nothing_and_stores_no_duplicates(tmp_path):
+    """SIGKILL the collector process three times while a replica streams; after it comes
+    back each time, every batch the replica generated is stored exactly once."""
+    spool = tmp_path / "spool"
+    submitted, stats = stream_through_kills(
+        spool, WIDTH, lambda n: batch_of(torch.randn(32, WIDTH, dtype=torch.float16))
+    )
+    total = len(submitted)
     seqs = [
         pb.ActivationBatch.FromString(r).seq
         for p in sealed_segments(spool)
