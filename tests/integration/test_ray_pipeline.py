@@ -1,6 +1,5 @@
 """Ray Train SAE training and the Ray Data encode pipeline on a real local Ray cluster."""
 
-
 import numpy as np
 import pytest
 import torch
