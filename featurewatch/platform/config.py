@@ -145,6 +145,12 @@ class SAEConfig(_Strict):
 class PipelineConfig(_Strict):
     encoder_actors: int = Field(1, ge=1, description="SAE encoder actors in the Ray Data pool.")
     encoder_cpus: float = Field(0.5, gt=0, description="Ray CPUs per encoder actor.")
+    sae_shards: int = Field(
+        1,
+        ge=1,
+        description="Split the SAE by latent ranges over this many encoder actor pools "
+        "(each holds only its slice); 1 encodes with the whole SAE in one pass.",
+    )
     batch_size: int = Field(1024, ge=1, description="Tokens per encode batch.")
     token_text: Literal["full", "hashed", "none"] = Field(
         "full", description="Privacy switch for token text stored in the lake."

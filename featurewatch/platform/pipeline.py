@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data import ActorPoolStrategy
 
-from featurewatch.actors.sae_encoder import SAEEncoder, sae_payload
+from featurewatch.actors.sae_encoder import padded_2d, sharded_encode
 from featurewatch.platform.config import FeaturewatchConfig
 from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto.codec import unpack_vectors
-from featurewatch.sae.model import TopKSAE
+from featurewatch.sae.model import SparseAutoencoder
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.lake import write_partitioned
 from featurewatch.storage.spool import read_segment, sealed_segments, segment_id
@@ -145,9 +144,25 @@ def _segment_tables(cols: dict[str, np.ndarray], sae_version: str, token_text: s
     return tokens, features
 
 
+def _concat_columns(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate batches; the sparse feature columns of threshold SAEs (ReLU,
+    JumpReLU) have as many columns as the batch's busiest token, so pad them (value 0
+    is inactive and never stored)."""
+    sparse = {"feature_ids": np.int32, "feature_values": np.float32}
+    out = {}
+    for key in parts[0]:
+        arrays = [p[key] for p in parts]
+        if key in sparse:
+            arrays = [padded_2d(a, sparse[key]) for a in arrays]
+            width = max(a.shape[1] for a in arrays)
+            arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays]
+        out[key] = np.concatenate(arrays)
+    return out
+
+
 def encode_segments(
     cfg: FeaturewatchConfig,
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     sae_version: str,
     catalog: Catalog,
     paths: list[Path] | None = None,
@@ -159,14 +174,14 @@ def encode_segments(
     report = EncodeReport(0, len(all_paths) - len(todo), 0, 0)
     if not todo:
         return report
-    sae_ref = ray.put(sae_payload(sae))
     pc = cfg.pipeline
-    ds = segments_dataset(todo, cfg.capture.layer, cfg.capture.site).map_batches(
-        SAEEncoder,
-        fn_constructor_kwargs={"sae_ref": sae_ref},
+    ds = sharded_encode(
+        segments_dataset(todo, cfg.capture.layer, cfg.capture.site),
+        sae,
+        pc.sae_shards,
         batch_size=pc.batch_size,
-        compute=ActorPoolStrategy(size=pc.encoder_actors),
-        num_cpus=pc.encoder_cpus,
+        actors_per_shard=pc.encoder_actors,
+        cpus_per_actor=pc.encoder_cpus,
     )
     by_segment: dict[str, list[dict[str, np.ndarray]]] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -176,8 +191,7 @@ def encode_segments(
             by_segment.setdefault(str(seg), []).append({k: v[mask] for k, v in batch.items()})
     seen = catalog.ingested_batches(sae_version)
     for seg in sorted(by_segment):
-        parts = by_segment[seg]
-        cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        cols = _concat_columns(by_segment[seg])
         # A batch resent to another collector after a lost ack sits in two spools: keep
         # its first copy only. Only this segment's distinct keys are looked up.
         keys = np.unique(cols["batch_key"]).tolist()

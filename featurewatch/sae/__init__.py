@@ -1,8 +1,26 @@
-"""Pure-torch sparse autoencoders: model, SAELens-format files, training step, metrics.
+"""Pure-torch sparse autoencoders: models, SAELens-format files, sharding, training.
 
 Never imports ray.
 """
 
-from featurewatch.sae.model import SAE, TopKSAE, load
+from featurewatch.sae.model import (
+    SAE,
+    BatchTopKSAE,
+    JumpReLUSAE,
+    ReLUSAE,
+    SparseAutoencoder,
+    TopKSAE,
+    build,
+    load,
+)
 
-__all__ = ["SAE", "TopKSAE", "load"]
+__all__ = [
+    "SAE",
+    "BatchTopKSAE",
+    "JumpReLUSAE",
+    "ReLUSAE",
+    "SparseAutoencoder",
+    "TopKSAE",
+    "build",
+    "load",
+]

@@ -1,15 +1,26 @@
-"""TopK sparse autoencoder in the SAELens file layout.
+"""Sparse autoencoders in the SAELens file layout: ReLU, TopK, JumpReLU and BatchTopK.
 
 Files: `cfg.json` + `sae_weights.safetensors` holding W_enc [d_in, d_sae],
-W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in]. Encoding keeps the k largest
-pre-activations and applies ReLU to them (SAELens's TopK); with apply_b_dec_to_input,
-b_dec is subtracted from the input first.
+W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in], and `threshold` [d_sae] for JumpReLU.
+The cfg uses SAELens's keys and architecture names (`standard` is ReLU), so files move
+both ways between SAELens and featurewatch.
+
+Every architecture computes the same pre-activations, `(x - b_dec) @ W_enc + b_enc`
+(b_dec subtracted only with apply_b_dec_to_input), and differs only in which of them
+stay active:
+- standard (ReLU): relu(pre)
+- topk: the k largest pre-activations, then ReLU (SAELens's TopK)
+- jumprelu: relu(pre) where pre > threshold, per latent
+- BatchTopK trains with the k x batch largest activations across a whole batch and, as
+  SAELens and the papers do, infers as a JumpReLU with the learned threshold; it is
+  saved as `jumprelu` (metadata says it was trained as batchtopk).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,27 +32,34 @@ from featurewatch.errors import SAEFormatError
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# SAELens reads a cfg without this as a pre-6.0 file and rewrites its keys; we write the
+# 6.x layout.
+SAELENS_LAYOUT_VERSION = "6.0.0"
 
 
-class TopKSAE(nn.Module):
-    """x -> top-k(ReLU) latents -> reconstruction."""
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
 
-    architecture = "topk"
+
+class SparseAutoencoder(nn.Module):
+    """x -> sparse latents -> reconstruction. Subclasses choose which latents stay active."""
+
+    architecture: ClassVar[str]
+    extra_tensors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
         d_in: int,
         d_sae: int,
-        k: int,
         *,
         apply_b_dec_to_input: bool = True,
         dtype: torch.dtype = torch.float32,
         metadata: dict | None = None,
     ):
         super().__init__()
-        if not 0 < k <= d_sae:
-            raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
-        self.d_in, self.d_sae, self.k = d_in, d_sae, k
+        if d_in <= 0 or d_sae <= 0:
+            raise ValueError(f"d_in and d_sae must be positive, got {d_in}, {d_sae}")
+        self.d_in, self.d_sae = d_in, d_sae
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.metadata = dict(metadata or {})
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae, dtype=dtype))
@@ -49,50 +67,59 @@ class TopKSAE(nn.Module):
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
     # ---- encode / decode
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.W_enc.dtype)
+        x = x.to(self.dtype)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        return torch.addmm(self.b_enc, x, self.W_enc)
 
-    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices, values), each [batch, k]; values are >= 0 (zeros are inactive)."""
-        values, indices = self.pre_activations(x).topk(self.k, dim=-1, sorted=False)
-        return indices, F.relu(values)
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """Dense latents from pre-activations."""
+        raise NotImplementedError
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense latents [batch, d_sae]."""
-        indices, values = self.encode_sparse(x)
-        z = torch.zeros(x.shape[0], self.d_sae, dtype=values.dtype, device=values.device)
-        return z.scatter_(-1, indices, values)
+        return self.activate(self.pre_activations(x))
+
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, values), each [batch, L]: every active latent of each row, padded
+        with zero values where a row has fewer than L (the batch's most) active."""
+        return sparse_from_dense(self.encode(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        return torch.addmm(self.b_dec, z.to(self.dtype), self.W_dec)
 
     def decode_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Decode from (indices, values): sums k decoder rows instead of a dense product."""
-        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+        """Decode from (indices, values): sums the active decoder rows, no dense product."""
+        if indices.shape[1] == 0:
+            return self.b_dec.expand(indices.shape[0], -1).clone()
+        out = F.embedding_bag(
+            indices, self.W_dec, per_sample_weights=values.to(self.dtype), mode="sum"
+        )
         return out + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode_sparse(*self.encode_sparse(x))
+        return self.decode(self.encode(x))
 
     # ---- files
 
     def config(self) -> dict:
-        dtype = {v: k for k, v in _DTYPES.items()}[self.W_enc.dtype]
         return {
             "architecture": self.architecture,
             "d_in": self.d_in,
             "d_sae": self.d_sae,
-            "k": self.k,
-            "dtype": dtype,
+            "dtype": dtype_name(self.dtype),
             "device": "cpu",
             "apply_b_dec_to_input": self.apply_b_dec_to_input,
             "normalize_activations": "none",
-            "metadata": self.metadata,
+            "reshape_activations": "none",
+            "metadata": {"sae_lens_version": SAELENS_LAYOUT_VERSION, **self.metadata},
         }
 
     def save(self, path: str | Path) -> Path:
@@ -104,11 +131,125 @@ class TopKSAE(nn.Module):
         return path
 
 
-SAE = TopKSAE
-ARCHITECTURES = {"topk": TopKSAE}
+def sparse_from_dense(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every nonzero of each row of dense latents, padded to the batch's widest row."""
+    width = int((z > 0).sum(dim=-1).max()) if z.numel() else 0
+    values, indices = z.topk(width, dim=-1, sorted=False)
+    return indices, values
 
 
-def load(path: str | Path, *, expected_d_in: int | None = None) -> TopKSAE:
+class ReLUSAE(SparseAutoencoder):
+    """SAELens's `standard` architecture: every positive pre-activation is active."""
+
+    architecture = "standard"
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return F.relu(pre)
+
+
+class TopKSAE(SparseAutoencoder):
+    """The k largest pre-activations, then ReLU."""
+
+    architecture = "topk"
+
+    def __init__(self, d_in: int, d_sae: int, k: int, **kwargs):
+        super().__init__(d_in, d_sae, **kwargs)
+        if not 0 < k <= d_sae:
+            raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
+        self.k = k
+
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, values), each [batch, k]; values are >= 0 (zeros are inactive)."""
+        values, indices = self.pre_activations(x).topk(self.k, dim=-1, sorted=False)
+        return indices, F.relu(values)
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, indices, F.relu(values))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode_sparse(*self.encode_sparse(x))
+
+    def config(self) -> dict:
+        return {**super().config(), "k": self.k, "rescale_acts_by_decoder_norm": False}
+
+
+class JumpReLUSAE(SparseAutoencoder):
+    """relu(pre) where pre exceeds a learned per-latent threshold."""
+
+    architecture = "jumprelu"
+    extra_tensors = ("threshold",)
+
+    def __init__(self, d_in: int, d_sae: int, **kwargs):
+        super().__init__(d_in, d_sae, **kwargs)
+        self.threshold = nn.Parameter(torch.zeros(d_sae, dtype=self.W_enc.dtype))
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return F.relu(pre) * (pre > self.threshold).to(pre.dtype)
+
+
+class BatchTopKSAE(JumpReLUSAE):
+    """Trains with the k x batch largest activations across the batch; infers as JumpReLU.
+
+    While training, `threshold` follows an exponential moving average of the smallest
+    activation kept (one value for every latent, as SAELens does), so the saved model
+    fires about k latents per token without needing a batch.
+    """
+
+    def __init__(self, d_in: int, d_sae: int, k: int, threshold_lr: float = 0.01, **kwargs):
+        super().__init__(d_in, d_sae, **kwargs)
+        if not 0 < k <= d_sae:
+            raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
+        self.k, self.threshold_lr = k, threshold_lr
+        self.threshold.requires_grad_(False)
+        self.metadata.setdefault("trained_as", "batchtopk")
+        self.metadata.setdefault("k", k)
+        self._threshold_initialised = False
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().activate(pre)
+        acts = F.relu(pre)
+        flat = acts.flatten()
+        values, indices = flat.topk(min(self.k * acts.shape[0], flat.numel()), sorted=False)
+        kept = torch.zeros_like(flat).scatter_(-1, indices, values).view_as(acts)
+        positive = values[values > 0]
+        if positive.numel():
+            with torch.no_grad():
+                smallest = positive.min().to(self.threshold.dtype)
+                if not self._threshold_initialised:
+                    self.threshold.fill_(smallest)
+                    self._threshold_initialised = True
+                else:
+                    lr = self.threshold_lr
+                    self.threshold.mul_(1 - lr).add_(lr * smallest)
+        return kept
+
+
+SAE = SparseAutoencoder
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
+    "standard": ReLUSAE,
+    "topk": TopKSAE,
+    "jumprelu": JumpReLUSAE,
+}
+
+
+def build(architecture: str, d_in: int, d_sae: int, *, k: int | None = None, **kwargs):
+    """A fresh SAE by name: `standard`/`relu`, `topk`, `batchtopk` or `jumprelu`."""
+    arch = {"relu": "standard"}.get(architecture, architecture)
+    if arch == "topk":
+        return TopKSAE(d_in, d_sae, k, **kwargs)
+    if arch == "batchtopk":
+        return BatchTopKSAE(d_in, d_sae, k, **kwargs)
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch](d_in, d_sae, **kwargs)
+    raise ValueError(
+        f"unknown SAE architecture {architecture!r}; "
+        "expected standard (relu), topk, batchtopk or jumprelu"
+    )
+
+
+def load(path: str | Path, *, expected_d_in: int | None = None) -> SparseAutoencoder:
     """Load an SAE folder in the SAELens layout; refuse anything malformed by name."""
     path = Path(path)
     cfg_path, weights_path = path / CFG_FILE, path / WEIGHTS_FILE
@@ -120,15 +261,20 @@ def load(path: str | Path, *, expected_d_in: int | None = None) -> TopKSAE:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as err:
         raise SAEFormatError(f"{cfg_path}: not valid JSON: {err}") from None
+    if not isinstance(cfg, dict):
+        raise SAEFormatError(f"{cfg_path}: must hold a JSON object")
     arch = cfg.get("architecture")
     if arch not in ARCHITECTURES:
         raise SAEFormatError(
             f"{cfg_path}: unknown architecture {arch!r}; supported: {sorted(ARCHITECTURES)}"
         )
-    for key in ("d_in", "d_sae", "k"):
-        if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
+    required = ("d_in", "d_sae", "k") if arch == "topk" else ("d_in", "d_sae")
+    for key in required:
+        if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
             raise SAEFormatError(f"{cfg_path}: {key} must be a positive integer")
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    if arch == "topk" and cfg["k"] > d_sae:
+        raise SAEFormatError(f"{cfg_path}: k = {cfg['k']} exceeds d_sae = {d_sae}")
     if expected_d_in is not None and d_in != expected_d_in:
         raise SAEFormatError(
             f"{path}: d_in is {d_in} but the monitored layer has width {expected_d_in}"
@@ -136,16 +282,30 @@ def load(path: str | Path, *, expected_d_in: int | None = None) -> TopKSAE:
     dtype = _DTYPES.get(cfg.get("dtype", "float32"))
     if dtype is None:
         raise SAEFormatError(f"{cfg_path}: unknown dtype {cfg.get('dtype')!r}")
+    # Settings that would change what the weights mean: refused, not silently ignored.
+    for key, supported in (
+        ("normalize_activations", "none"),
+        ("reshape_activations", "none"),
+        ("rescale_acts_by_decoder_norm", False),
+    ):
+        if cfg.get(key, supported) != supported:
+            raise SAEFormatError(
+                f"{cfg_path}: {key} = {cfg[key]!r} is not supported (only {supported!r})"
+            )
     try:
         tensors = load_file(str(weights_path))
     except Exception as err:  # safetensors raises several types for a corrupt file
         raise SAEFormatError(f"{weights_path}: unreadable: {err}") from None
-    expected = {
-        "W_enc": (d_in, d_sae),
-        "b_enc": (d_sae,),
-        "W_dec": (d_sae, d_in),
-        "b_dec": (d_in,),
-    }
+    sae = build(
+        arch,
+        d_in,
+        d_sae,
+        k=cfg.get("k"),
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        dtype=dtype,
+        metadata={k: v for k, v in (cfg.get("metadata") or {}).items() if k != "sae_lens_version"},
+    )
+    expected = {name: tuple(p.shape) for name, p in sae.named_parameters()}
     for name, shape in expected.items():
         if name not in tensors:
             raise SAEFormatError(f"{weights_path}: missing tensor {name}")
@@ -154,15 +314,9 @@ def load(path: str | Path, *, expected_d_in: int | None = None) -> TopKSAE:
                 f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
                 f"cfg.json implies {shape}"
             )
-    sae = ARCHITECTURES[arch](
-        d_in,
-        d_sae,
-        cfg["k"],
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        dtype=dtype,
-        metadata=cfg.get("metadata") or {},
-    )
+        if not torch.isfinite(tensors[name]).all():
+            raise SAEFormatError(f"{weights_path}: {name} contains NaN or Inf")
     with torch.no_grad():
         for name in expected:
             getattr(sae, name).copy_(tensors[name].to(dtype))
-    return sae
+    return sae.eval()

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from featurewatch.sae.model import TopKSAE
+from featurewatch.sae.model import SparseAutoencoder
 
 
 @torch.no_grad()
-def init_from_data(sae: TopKSAE, sample: torch.Tensor, seed: int = 0) -> None:
+def init_from_data(sae: SparseAutoencoder, sample: torch.Tensor, seed: int = 0) -> None:
     """b_dec at the data mean; decoder rows at unit norm; encoder = decoder transposed.
 
     Decoder rows start as a random mix of centred data points and noise: on small
@@ -35,7 +35,7 @@ def init_from_data(sae: TopKSAE, sample: torch.Tensor, seed: int = 0) -> None:
 
 
 @torch.no_grad()
-def normalize_decoder(sae: TopKSAE) -> None:
+def normalize_decoder(sae: SparseAutoencoder) -> None:
     """Keep decoder rows at unit norm so latent magnitudes stay comparable."""
     sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
@@ -55,7 +55,7 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(sae: TopKSAE, x: torch.Tensor) -> dict:
+def evaluate(sae: SparseAutoencoder, x: torch.Tensor) -> dict:
     """FVU, mean L0 and dead fraction (latents that never fire on x)."""
     indices, values = sae.encode_sparse(x)
     x_hat = sae.decode_sparse(indices, values)
