@@ -18,7 +18,7 @@ import ray
 import torch
 from ray.data import ActorPoolStrategy
 
-from featurewatch.sae.model import SparseAutoencoder, TopKSAE, build
+from featurewatch.sae.model import DTYPES, SparseAutoencoder, TopKSAE, build
 from featurewatch.sae.shard import (
     DecoderShard,
     EncoderShard,
@@ -44,6 +44,7 @@ def sae_from_payload(payload: dict) -> SparseAutoencoder:
         cfg["d_sae"],
         k=cfg.get("k"),
         apply_b_dec_to_input=cfg["apply_b_dec_to_input"],
+        dtype=DTYPES[cfg["dtype"]],  # numpy has no bfloat16: weights travel as float32
     )
     with torch.no_grad():
         for name, value in payload["tensors"].items():
@@ -168,6 +169,7 @@ def sharded_encode(
     batch_size: int,
     actors_per_shard: int = 1,
     cpus_per_actor: float = 1.0,
+    torch_threads: int = 1,
 ) -> ray.data.Dataset:
     """`ds` (with a `vector` column) -> feature_ids, feature_values, recon_error.
 
@@ -178,7 +180,10 @@ def sharded_encode(
     if num_shards == 1:
         return ds.map_batches(
             SAEEncoder,
-            fn_constructor_kwargs={"sae_ref": ray.put(sae_payload(sae))},
+            fn_constructor_kwargs={
+                "sae_ref": ray.put(sae_payload(sae)),
+                "torch_threads": torch_threads,
+            },
             batch_size=batch_size,
             compute=pool,
             num_cpus=cpus_per_actor,
@@ -186,7 +191,11 @@ def sharded_encode(
     for s, shard in enumerate(encoder_shards(sae, num_shards)):
         ds = ds.map_batches(
             EncodeShard,
-            fn_constructor_kwargs={"shard_ref": ray.put(shard), "index": s},
+            fn_constructor_kwargs={
+                "shard_ref": ray.put(shard),
+                "index": s,
+                "torch_threads": torch_threads,
+            },
             batch_size=batch_size,
             compute=pool,
             num_cpus=cpus_per_actor,
@@ -208,6 +217,7 @@ def sharded_encode(
                 "shard_ref": ray.put(shard),
                 "b_dec": b_dec,
                 "last": s == num_shards - 1,
+                "torch_threads": torch_threads,
             },
             batch_size=batch_size,
             compute=pool,

@@ -31,14 +31,14 @@ from featurewatch.errors import SAEFormatError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # SAELens reads a cfg without this as a pre-6.0 file and rewrites its keys; we write the
 # 6.x layout.
 SAELENS_LAYOUT_VERSION = "6.0.0"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPES.items()}[dtype]
+    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 class SparseAutoencoder(nn.Module):
@@ -279,7 +279,7 @@ def load(path: str | Path, *, expected_d_in: int | None = None) -> SparseAutoenc
         raise SAEFormatError(
             f"{path}: d_in is {d_in} but the monitored layer has width {expected_d_in}"
         )
-    dtype = _DTYPES.get(cfg.get("dtype", "float32"))
+    dtype = DTYPES.get(cfg.get("dtype", "float32"))
     if dtype is None:
         raise SAEFormatError(f"{cfg_path}: unknown dtype {cfg.get('dtype')!r}")
     # Settings that would change what the weights mean: refused, not silently ignored.
