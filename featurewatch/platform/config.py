@@ -132,14 +132,30 @@ class CollectorConfig(_Strict):
 
 
 class SAEConfig(_Strict):
+    architecture: Literal["topk", "batchtopk", "relu"] = Field(
+        "topk",
+        description="What to train: TopK, BatchTopK (saved as a JumpReLU with the learned "
+        "threshold) or ReLU with an L1 penalty.",
+    )
     d_sae: int = Field(1024, ge=1, description="Dictionary size (latents).")
-    k: int = Field(16, ge=1, description="Active latents per token (TopK).")
+    k: int = Field(16, ge=1, description="Active latents per token (TopK, BatchTopK).")
     epochs: int = Field(30, ge=1, description="Passes over the spooled activations.")
     batch_size: int = Field(256, ge=1, description="Tokens per optimizer step per worker.")
     lr: float = Field(2e-3, gt=0, description="Adam learning rate.")
     num_workers: int = Field(2, ge=1, description="Ray Train data-parallel workers.")
     cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs per training worker.")
     seed: int = Field(0, description="Initialisation seed.")
+    warmup_steps: int = Field(50, ge=1, description="Linear learning-rate warm-up steps.")
+    aux_k: int = Field(256, ge=1, description="Dead latents AuxK uses per token.")
+    dead_after_tokens: int = Field(
+        200_000, ge=1, description="A latent that has not fired for this many tokens is dead."
+    )
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
+    max_failures: int = Field(
+        3,
+        ge=0,
+        description="Worker failures Ray Train recovers from (resuming from the last checkpoint).",
+    )
 
 
 class PipelineConfig(_Strict):

@@ -154,8 +154,8 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
     if not segments:
         raise RuntimeError("no activations reached the spool (capture.sample_fraction = 0?)")
     step(
-        f"Training a TopK SAE (d_sae={cfg.sae.d_sae}, k={cfg.sae.k}) with Ray Train "
-        f"({cfg.sae.num_workers} workers) on {len(segments)} spool segments"
+        f"Training a {cfg.sae.architecture} SAE (d_sae={cfg.sae.d_sae}, k={cfg.sae.k}) "
+        f"with Ray Train ({cfg.sae.num_workers} workers) on {len(segments)} spool segments"
     )
     trained = train_sae(
         cfg, segments_dataset(segments, cfg.capture.layer, cfg.capture.site), d_model
@@ -173,13 +173,17 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
         catalog.register_sae(
             trained.version,
             trained.path,
-            architecture="topk",
+            architecture=trained.sae.architecture,
             model=cfg.model.name,
             layer=cfg.capture.layer,
             d_in=d_model,
             d_sae=cfg.sae.d_sae,
             k=cfg.sae.k,
             metrics=trained.metrics,
+            model_version=cfg.model.version,
+            site=cfg.capture.site,
+            data_window=trained.lineage.get("data_window"),
+            lineage=trained.lineage,
         )
         enc = encode_segments(cfg, trained.sae, trained.version, catalog)
         report.tokens_encoded, report.feature_rows = enc.tokens, enc.feature_rows

@@ -54,6 +54,13 @@ CREATE TABLE IF NOT EXISTS sae_versions (
     created_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
     metrics      JSON
 );
+-- Lineage, added after the first release: catalogs made before it gain the columns.
+ALTER TABLE sae_versions ADD COLUMN IF NOT EXISTS parent_version VARCHAR;
+ALTER TABLE sae_versions ADD COLUMN IF NOT EXISTS model_version VARCHAR;
+ALTER TABLE sae_versions ADD COLUMN IF NOT EXISTS site VARCHAR;
+ALTER TABLE sae_versions ADD COLUMN IF NOT EXISTS data_start TIMESTAMPTZ;
+ALTER TABLE sae_versions ADD COLUMN IF NOT EXISTS data_end TIMESTAMPTZ;
+ALTER TABLE sae_versions ADD COLUMN IF NOT EXISTS lineage JSON;
 CREATE TABLE IF NOT EXISTS model_versions (
     model         VARCHAR NOT NULL,
     model_version VARCHAR NOT NULL,
@@ -241,13 +248,30 @@ class Catalog:
         d_sae: int,
         k: int | None,
         metrics: dict,
+        model_version: str | None = None,
+        site: str | None = None,
+        parent_version: str | None = None,
+        data_window: tuple | None = None,
+        lineage: dict | None = None,
     ) -> None:
+        """Record an SAE version with its evaluation and lineage: the version it was
+        refreshed from, the time window of its training data and how it was trained."""
+        if (
+            parent_version is not None
+            and not self.con.execute(
+                "SELECT 1 FROM sae_versions WHERE sae_version = ?", [parent_version]
+            ).fetchone()
+        ):
+            raise CatalogError(f"parent SAE version {parent_version!r} is not in the catalog")
+        start, end = data_window or (None, None)
         self.con.execute(
-            "INSERT OR REPLACE INTO sae_versions "
-            "(sae_version, path, architecture, model, layer, d_in, d_sae, k, metrics) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO sae_versions (sae_version, path, architecture, model, "
+            "layer, d_in, d_sae, k, metrics, parent_version, model_version, site, "
+            "data_start, data_end, lineage) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [sae_version, str(path), architecture, model, layer, d_in, d_sae, k]
-            + [json.dumps(metrics)],
+            + [json.dumps(metrics), parent_version, model_version, site, start, end]
+            + [json.dumps(lineage or {}, default=str)],
         )
 
     def register_model_version(self, model: str, model_version: str, path: str) -> None:
