@@ -175,6 +175,9 @@ def sharded_encode(
 
     num_shards = 1 runs the single-pass SAEEncoder; more chains one actor pool per
     shard for encoding and one per shard for decoding, each holding only its slice.
+    `cpus_per_actor` is the Ray CPU budget of one encoder: the S encode shards share
+    it, and the (much lighter) decode shards and merge tasks share half of it again,
+    so a chain never claims every CPU and starves the tasks that read the spool.
     """
     pool = ActorPoolStrategy(size=actors_per_shard)
     if num_shards == 1:
@@ -188,6 +191,8 @@ def sharded_encode(
             compute=pool,
             num_cpus=cpus_per_actor,
         )
+    encode_cpus = cpus_per_actor / num_shards
+    light_cpus = cpus_per_actor / (2 * num_shards + 1)
     for s, shard in enumerate(encoder_shards(sae, num_shards)):
         ds = ds.map_batches(
             EncodeShard,
@@ -198,7 +203,7 @@ def sharded_encode(
             },
             batch_size=batch_size,
             compute=pool,
-            num_cpus=cpus_per_actor,
+            num_cpus=encode_cpus,
         )
     ds = ds.map_batches(
         merge_shards,
@@ -208,6 +213,7 @@ def sharded_encode(
             "k": sae.k if isinstance(sae, TopKSAE) else None,
         },
         batch_size=batch_size,
+        num_cpus=light_cpus,
     )
     b_dec = sae.b_dec.detach().float().numpy()
     for s, shard in enumerate(decoder_shards(sae, num_shards)):
@@ -221,6 +227,6 @@ def sharded_encode(
             },
             batch_size=batch_size,
             compute=pool,
-            num_cpus=cpus_per_actor,
+            num_cpus=light_cpus,
         )
     return ds

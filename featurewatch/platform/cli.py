@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -167,6 +168,112 @@ def collect(
     signal.signal(signal.SIGINT, shutdown)
     server.wait()
     typer.echo(f"collector stopped: {server.stats()}", err=True)
+
+
+sae_app = typer.Typer(help="Gather activations, train and evaluate SAEs.", no_args_is_help=True)
+app.add_typer(sae_app, name="sae")
+
+
+def _print_json(result: dict) -> None:
+    import json
+
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@sae_app.command("gather")
+def sae_gather(
+    out: Annotated[Path, typer.Option(help="Folder for the train/ and eval/ spools.")],
+    tokens: Annotated[int, typer.Option(min=1, help="Training activations to gather.")],
+    eval_tokens: Annotated[
+        int, typer.Option(min=0, help="Held-out activations (documents never trained on).")
+    ] = 50_000,
+    seq_len: Annotated[int, typer.Option(min=16, max=4096)] = 256,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Prefill the bundled corpus through the model and spool the monitored layer."""
+    try:
+        cfg = _config(config, home)
+        from featurewatch.platform.sae_jobs import gather
+
+        kwargs = {"seq_len": seq_len, "batch_size": batch_size}
+        _print_json(gather(cfg, out, tokens, eval_tokens, **kwargs))
+    except FeaturewatchError as err:
+        _fail(str(err))
+
+
+@sae_app.command("train")
+def sae_train(
+    spool: Annotated[Path, typer.Option(help="Spool directory of training activations.")],
+    eval_spool: Annotated[
+        Path | None, typer.Option(help="Held-out activations for the evaluation.")
+    ] = None,
+    architecture: Annotated[
+        str | None, typer.Option(help="topk, batchtopk or relu (default: config).")
+    ] = None,
+    d_sae: Annotated[int | None, typer.Option(min=1)] = None,
+    k: Annotated[int | None, typer.Option(min=1)] = None,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0)] = None,
+    workers: Annotated[int | None, typer.Option(min=1)] = None,
+    version: Annotated[str | None, typer.Option(help="Version id (default: timestamped).")] = None,
+    parent: Annotated[str | None, typer.Option(help="The version this one refreshes.")] = None,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Train an SAE on spooled activations with Ray Train and register it."""
+    overrides = {
+        "architecture": architecture,
+        "d_sae": d_sae,
+        "k": k,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "num_workers": workers,
+    }
+    if version is not None and not re.fullmatch(r"[\w.-]{1,128}", version):
+        _fail(f"--version {version!r} may hold only letters, digits, '_', '.' and '-'", 2)
+    try:
+        cfg = _config(config, home)
+        cfg = _with_sae_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
+        from featurewatch.platform.sae_jobs import train
+
+        _print_json(train(cfg, spool, eval_spool=eval_spool, version=version, parent=parent))
+    except FeaturewatchError as err:
+        _fail(str(err))
+
+
+@sae_app.command("eval")
+def sae_eval(
+    sae: Annotated[str, typer.Argument(help="An SAE version id or an SAE folder.")],
+    eval_spool: Annotated[
+        Path | None, typer.Option(help="Held-out activations: FVU, L0, dead fraction.")
+    ] = None,
+    ce_chunks: Annotated[
+        int, typer.Option(min=0, help="Held-out text chunks for CE-loss recovered (0: skip).")
+    ] = 64,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Evaluate an SAE and store the figures with its version."""
+    try:
+        cfg = _config(config, home)
+        from featurewatch.platform.sae_jobs import evaluate_sae
+
+        _print_json(evaluate_sae(cfg, sae, eval_spool=eval_spool, ce_chunks=ce_chunks))
+    except FeaturewatchError as err:
+        _fail(str(err))
+
+
+def _with_sae_overrides(cfg, overrides: dict):
+    """The config with `sae.*` fields replaced, validated like the YAML file."""
+    from featurewatch.platform.config import build_config
+
+    data = cfg.model_dump(mode="json")
+    data["sae"].update(overrides)
+    return build_config(data)
 
 
 @app.command()

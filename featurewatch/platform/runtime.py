@@ -20,20 +20,23 @@ def quiet_ray_logs() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def init_ray(cfg: FeaturewatchConfig) -> None:
-    """Connect to cfg.ray.address, or start a local cluster ('local' never joins another)."""
+def init_ray(cfg: FeaturewatchConfig, *, log_to_driver: bool = False) -> None:
+    """Connect to cfg.ray.address, or start a local cluster ('local' never joins another).
+
+    log_to_driver carries workers' output (and Ray's tqdm progress bars) to this
+    terminal; the demo leaves it off to keep its own output readable."""
     quiet_ray_logs()
     if ray.is_initialized():
         return
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, include_dashboard=False)
+        ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=log_to_driver)
         return
     ray.init(
         address="local",
         num_cpus=cfg.ray.num_cpus,
         object_store_memory=cfg.ray.object_store_memory_mb * 1024 * 1024,
         include_dashboard=False,
-        log_to_driver=False,
+        log_to_driver=log_to_driver,
     )
 
 

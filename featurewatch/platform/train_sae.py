@@ -38,6 +38,7 @@ from featurewatch.sae.train import (
     init_from_data,
     lr_factor,
     normalize_decoder,
+    typical_rows,
 )
 
 STATE_FILE = "train_state.pt"
@@ -92,6 +93,7 @@ def _train_loop(config: dict) -> None:
         bar.update(start_step)
     step = start_step
     metrics: dict = {}
+    timed_from, timed_step = None, step
     while step < total:
         # Each epoch re-reads the shard; a resumed run skips the steps already done.
         skip = step % steps_per_epoch
@@ -117,6 +119,9 @@ def _train_loop(config: dict) -> None:
                 torch.distributed.all_reduce(fired)
             dead.update(fired > 0, x.shape[0] * world)
             step += 1
+            if timed_from is None:  # throughput counts from the end of the first step
+                timed_from, timed_step = time.perf_counter(), step
+            elapsed = time.perf_counter() - timed_from
             metrics = {
                 "step": step,
                 "loss": float(loss),
@@ -125,6 +130,9 @@ def _train_loop(config: dict) -> None:
                 "l0": float(stats["l0"]),
                 "dead_fraction": dead.fraction(),
                 "resumed_from_step": start_step,
+                "tokens_per_s": (step - timed_step) * x.shape[0] * world / elapsed
+                if elapsed > 0
+                else None,
             }
             if bar is not None:
                 # Ray's tqdm (bars from workers drawn by the driver) has no postfix.
@@ -144,6 +152,12 @@ def _train_loop(config: dict) -> None:
                     ray.train.report(metrics, checkpoint=ckpt)
     if bar is not None:
         bar.close()
+
+
+def _typical_only(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop attention-sink tokens (see featurewatch.sae.train.typical_rows)."""
+    keep = typical_rows(torch.from_numpy(np.ascontiguousarray(batch["vector"])))
+    return {"vector": batch["vector"][keep.numpy()]}
 
 
 def _sample(data: ray.data.Dataset, rows: int) -> np.ndarray:
@@ -173,7 +187,7 @@ def train_sae(
             datetime.fromtimestamp(ns / 1e9, tz=UTC)
             for ns in (data.min("ts_ns"), data.max("ts_ns"))
         )
-    data = data.select_columns(["vector"]).materialize()
+    data = data.select_columns(["vector"]).map_batches(_typical_only).materialize()
     rows = data.count()
     per_step = sc.batch_size * sc.num_workers
     steps_per_epoch = rows // per_step
@@ -240,6 +254,7 @@ def train_sae(
     metrics["final_loss"] = result.metrics.get("loss")
     metrics["steps"] = result.metrics.get("step")
     metrics["resumed_from_step"] = result.metrics.get("resumed_from_step")
+    metrics["tokens_per_s"] = result.metrics.get("tokens_per_s")
     lineage = {
         "parent_version": parent_version,
         "data_window": data_window,

@@ -206,6 +206,12 @@ class BatchTopKSAE(JumpReLUSAE):
         self.metadata.setdefault("k", k)
         self._threshold_initialised = False
 
+    def reset_threshold(self) -> None:
+        """Forget the learned threshold (after the weights changed under it)."""
+        with torch.no_grad():
+            self.threshold.zero_()
+        self._threshold_initialised = False
+
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().activate(pre)

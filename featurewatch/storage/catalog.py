@@ -274,6 +274,19 @@ class Catalog:
             + [json.dumps(lineage or {}, default=str)],
         )
 
+    def update_sae_metrics(self, sae_version: str, metrics: dict) -> None:
+        """Merge new evaluation figures into a version's metrics."""
+        row = self.con.execute(
+            "SELECT metrics FROM sae_versions WHERE sae_version = ?", [sae_version]
+        ).fetchone()
+        if row is None:
+            raise CatalogError(f"SAE version {sae_version!r} is not in the catalog")
+        merged = {**json.loads(row[0] or "{}"), **metrics}
+        self.con.execute(
+            "UPDATE sae_versions SET metrics = ? WHERE sae_version = ?",
+            [json.dumps(merged), sae_version],
+        )
+
     def register_model_version(self, model: str, model_version: str, path: str) -> None:
         self.con.execute(
             "INSERT OR IGNORE INTO model_versions (model, model_version, path) VALUES (?, ?, ?)",

@@ -97,6 +97,41 @@ def test_pipeline_encodes_each_segment_exactly_once(trained):
     )
 
 
+def test_sharded_pipeline_lands_the_same_lake_rows(trained):
+    """pipeline.sae_shards = 2: two encoder pools with half the dictionary each give the
+    lake exactly the rows (and reconstruction errors) of the whole SAE."""
+    cfg, paths, result = trained
+    sharded_cfg = cfg.model_copy(
+        update={"pipeline": cfg.pipeline.model_copy(update={"sae_shards": 2})}
+    )
+    with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+        encode_segments(cfg, result.sae, "whole", catalog, paths)
+        report = encode_segments(sharded_cfg, result.sae, "sharded", catalog, paths)
+        assert report.segments_committed == 3
+        rows = catalog.query(
+            "SELECT sae_version, request_id, token_pos, feature_id, value FROM feature_acts "
+            "WHERE sae_version IN ('whole', 'sharded')"
+        ).to_pylist()
+        errors = catalog.query(
+            "SELECT sae_version, request_id, token_pos, recon_error FROM tokens "
+            "WHERE sae_version IN ('whole', 'sharded')"
+        ).to_pylist()
+    by_version = {"whole": {}, "sharded": {}}
+    for r in rows:
+        by_version[r["sae_version"]][(r["request_id"], r["token_pos"], r["feature_id"])] = r[
+            "value"
+        ]
+    assert by_version["whole"] and by_version["whole"].keys() == by_version["sharded"].keys()
+    for key, value in by_version["whole"].items():
+        assert by_version["sharded"][key] == pytest.approx(value, rel=1e-4, abs=1e-5)
+    recon = {"whole": {}, "sharded": {}}
+    for r in errors:
+        recon[r["sae_version"]][(r["request_id"], r["token_pos"])] = r["recon_error"]
+    assert len(recon["whole"]) == 3 * 4 * 64
+    for key, value in recon["whole"].items():
+        assert recon["sharded"][key] == pytest.approx(value, rel=1e-4, abs=1e-6)
+
+
 def test_a_batch_stored_by_two_collectors_lands_once(trained):
     """After a lost ack a replica resends to the next collector: the same batch key sits
     in two spools. The lake keeps one copy."""

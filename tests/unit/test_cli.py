@@ -79,3 +79,24 @@ def test_bad_arguments(tmp_path):
     cfg.write_text("capture: {layr: 1}\n")
     bad = runner.invoke(app, ["sql", "SELECT 1", "--config", str(cfg)])
     assert bad.exit_code == 1 and "capture.layr" in bad.output
+
+
+def test_sae_commands_refuse_bad_input_by_name(tmp_path):
+    home = ["--home", str(tmp_path / "home")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["sae", "train", "--spool", str(empty), *home], "holds no sealed spool segments"),
+        (
+            ["sae", "train", "--spool", str(empty), "--architecture", "gated", *home],
+            "sae.architecture",
+        ),
+        (["sae", "train", "--spool", str(empty), "--k", "64", "--d-sae", "32", *home], "sae.k"),
+        (["sae", "train", "--spool", str(empty), "--version", "../x", *home], "--version"),
+        (["sae", "eval", "no-such-version", "--ce-chunks", "0", *home], "no-such-version"),
+        (["sae", "gather", "--out", str(empty), "--tokens", "0", *home], "--tokens"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code != 0, args
+        assert message in result.output, (args, result.output)

@@ -124,3 +124,54 @@ def test_rate_change_macro_matches_hand_computation(tmp_path):
 def test_missing_catalog_read_only_is_a_clear_error(tmp_path):
     with pytest.raises(CatalogError, match="no catalog"):
         Catalog(tmp_path / "none.duckdb", tmp_path, read_only=True)
+
+
+def test_sae_versions_keep_lineage_and_merge_metrics(tmp_path):
+    import json
+
+    with Catalog(tmp_path / "c.duckdb", tmp_path / "lake") as cat:
+        common = dict(architecture="topk", model="m", layer=3, d_in=8, d_sae=32, k=4)
+        cat.register_sae("v1", tmp_path / "v1", metrics={"fvu": 0.3}, **common)
+        with pytest.raises(CatalogError, match="parent SAE version 'v0' is not in the catalog"):
+            cat.register_sae("v2", tmp_path / "v2", metrics={}, parent_version="v0", **common)
+        window = (T0, T0 + timedelta(hours=2))
+        cat.register_sae(
+            "v2",
+            tmp_path / "v2",
+            metrics={"fvu": 0.2},
+            parent_version="v1",
+            data_window=window,
+            lineage={"trained_tokens": 1000},
+            **common,
+        )
+        cat.update_sae_metrics("v2", {"ce_loss_recovered": 0.9})
+        row = cat.query(
+            "SELECT parent_version, data_start, data_end, metrics, lineage FROM sae_versions "
+            "WHERE sae_version = 'v2'"
+        ).to_pylist()[0]
+        assert row["parent_version"] == "v1"
+        assert (row["data_start"], row["data_end"]) == window
+        assert json.loads(row["metrics"]) == {"fvu": 0.2, "ce_loss_recovered": 0.9}
+        assert json.loads(row["lineage"]) == {"trained_tokens": 1000}
+        with pytest.raises(CatalogError, match="'v9' is not in the catalog"):
+            cat.update_sae_metrics("v9", {})
+
+
+def test_old_catalog_gains_lineage_columns(tmp_path):
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE sae_versions (sae_version VARCHAR PRIMARY KEY, path VARCHAR NOT NULL, "
+        "architecture VARCHAR NOT NULL, model VARCHAR NOT NULL, layer INTEGER NOT NULL, "
+        "d_in INTEGER NOT NULL, d_sae INTEGER NOT NULL, k INTEGER, "
+        "created_at TIMESTAMPTZ NOT NULL DEFAULT now(), metrics JSON)"
+    )
+    con.execute(
+        "INSERT INTO sae_versions VALUES ('old', 'p', 'topk', 'm', 1, 8, 32, 4, now(), '{}')"
+    )
+    con.close()
+    with Catalog(path, tmp_path / "lake") as cat:
+        rows = cat.query("SELECT sae_version, parent_version, lineage FROM sae_versions")
+        assert rows.to_pylist() == [{"sae_version": "old", "parent_version": None, "lineage": None}]
