@@ -219,7 +219,10 @@ def sae_train(
     lr: Annotated[float | None, typer.Option(min=0.0)] = None,
     workers: Annotated[int | None, typer.Option(min=1)] = None,
     version: Annotated[str | None, typer.Option(help="Version id (default: timestamped).")] = None,
-    parent: Annotated[str | None, typer.Option(help="The version this one refreshes.")] = None,
+    parent: Annotated[
+        str | None,
+        typer.Option(help="The version this one refreshes: training starts from its weights."),
+    ] = None,
     config: ConfigOpt = None,
     home: HomeOpt = None,
 ) -> None:

@@ -87,6 +87,15 @@ def train(
 
     segments = _segments(spool, "--spool")
     eval_segments = _segments(eval_spool, "--eval-spool") if eval_spool else None
+    init_from = None
+    if parent is not None:
+        with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+            row = catalog.query(
+                "SELECT path FROM sae_versions WHERE sae_version = ?", [parent]
+            ).to_pylist()
+        if not row:
+            raise ConfigError(f"--parent {parent!r} is not an SAE version in the catalog")
+        init_from = Path(row[0]["path"])
     d_in, _ = model_dims(resolve_model_path(cfg.model.path, cfg.models_dir))
     init_ray(cfg, log_to_driver=True)  # the training progress bar
     layer, site = cfg.capture.layer, cfg.capture.site
@@ -97,6 +106,7 @@ def train(
         version=version,
         eval_data=segments_dataset(eval_segments, layer, site) if eval_segments else None,
         parent_version=parent,
+        init_from=init_from,
     )
     with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
         catalog.register_sae(

@@ -27,6 +27,7 @@ from ray.experimental.tqdm_ray import tqdm
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from featurewatch.errors import SAEFormatError
 from featurewatch.platform.config import FeaturewatchConfig
 from featurewatch.sae import build, load
 from featurewatch.sae.model import SparseAutoencoder
@@ -67,8 +68,10 @@ def _train_loop(config: dict) -> None:
     settings = TrainSettings(**config["settings"])
     sae = build(config["architecture"], config["d_in"], config["d_sae"], k=config["k"])
     sae.metadata.update(config["metadata"])
-    # Same seed on every rank: identical initial weights, as DDP expects.
-    init_from_data(sae, torch.from_numpy(config["init_sample"]), seed=config["seed"])
+    if config["init_from"]:  # a refresh starts from its parent's weights
+        sae.load_state_dict(load(config["init_from"]).state_dict())
+    else:  # same seed on every rank: identical initial weights, as DDP expects
+        init_from_data(sae, torch.from_numpy(config["init_sample"]), seed=config["seed"])
     opt = torch.optim.Adam(sae.parameters(), lr=settings.lr, betas=(0.9, 0.999))
     dead = DeadLatents(sae.d_sae, settings.dead_after_tokens)
     start_step = 0
@@ -172,12 +175,25 @@ def train_sae(
     version: str | None = None,
     eval_data: ray.data.Dataset | None = None,
     parent_version: str | None = None,
+    init_from: Path | None = None,
 ) -> TrainedSAE:
     """Train on `data` (a dataset with a `vector` column); save under cfg.sae_dir.
 
     Evaluated on `eval_data` when given (held-out activations), else on a sample of the
-    training data.
+    training data. `init_from` (an SAE folder, usually the parent version's) continues
+    training from those weights instead of a fresh initialisation.
     """
+    if init_from is not None:
+        parent = load(init_from, expected_d_in=d_in)
+        saved_as = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard"}
+        if (parent.architecture, parent.d_sae) != (
+            saved_as[cfg.sae.architecture],
+            cfg.sae.d_sae,
+        ):
+            raise SAEFormatError(
+                f"{init_from}: a {parent.architecture} SAE with {parent.d_sae} latents cannot "
+                f"seed a {cfg.sae.architecture} SAE with {cfg.sae.d_sae}"
+            )
     sc = cfg.sae
     # Materialised once: every epoch re-reads blocks from the object store, not the spool.
     data_window = None
@@ -226,6 +242,7 @@ def train_sae(
             "steps_per_epoch": steps_per_epoch,
             "checkpoint_every": sc.checkpoint_every,
             "torch_threads": max(1, int(sc.cpus_per_worker)),
+            "init_from": str(init_from) if init_from else None,
         },
         scaling_config=ScalingConfig(
             num_workers=sc.num_workers, resources_per_worker={"CPU": sc.cpus_per_worker}
@@ -248,7 +265,9 @@ def train_sae(
         sae = load(ckpt)
     sae.metadata["sae_version"] = version
     sae.save(target)
-    held_out = _sample(eval_data, 65536) if eval_data is not None else sample
+    held_out = (
+        _sample(eval_data.map_batches(_typical_only), 65536) if eval_data is not None else sample
+    )
     metrics = evaluate(sae, torch.from_numpy(held_out))
     metrics["eval_set"] = "held-out" if eval_data is not None else "training sample"
     metrics["final_loss"] = result.metrics.get("loss")

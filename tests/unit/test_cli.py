@@ -100,3 +100,21 @@ def test_sae_commands_refuse_bad_input_by_name(tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code != 0, args
         assert message in result.output, (args, result.output)
+
+
+def test_sae_train_refuses_an_unknown_parent(tmp_path):
+    import torch
+
+    from featurewatch.storage.spool import Spool
+    from tests.unit.test_codec import batch_of
+
+    spool = Spool(tmp_path / "spool")
+    spool.append(batch_of(torch.ones(4, 8).half(), seq=1).SerializeToString())
+    spool.close()
+    result = runner.invoke(
+        app,
+        ["sae", "train", "--spool", str(tmp_path / "spool"), "--parent", "sae-nope"]
+        + ["--home", str(tmp_path / "home")],
+    )
+    assert result.exit_code != 0
+    assert "--parent 'sae-nope' is not an SAE version in the catalog" in result.output
