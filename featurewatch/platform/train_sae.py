@@ -99,6 +99,7 @@ def _train_loop(config: dict) -> None:
     timed_from, timed_step = None, step
     while step < total:
         # Each epoch re-reads the shard; a resumed run skips the steps already done.
+        epoch_started_at = step
         skip = step % steps_per_epoch
         batches = shard.iter_torch_batches(
             batch_size=config["batch_size"], dtypes=torch.float32, drop_last=True
@@ -153,6 +154,8 @@ def _train_loop(config: dict) -> None:
                         _save_checkpoint(tmp, sae, opt, dead, step)
                         ckpt = Checkpoint.from_directory(tmp)
                     ray.train.report(metrics, checkpoint=ckpt)
+        if step == epoch_started_at:  # never spin on a shard with too few rows
+            raise RuntimeError(f"rank {rank}: the data shard yielded no full batch")
     if bar is not None:
         bar.close()
 

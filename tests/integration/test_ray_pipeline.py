@@ -69,9 +69,14 @@ def test_pipeline_encodes_each_segment_exactly_once(trained):
         # a rerun over the same segments adds nothing
         again = encode_segments(cfg, result.sae, result.version, catalog)
         assert again.segments_committed == 0 and again.segments_skipped == 3
-        n_tokens = catalog.query("SELECT count(*) AS n FROM tokens").to_pylist()[0]["n"]
+        version = [result.version]
+        n_tokens = catalog.query(
+            "SELECT count(*) AS n FROM tokens WHERE sae_version = ?", version
+        ).to_pylist()[0]["n"]
         rows = catalog.query(
-            "SELECT request_id, token_pos, feature_id, value FROM feature_acts"
+            "SELECT request_id, token_pos, feature_id, value FROM feature_acts "
+            "WHERE sae_version = ?",
+            version,
         ).to_pylist()
     assert n_tokens == report.tokens
     assert len(rows) == report.feature_rows
@@ -148,8 +153,10 @@ def test_a_batch_stored_by_two_collectors_lands_once(trained):
         before = catalog.query("SELECT count(*) AS n FROM tokens").to_pylist()[0]["n"]
         report = encode_segments(cfg, result.sae, result.version, catalog, spool_segments(cfg))
         after = catalog.query("SELECT count(*) AS n FROM tokens").to_pylist()[0]["n"]
+        # one row per token and SAE version (other tests encode the same tokens under
+        # other versions)
         dupes = catalog.query(
-            "SELECT request_id, token_pos, count(*) AS n FROM tokens "
+            "SELECT sae_version, request_id, token_pos, count(*) AS n FROM tokens "
             "GROUP BY ALL HAVING count(*) > 1"
         ).num_rows
     assert report.segments_committed == 1 and report.duplicate_vectors == 64
