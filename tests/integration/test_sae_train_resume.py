@@ -51,6 +51,18 @@ def train_workers(since: float) -> list[psutil.Process]:
     return found
 
 
+def registered_step(home) -> int:
+    """The step of the latest checkpoint Ray Train's controller has registered."""
+    for snapshot in (home / "ray_train").glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        except (json.JSONDecodeError, OSError):  # being rewritten
+            continue
+        if latest:
+            return int(latest["metrics"]["step"])
+    return 0
+
+
 def test_killed_worker_resumes_from_checkpoint(tmp_path):
     home = tmp_path / "home"
     config = {
@@ -74,12 +86,12 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path):
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     try:
-        # Wait until a checkpoint is surely registered (a newer one has started), then
-        # kill a worker for real.
-        runs = home / "ray_train"
+        # Wait until Ray Train's controller has registered a checkpoint (a folder on
+        # disk is not enough: the controller takes it in when it next polls the
+        # workers), then kill a worker for real.
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and driver.poll() is None:
-            if len(list(runs.glob("*/checkpoint_*"))) >= 2 and train_workers(started):
+            if registered_step(home) >= CHECKPOINT_EVERY and train_workers(started):
                 break
             time.sleep(0.2)
         victims = train_workers(started)
