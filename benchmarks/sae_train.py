@@ -30,7 +30,7 @@ from featurewatch.sae.train import (
     TrainSettings,
     init_from_data,
     lr_factor,
-    normalize_decoder,
+    optimizer_step,
 )
 
 D_IN, D_SAE, K = 576, 8192, 32
@@ -60,13 +60,8 @@ def plain_loop(x: np.ndarray, batch_size: int, threads: int) -> float:
     started = None
     for step in range(steps):
         batch = data[step * batch_size : (step + 1) * batch_size]
-        for group in opt.param_groups:
-            group["lr"] = settings.lr * lr_factor(step, steps, settings)
-        loss, stats = step_fn(batch, dead.mask())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        normalize_decoder(sae)
+        lr = settings.lr * lr_factor(step, steps, settings)
+        _, stats = optimizer_step(step_fn, opt, sae, batch, dead.mask(), lr)
         dead.update(stats["fired"], batch_size)
         if step == 0:
             started = time.perf_counter()

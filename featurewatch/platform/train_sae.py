@@ -38,7 +38,7 @@ from featurewatch.sae.train import (
     evaluate,
     init_from_data,
     lr_factor,
-    normalize_decoder,
+    optimizer_step,
     typical_rows,
 )
 
@@ -110,13 +110,8 @@ def _train_loop(config: dict) -> None:
             if step >= total or i >= steps_per_epoch:
                 break
             x = batch["vector"]
-            for group in opt.param_groups:
-                group["lr"] = settings.lr * lr_factor(step, total, settings)
-            loss, stats = model(x, dead.mask())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            normalize_decoder(sae)
+            lr = settings.lr * lr_factor(step, total, settings)
+            loss, stats = optimizer_step(model, opt, sae, x, dead.mask(), lr)
             # Latents that fired on any rank are alive: share the counts.
             fired = stats["fired"].to(torch.float32)
             if world > 1:

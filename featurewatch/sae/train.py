@@ -191,6 +191,21 @@ class SAETrainingStep(nn.Module):
         return loss, stats
 
 
+def optimizer_step(
+    step_fn: nn.Module, opt: torch.optim.Optimizer, sae: SparseAutoencoder, x, dead, lr: float
+) -> tuple[torch.Tensor, dict]:
+    """One training step: set the learning rate, forward, backward, update, renormalise.
+    `step_fn` is an SAETrainingStep, possibly wrapped in DDP."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss, stats = step_fn(x, dead)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    normalize_decoder(sae)
+    return loss, stats
+
+
 @torch.no_grad()
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Fraction of variance unexplained over a set of vectors."""
