@@ -23,6 +23,7 @@ from featurewatch.sae.model import (
     JumpReLUSAE,
     SparseAutoencoder,
     TopKSAE,
+    row_topk,
     sparse_from_dense,
 )
 
@@ -57,7 +58,7 @@ class EncoderShard:
             x = x - self.b_dec
         pre = torch.addmm(self.b_enc, x, self.W_enc)
         if self.architecture == "topk":
-            values, indices = pre.topk(min(self.k, pre.shape[1]), dim=-1, sorted=False)
+            values, indices = row_topk(pre, min(self.k, pre.shape[1]))
         else:
             z = F.relu(pre)
             if self.threshold is not None:

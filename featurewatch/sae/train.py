@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featurewatch.sae.model import BatchTopKSAE, ReLUSAE, SparseAutoencoder, TopKSAE
+from featurewatch.sae.model import (
+    BatchTopKSAE,
+    ReLUSAE,
+    SparseAutoencoder,
+    TopKSAE,
+    row_topk,
+)
 
 
 @dataclass
@@ -152,7 +158,7 @@ class SAETrainingStep(nn.Module):
         if isinstance(sae, TopKSAE):
             # Sparse decode: k decoder rows per token instead of a dense [d_sae] product,
             # which halves the work of a step.
-            values, indices = pre.topk(sae.k, dim=-1, sorted=False)
+            values, indices = row_topk(pre, sae.k)
             values = F.relu(values)
             x_hat = sae.decode_sparse(indices, values)
             active, active_ids = values > 0, indices

@@ -8,6 +8,7 @@ import torch
 
 from featurewatch.errors import SAEFormatError
 from featurewatch.sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, build, load
+from featurewatch.sae.model import TOPK_BLOCK, row_topk
 from featurewatch.sae.shard import (
     decoder_shards,
     encoder_shards,
@@ -59,6 +60,38 @@ def test_activation_rules():
     assert ((z > 0) <= (topk.pre_activations(x) >= kth)).all()
     pre = jump.pre_activations(x)
     torch.testing.assert_close(jump.encode(x), torch.relu(pre) * (pre > jump.threshold))
+
+
+def sorted_pairs(values, indices):
+    order = indices.argsort(dim=-1)
+    return indices.gather(1, order), values.gather(1, order)
+
+
+@pytest.mark.parametrize("k", [1, 8, 32])
+def test_row_topk_equals_torch_topk(k):
+    torch.manual_seed(k)
+    pre = torch.randn(64, 64 * TOPK_BLOCK)
+    # Rows whose winners crowd into one block, or sit at the last columns, or are all
+    # negative: the block pass must still find every one of them.
+    pre[0, 5 * TOPK_BLOCK : 5 * TOPK_BLOCK + k] += 100.0
+    pre[1, -k:] += 100.0
+    pre[2] = -pre[2].abs() - 1.0
+    got = sorted_pairs(*row_topk(pre, k))
+    want = sorted_pairs(*pre.topk(k, dim=-1, sorted=False))
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1], want[1])
+
+
+def test_row_topk_passes_gradients_and_falls_back_on_odd_widths():
+    pre = torch.randn(4, 64 * TOPK_BLOCK, requires_grad=True)
+    values, indices = row_topk(pre, 16)
+    values.sum().backward()
+    expected = torch.zeros_like(pre).scatter_(1, indices, 1.0)
+    assert torch.equal(pre.grad, expected)
+    odd = torch.randn(3, 100)  # not a multiple of the block: plain topk
+    assert torch.equal(
+        sorted_pairs(*row_topk(odd, 7))[0], sorted_pairs(*odd.topk(7, sorted=False))[0]
+    )
 
 
 def test_batchtopk_trains_on_the_batch_and_infers_with_its_threshold(tmp_path):
