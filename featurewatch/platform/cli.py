@@ -51,53 +51,102 @@ def demo(config: ConfigOpt = None, home: HomeOpt = None) -> None:
         _fail(str(err))
 
 
+SQL_FORMATS = ("table", "csv", "json", "parquet")
+
+
 @app.command()
 def sql(
     query: Annotated[
-        str | None, typer.Argument(help="SQL text; '-' or omitted reads stdin.")
+        str | None,
+        typer.Argument(help="SQL text; '-' reads stdin; omitted on a terminal: a shell."),
     ] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read SQL from a file.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    fmt: Annotated[str, typer.Option("--format", help="table, csv, json or parquet.")] = "table",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the result to a file.")
+    ] = None,
     config: ConfigOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Run a query against the catalog (read-only) and print the result."""
-    import duckdb
-
+    """Run a query against the catalog (read-only, sandboxed) and print the result."""
     from featurewatch.storage.catalog import Catalog
 
-    if fmt not in ("table", "csv", "json"):
-        _fail(f"--format must be table, csv or json, not {fmt!r}", 2)
+    if fmt not in SQL_FORMATS:
+        _fail(f"--format must be one of {', '.join(SQL_FORMATS)}, not {fmt!r}", 2)
+    if fmt == "parquet" and output is None and sys.stdout.isatty():
+        _fail("--format parquet is binary: give --output FILE or redirect stdout", 2)
     if file is not None:
         if query is not None:
             _fail("give a query or --file, not both", 2)
         if not file.is_file():
             _fail(f"--file {file} does not exist", 2)
         text = file.read_text()
+    elif query is None and sys.stdin.isatty():
+        text = None  # interactive shell
     elif query is None or query == "-":
         text = sys.stdin.read()
     else:
         text = query
-    if not text.strip():
+    if text is not None and not text.strip():
         _fail("empty query", 2)
     try:
         cfg = _config(config, home)
-        with Catalog(cfg.catalog_path, cfg.lake_dir, read_only=True) as catalog:
+        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+            if text is None:
+                _sql_shell(catalog)
+                return
             result = catalog.query(text)
     except FeaturewatchError as err:
         _fail(str(err))
-    rel = duckdb.from_arrow(result)
+    if output is not None:
+        with open(output, "wb") as out:
+            _write_result(result, fmt, out)
+    else:
+        _write_result(result, fmt, sys.stdout.buffer)
+
+
+def _write_result(result, fmt: str, out) -> None:
+    """One query result in a format: an aligned table, CSV, JSON lines or Parquet."""
+    import duckdb
+
     if fmt == "table":
-        typer.echo(rel.__str__() if result.num_rows <= 10_000 else rel.limit(10_000))
+        rel = duckdb.from_arrow(result)
+        shown = rel if result.num_rows <= 10_000 else rel.limit(10_000)
+        out.write((str(shown) + "\n").encode())
     elif fmt == "csv":
         import pyarrow.csv as pacsv
 
-        pacsv.write_csv(result, sys.stdout.buffer)
-    else:
+        pacsv.write_csv(result, out)
+    elif fmt == "json":
         import json
 
         for row in result.to_pylist():
-            typer.echo(json.dumps(row, default=str))
+            out.write((json.dumps(row, default=str) + "\n").encode())
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(result, out, compression="zstd")
+    out.flush()
+
+
+def _sql_shell(catalog) -> None:
+    """A small read-eval-print loop: statements end with ';', errors keep the shell."""
+    typer.echo("featurewatch sql: read-only; end statements with ';', Ctrl-D to quit.")
+    buffer = ""
+    while True:
+        try:
+            line = input("fw> " if not buffer else " .. ")
+        except EOFError:
+            typer.echo("")
+            return
+        buffer += line + "\n"
+        if not buffer.strip().endswith(";"):
+            continue
+        text, buffer = buffer, ""
+        try:
+            _write_result(catalog.query(text), "table", sys.stdout.buffer)
+        except FeaturewatchError as err:
+            typer.echo(f"error: {err}", err=True)
 
 
 def _parse_listen(listen: str) -> tuple[str, int]:

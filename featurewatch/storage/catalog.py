@@ -6,7 +6,8 @@ so a crash between writing files and committing leaves nothing half-visible, and
 segment already in the manifest is never committed twice.
 
 A process that opens the file read-write locks out all others, so the pipeline opens
-it only for a commit; analysts open it read-only (`featurewatch sql`).
+it only for a commit; analysts open it with `Catalog.for_analyst` (`featurewatch sql`):
+read-only and sandboxed.
 """
 
 from __future__ import annotations
@@ -131,23 +132,77 @@ def _empty_view_sql(table_name: str) -> str:
     return f"SELECT {', '.join(cols)} WHERE false"
 
 
+# Statements an analyst may run: queries (SELECT, FROM, WITH, VALUES, DESCRIBE, SHOW,
+# SUMMARIZE all parse as SELECT) and EXPLAIN. Everything else (COPY, ATTACH, SET,
+# INSTALL/LOAD, EXPORT, CREATE, PRAGMA, CALL...) is refused before DuckDB runs it.
+ANALYST_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
 class Catalog:
     """One DuckDB file over the lake. Use as a context manager to close the connection."""
 
-    def __init__(self, path: Path, lake_dir: Path, *, read_only: bool = False):
+    def __init__(
+        self, path: Path, lake_dir: Path, *, read_only: bool = False, sandboxed: bool = False
+    ):
         self.path = Path(path)
         self.lake_dir = Path(lake_dir)
+        self.sandboxed = sandboxed
+        read_only = read_only or sandboxed
         if read_only and not self.path.exists():
             raise CatalogError(f"no catalog at {self.path}: run the pipeline (or the demo) first")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        config = {}
+        if sandboxed:
+            config = {
+                "autoinstall_known_extensions": False,
+                "autoload_known_extensions": False,
+                "allow_community_extensions": False,
+            }
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
+            self.con = duckdb.connect(str(self.path), read_only=read_only, config=config)
         except duckdb.Error as err:
             raise CatalogError(f"cannot open catalog {self.path}: {err}") from None
+        if sandboxed:
+            self._sandbox()
         if not read_only:
             self.con.execute(_SCHEMA_SQL)
             self._rebuild_views()
             self.con.execute(_RATE_CHANGE_MACRO)
+
+    @classmethod
+    def for_analyst(cls, path: Path, lake_dir: Path) -> Catalog:
+        """A connection for people's SQL: read-only; files readable only inside the lake;
+        no extensions, ATTACH, COPY, EXPORT or settings changes."""
+        return cls(path, lake_dir, sandboxed=True)
+
+    def _sandbox(self) -> None:
+        # DuckDB itself enforces these even if a statement slipped past the allow-list:
+        # file access only under the lake (the views read its Parquet), then the
+        # configuration locked so no statement can undo it.
+        lake = str(self.lake_dir.resolve()).rstrip("/") + "/"
+        allowed = sorted({lake, str(self.lake_dir).rstrip("/") + "/"})
+        self.con.execute("SET allowed_directories = ?", [allowed])
+        self.con.execute("SET enable_external_access = false")
+        self.con.execute("SET lock_configuration = true")
+
+    def check_analyst_sql(self, sql: str) -> list:
+        """The statements of `sql`, or a CatalogError naming the first refused one."""
+        try:
+            statements = self.con.extract_statements(sql)
+        except duckdb.Error as err:
+            raise CatalogError(str(err)) from None
+        if not statements:
+            raise CatalogError("empty query")
+        for number, statement in enumerate(statements, 1):
+            if statement.type not in ANALYST_STATEMENTS:
+                # Name it by its first word (DuckDB parses INSTALL as LOAD, PRAGMA x = 1
+                # as SET, CHECKPOINT as CALL).
+                kind = (statement.query.split() or [statement.type.name])[0].upper()
+                raise CatalogError(
+                    f"statement {number} is {kind}: analyst connections are read-only and "
+                    "run only queries (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN)"
+                )
+        return statements
 
     def __enter__(self) -> Catalog:
         return self
@@ -296,8 +351,14 @@ class Catalog:
     # ---- queries
 
     def query(self, sql: str, params: list | dict | None = None) -> pa.Table:
-        """Run one statement and return its result as an Arrow table."""
+        """Run one statement and return its result as an Arrow table. On a sandboxed
+        connection the text may hold several queries; the last one's result returns."""
         try:
+            if self.sandboxed:
+                *before, last = self.check_analyst_sql(sql)
+                for statement in before:
+                    self.con.execute(statement)
+                return fetch_arrow(self.con, last, params)
             return fetch_arrow(self.con, sql, params)
         except duckdb.Error as err:
             raise CatalogError(str(err)) from None

@@ -50,6 +50,45 @@ def test_sql_formats_file_and_stdin(tmp_path):
     assert result.output.splitlines()[:2] == ['"a","b"', "1,2"]
 
 
+def test_sql_writes_parquet_to_a_file(tmp_path):
+    import pyarrow.parquet as pq
+
+    home = make_home(tmp_path)
+    out = tmp_path / "r.parquet"
+    result = runner.invoke(
+        app,
+        ["sql", "SELECT token_pos FROM tokens ORDER BY 1", "--format", "parquet", "-o", str(out)]
+        + ["--home", str(home)],
+    )
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(out).column("token_pos").to_pylist() == list(range(10))
+
+
+def test_sql_shell_keeps_going_after_an_error(tmp_path, monkeypatch, capsys):
+    """The interactive shell: statements end with ';' (over several lines), a refused or
+    broken one prints its error and the next still runs."""
+    from featurewatch.platform.cli import _sql_shell
+
+    home = make_home(tmp_path)
+    lines = iter(
+        ["SELECT count(*)", "AS n FROM tokens;", "COPY tokens TO 'x.csv';", "SELECT 7 AS s;"]
+    )
+
+    def fake_input(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    with Catalog.for_analyst(home / "catalog.duckdb", home / "lake") as cat:
+        _sql_shell(cat)
+    captured = capsys.readouterr()
+    assert " 10 " in captured.out
+    assert "statement 1 is COPY" in captured.err
+    assert " 7 " in captured.out
+
+
 def test_bad_query_prints_duckdb_error_and_fails(tmp_path):
     home = make_home(tmp_path)
     result = runner.invoke(app, ["sql", "SELEC nonsense", "--home", str(home)])
