@@ -21,7 +21,7 @@ from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto.codec import unpack_vectors
 from featurewatch.sae.model import SparseAutoencoder
 from featurewatch.storage.catalog import Catalog
-from featurewatch.storage.lake import write_partitioned
+from featurewatch.storage.lake import write_segment
 from featurewatch.storage.spool import read_segment, sealed_segments, segment_id
 
 
@@ -202,10 +202,7 @@ def encode_segments(
             cols = {k: v[fresh] for k, v in cols.items()}
         tokens, features = _segment_tables(cols, sae_version, pc.token_text)
         stem = f"{seg}__{sae_version}"
-        files = {
-            "tokens": write_partitioned(cfg.lake_dir, "tokens", tokens, stem),
-            "feature_acts": write_partitioned(cfg.lake_dir, "feature_acts", features, stem),
-        }
+        files = write_segment(cfg.lake_dir, tokens, features, stem)
         if catalog.commit_segment(
             seg,
             sae_version,

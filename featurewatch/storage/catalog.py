@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from featurewatch.errors import CatalogError
 from featurewatch.storage.lake import SCHEMAS
+from featurewatch.storage.macros import MACROS_SQL, ROLLUPS_VIEW_SQL
 
 _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS segments (
@@ -71,53 +72,14 @@ CREATE TABLE IF NOT EXISTS model_versions (
 );
 """
 
-# Firing rate of every feature in a baseline window and a comparison window.
-#   rate        = tokens where the feature fired / tokens sampled in the window
-#   rate_ratio  = smoothed ratio (fired + 0.5) / (tokens + 1), window over baseline
-#   z           = two-proportion z-score with the pooled rate; NULL when undefined
-# Arguments are timestamps; windows are half-open [start, end).
-_RATE_CHANGE_MACRO = """
-CREATE OR REPLACE MACRO rate_change(base_start, base_end, win_start, win_end) AS TABLE
-WITH
-  bt AS (SELECT sae_version, count(*) AS n FROM tokens
-         WHERE ts >= base_start AND ts < base_end GROUP BY sae_version),
-  wt AS (SELECT sae_version, count(*) AS n FROM tokens
-         WHERE ts >= win_start AND ts < win_end GROUP BY sae_version),
-  bf AS (SELECT sae_version, feature_id, count(*) AS fired FROM feature_acts
-         WHERE ts >= base_start AND ts < base_end GROUP BY sae_version, feature_id),
-  wf AS (SELECT sae_version, feature_id, count(*) AS fired FROM feature_acts
-         WHERE ts >= win_start AND ts < win_end GROUP BY sae_version, feature_id),
-  f AS (SELECT sae_version, feature_id FROM bf UNION SELECT sae_version, feature_id FROM wf),
-  joined AS (
-    SELECT f.sae_version, f.feature_id,
-           coalesce(bf.fired, 0) AS base_fired, bt.n AS base_tokens,
-           coalesce(wf.fired, 0) AS win_fired, wt.n AS win_tokens
-    FROM f
-    JOIN bt ON bt.sae_version = f.sae_version
-    JOIN wt ON wt.sae_version = f.sae_version
-    LEFT JOIN bf ON bf.sae_version = f.sae_version AND bf.feature_id = f.feature_id
-    LEFT JOIN wf ON wf.sae_version = f.sae_version AND wf.feature_id = f.feature_id
-  )
-SELECT sae_version, feature_id, base_fired, base_tokens, win_fired, win_tokens,
-       base_fired / base_tokens AS base_rate,
-       win_fired / win_tokens AS win_rate,
-       ((win_fired + 0.5) / (win_tokens + 1)) / ((base_fired + 0.5) / (base_tokens + 1))
-           AS rate_ratio,
-       CASE WHEN (base_fired + win_fired) IN (0, base_tokens + win_tokens) THEN NULL
-            ELSE (win_fired / win_tokens - base_fired / base_tokens) / sqrt(
-                 ((base_fired + win_fired) / (base_tokens + win_tokens))
-                 * (1 - (base_fired + win_fired) / (base_tokens + win_tokens))
-                 * (1.0 / base_tokens + 1.0 / win_tokens))
-       END AS z
-FROM joined
-"""
-
 _DUCK_TYPES = {
     "timestamp[us, tz=UTC]": "TIMESTAMPTZ",
     "string": "VARCHAR",
     "int32": "INTEGER",
     "int16": "SMALLINT",
+    "int64": "BIGINT",
     "float": "FLOAT",
+    "double": "DOUBLE",
 }
 
 
@@ -167,7 +129,8 @@ class Catalog:
         if not read_only:
             self.con.execute(_SCHEMA_SQL)
             self._rebuild_views()
-            self.con.execute(_RATE_CHANGE_MACRO)
+            self.con.execute(ROLLUPS_VIEW_SQL)
+            self.con.execute(MACROS_SQL)
 
     @classmethod
     def for_analyst(cls, path: Path, lake_dir: Path) -> Catalog:

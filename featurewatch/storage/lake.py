@@ -15,6 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from featurewatch.storage.rollups import feature_minutes, token_minutes
+
 TS = pa.timestamp("us", tz="UTC")
 
 # Columns stored in the files (partition columns model/date/hour come from the path).
@@ -41,7 +43,29 @@ TOKENS_SCHEMA = pa.schema(
         ("segment_id", pa.string()),
     ]
 )
-SCHEMAS = {"feature_acts": FEATURE_ACTS_SCHEMA, "tokens": TOKENS_SCHEMA}
+ROLLUP_KEY_FIELDS = [
+    ("minute", TS),
+    ("model_version", pa.string()),
+    ("sae_version", pa.string()),
+    ("layer", pa.int16()),
+]
+FEATURE_MINUTES_SCHEMA = pa.schema(
+    ROLLUP_KEY_FIELDS
+    + [
+        ("feature_id", pa.int32()),
+        ("fired", pa.int64()),
+        ("sum_value", pa.float64()),
+        ("sum_sq", pa.float64()),
+        ("max_value", pa.float32()),
+    ]
+)
+TOKEN_MINUTES_SCHEMA = pa.schema(ROLLUP_KEY_FIELDS + [("tokens", pa.int64())])
+SCHEMAS = {
+    "feature_acts": FEATURE_ACTS_SCHEMA,
+    "tokens": TOKENS_SCHEMA,
+    "feature_minutes": FEATURE_MINUTES_SCHEMA,
+    "token_minutes": TOKEN_MINUTES_SCHEMA,
+}
 PARTITION_COLUMNS = ("model", "date", "hour")
 
 
@@ -56,7 +80,7 @@ def write_partitioned(
     schema = SCHEMAS[table_name]
     if table.num_rows == 0:
         return []
-    ts = table.column("ts")
+    ts = table.column(schema.names[0])  # every table leads with its time column
     dates = pc.strftime(ts, format="%Y-%m-%d", locale="C")
     hours = pc.hour(ts)
     keys = pa.table({"model": table.column("model"), "date": dates, "hour": hours})
@@ -82,3 +106,18 @@ def write_partitioned(
         os.replace(tmp, target)
         written.append(str(rel))
     return written
+
+
+def write_segment(lake_dir: Path, tokens: pa.Table, features: pa.Table, file_stem: str):
+    """Every lake table of one encoded segment: its tokens, its sparse feature rows and
+    their per-minute rollups. Returns {table name: written paths} for the catalog."""
+    return {
+        "tokens": write_partitioned(lake_dir, "tokens", tokens, file_stem),
+        "feature_acts": write_partitioned(lake_dir, "feature_acts", features, file_stem),
+        "feature_minutes": write_partitioned(
+            lake_dir, "feature_minutes", feature_minutes(features), file_stem
+        ),
+        "token_minutes": write_partitioned(
+            lake_dir, "token_minutes", token_minutes(tokens), file_stem
+        ),
+    }

@@ -8,7 +8,7 @@ import pytest
 
 from featurewatch.errors import CatalogError
 from featurewatch.storage.catalog import Catalog
-from featurewatch.storage.lake import write_partitioned
+from featurewatch.storage.lake import write_partitioned, write_segment
 
 T0 = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
 
@@ -50,10 +50,7 @@ def tables(n_tokens, fires, start, request="r"):
 
 
 def commit(catalog, lake, seg, tokens, feats):
-    files = {
-        "tokens": write_partitioned(lake, "tokens", tokens, f"{seg}__sae1"),
-        "feature_acts": write_partitioned(lake, "feature_acts", feats, f"{seg}__sae1"),
-    }
+    files = write_segment(lake, tokens, feats, f"{seg}__sae1")
     return catalog.commit_segment(
         seg, "sae1", files, tokens=tokens.num_rows, feature_rows=feats.num_rows
     )

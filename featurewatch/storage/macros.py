@@ -1,0 +1,266 @@
+"""The drift questions safety teams ask, as DuckDB macros in the catalog.
+
+Every window is half-open, [start, end), and counted in whole minutes: the rollups
+(`feature_minutes`, `token_minutes`) hold one row per minute, so a minute belongs to a
+window when it starts inside it. Rates are per sampled token: times a feature fired over
+tokens seen. Statistics are per SAE version and feature id, so feature ids of two
+dictionaries never meet in one number. Each macro's comment is its documentation (the
+README lists them); tests check each against a hand-computed answer.
+"""
+
+from __future__ import annotations
+
+MACROS_SQL = r"""
+-- two_proportion_z(f1, n1, f2, n2): z-score of rate f2/n2 against f1/n1 with the pooled
+-- rate; NULL when either count of tokens is 0 or the pooled rate is 0 or 1.
+CREATE OR REPLACE MACRO two_proportion_z(f1, n1, f2, n2) AS
+    CASE WHEN n1 = 0 OR n2 = 0 OR (f1 + f2) = 0 OR (f1 + f2) = (n1 + n2) THEN NULL
+         ELSE (f2 / n2 - f1 / n1) / sqrt(
+              ((f1 + f2) / (n1 + n2)) * (1 - (f1 + f2) / (n1 + n2)) * (1.0 / n1 + 1.0 / n2))
+    END;
+
+-- smoothed_ratio(f1, n1, f2, n2): ((f2 + 0.5) / (n2 + 1)) / ((f1 + 0.5) / (n1 + 1)),
+-- a rate ratio that stays finite when a feature never fired on one side.
+CREATE OR REPLACE MACRO smoothed_ratio(f1, n1, f2, n2) AS
+    ((f2 + 0.5) / (n2 + 1)) / ((f1 + 0.5) / (n1 + 1));
+
+-- window_counts(start, end): per model version, SAE version and feature, the tokens
+-- seen and the times fired in [start, end), with the activation's sum, sum of squares
+-- and max. Features that never fired in the window have no row.
+CREATE OR REPLACE MACRO window_counts(start_ts, end_ts) AS TABLE
+WITH t AS (
+    SELECT model_version, sae_version, sum(tokens) AS tokens FROM token_minutes
+    WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
+), f AS (
+    SELECT model_version, sae_version, feature_id, sum(fired) AS fired,
+           sum(sum_value) AS sum_value, sum(sum_sq) AS sum_sq, max(max_value) AS max_value
+    FROM feature_minutes
+    WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
+)
+SELECT f.model_version, f.sae_version, f.feature_id, t.tokens, f.fired,
+       f.sum_value, f.sum_sq, f.max_value
+FROM f JOIN t USING (model_version, sae_version);
+
+-- firing_rate(start, end, width): per SAE version, feature and window of `width`
+-- (an INTERVAL; windows start at `start`), tokens seen, times fired and the rate.
+-- Windows where a feature did not fire have no row for it.
+CREATE OR REPLACE MACRO firing_rate(start_ts, end_ts, width) AS TABLE
+WITH t AS (
+    SELECT sae_version, time_bucket(width, minute, start_ts) AS window_start,
+           sum(tokens) AS tokens
+    FROM token_minutes WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
+), f AS (
+    SELECT sae_version, feature_id, time_bucket(width, minute, start_ts) AS window_start,
+           sum(fired) AS fired
+    FROM feature_minutes WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
+)
+SELECT f.sae_version, f.feature_id, f.window_start, t.tokens, f.fired,
+       f.fired / t.tokens AS rate
+FROM f JOIN t USING (sae_version, window_start);
+
+-- rate_change(base_start, base_end, win_start, win_end): per SAE version and feature,
+-- fired and tokens in a baseline and a comparison window, both rates, the smoothed
+-- rate ratio (window over baseline), the two-proportion z-score, and the mean
+-- activation when fired in each window.
+CREATE OR REPLACE MACRO rate_change(base_start, base_end, win_start, win_end) AS TABLE
+WITH
+  bt AS (SELECT sae_version, sum(tokens) AS n FROM token_minutes
+         WHERE minute >= base_start AND minute < base_end GROUP BY ALL),
+  wt AS (SELECT sae_version, sum(tokens) AS n FROM token_minutes
+         WHERE minute >= win_start AND minute < win_end GROUP BY ALL),
+  bf AS (SELECT sae_version, feature_id, sum(fired) AS fired, sum(sum_value) AS total
+         FROM feature_minutes WHERE minute >= base_start AND minute < base_end
+         GROUP BY ALL),
+  wf AS (SELECT sae_version, feature_id, sum(fired) AS fired, sum(sum_value) AS total
+         FROM feature_minutes WHERE minute >= win_start AND minute < win_end
+         GROUP BY ALL),
+  joined AS (
+    SELECT sae_version, feature_id,
+           coalesce(bf.fired, 0) AS base_fired, bt.n AS base_tokens,
+           coalesce(wf.fired, 0) AS win_fired, wt.n AS win_tokens,
+           bf.total / bf.fired AS base_mean_value, wf.total / wf.fired AS win_mean_value
+    FROM bf FULL JOIN wf USING (sae_version, feature_id)
+    JOIN bt USING (sae_version)
+    JOIN wt USING (sae_version)
+  )
+SELECT sae_version, feature_id, base_fired, base_tokens, win_fired, win_tokens,
+       base_fired / base_tokens AS base_rate,
+       win_fired / win_tokens AS win_rate,
+       smoothed_ratio(base_fired, base_tokens, win_fired, win_tokens) AS rate_ratio,
+       two_proportion_z(base_fired, base_tokens, win_fired, win_tokens) AS z,
+       base_mean_value, win_mean_value
+FROM joined;
+
+-- top_movers(base_start, base_end, win_start, win_end, n): the n features whose rate
+-- moved most (largest |z|, ties by feature id) between the windows; rate_change's
+-- columns.
+CREATE OR REPLACE MACRO top_movers(base_start, base_end, win_start, win_end, n) AS TABLE
+SELECT * FROM rate_change(base_start, base_end, win_start, win_end)
+ORDER BY abs(z) DESC NULLS LAST, sae_version, feature_id
+LIMIT n;
+
+-- model_diff(version_a, version_b, start, end): model diffing. The same window on two
+-- model versions: per SAE version and feature, each version's fired, tokens and rate,
+-- the smoothed rate ratio b over a and the z-score of b against a. A feature that rose
+-- on b (a fine-tune) has a large positive z.
+CREATE OR REPLACE MACRO model_diff(version_a, version_b, start_ts, end_ts) AS TABLE
+WITH a AS (SELECT * FROM window_counts(start_ts, end_ts) WHERE model_version = version_a),
+     b AS (SELECT * FROM window_counts(start_ts, end_ts) WHERE model_version = version_b),
+     ta AS (SELECT sae_version, sum(tokens) AS n FROM token_minutes
+            WHERE minute >= start_ts AND minute < end_ts AND model_version = version_a
+            GROUP BY ALL),
+     tb AS (SELECT sae_version, sum(tokens) AS n FROM token_minutes
+            WHERE minute >= start_ts AND minute < end_ts AND model_version = version_b
+            GROUP BY ALL),
+     joined AS (
+        SELECT sae_version, feature_id,
+               coalesce(a.fired, 0) AS a_fired, ta.n AS a_tokens,
+               coalesce(b.fired, 0) AS b_fired, tb.n AS b_tokens
+        FROM (SELECT sae_version, feature_id, fired FROM a) a
+        FULL JOIN (SELECT sae_version, feature_id, fired FROM b) b
+            USING (sae_version, feature_id)
+        JOIN ta USING (sae_version) JOIN tb USING (sae_version)
+     )
+SELECT sae_version, feature_id, a_fired, a_tokens, b_fired, b_tokens,
+       a_fired / a_tokens AS a_rate, b_fired / b_tokens AS b_rate,
+       smoothed_ratio(a_fired, a_tokens, b_fired, b_tokens) AS rate_ratio,
+       two_proportion_z(a_fired, a_tokens, b_fired, b_tokens) AS z
+FROM joined;
+
+-- rate_series(start, end, width): every (SAE version, feature, window) of `width` in
+-- [start, end) that had tokens, with the feature's rate (0 where it did not fire) and
+-- the window's index from 0. Features are those that fired at least once.
+CREATE OR REPLACE MACRO rate_series(start_ts, end_ts, width) AS TABLE
+WITH t AS (
+    SELECT sae_version, time_bucket(width, minute, start_ts) AS window_start,
+           sum(tokens) AS tokens
+    FROM token_minutes WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
+), f AS (
+    SELECT sae_version, feature_id, time_bucket(width, minute, start_ts) AS window_start,
+           sum(fired) AS fired
+    FROM feature_minutes WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
+), features AS (SELECT DISTINCT sae_version, feature_id FROM f)
+SELECT sae_version, feature_id, t.window_start,
+       (epoch(t.window_start) - epoch(start_ts)) // epoch(width) AS window_index,
+       t.tokens, coalesce(f.fired, 0) AS fired, coalesce(f.fired, 0) / t.tokens AS rate
+FROM features JOIN t USING (sae_version)
+LEFT JOIN f USING (sae_version, feature_id, window_start);
+
+-- trend_slope(end, width, n): over the last n windows of `width` before `end`, the
+-- least-squares slope of each feature's rate against the window index (rate change per
+-- window), with the mean rate and the number of windows that had tokens.
+CREATE OR REPLACE MACRO trend_slope(end_ts, width, n) AS TABLE
+SELECT sae_version, feature_id, regr_slope(rate, window_index) AS slope,
+       avg(rate) AS mean_rate, count(*) AS windows
+FROM rate_series(end_ts - width * n, end_ts, width)
+GROUP BY ALL;
+
+-- change_points(start, end, width, reference, k, h): two-sided tabular CUSUM on each
+-- feature's rate per window. The first `reference` windows give the in-control rate
+-- p0 (their fired over tokens); each window's rate is standardised with the binomial
+-- error sqrt(p0 (1 - p0) / tokens), and S+ = max(0, S+ + z - k), S- = max(0, S- - z - k).
+-- One row per feature and direction that crossed h: the first window where it did and
+-- the statistic there. (S_t = C_t - min(0, min C) for C the running sum of z - k, which
+-- is the recursion written with window functions.)
+CREATE OR REPLACE MACRO change_points(start_ts, end_ts, width, reference, k, h) AS TABLE
+WITH s AS (SELECT * FROM rate_series(start_ts, end_ts, width)),
+ref AS (
+    SELECT sae_version, feature_id, sum(fired) / sum(tokens) AS p0
+    FROM s WHERE window_index < reference GROUP BY ALL
+), z AS (
+    SELECT s.*, ref.p0,
+           CASE WHEN ref.p0 <= 0 OR ref.p0 >= 1 THEN NULL
+                ELSE (s.rate - ref.p0) / sqrt(ref.p0 * (1 - ref.p0) / s.tokens) END AS z
+    FROM s JOIN ref USING (sae_version, feature_id)
+    WHERE s.window_index >= reference
+), c AS (
+    SELECT *,
+        sum(z - k) OVER w AS c_up,
+        sum(-z - k) OVER w AS c_down
+    FROM z WHERE z IS NOT NULL
+    WINDOW w AS (PARTITION BY sae_version, feature_id ORDER BY window_index
+                 ROWS UNBOUNDED PRECEDING)
+), cusum AS (
+    SELECT *,
+        c_up - least(0, min(c_up) OVER w) AS s_up,
+        c_down - least(0, min(c_down) OVER w) AS s_down
+    FROM c
+    WINDOW w AS (PARTITION BY sae_version, feature_id ORDER BY window_index
+                 ROWS UNBOUNDED PRECEDING)
+), alarms AS (
+    SELECT sae_version, feature_id, 'up' AS direction, window_start, s_up AS statistic,
+           p0, rate FROM cusum WHERE s_up > h
+    UNION ALL
+    SELECT sae_version, feature_id, 'down', window_start, s_down, p0, rate
+    FROM cusum WHERE s_down > h
+)
+SELECT sae_version, feature_id, direction,
+       arg_min(window_start, window_start) AS change_at,
+       arg_min(statistic, window_start) AS statistic,
+       any_value(p0) AS reference_rate,
+       arg_min(rate, window_start) AS rate_at_change
+FROM alarms GROUP BY ALL;
+
+-- psi(base_start, base_end, win_start, win_end, bins): population stability index of
+-- each feature's activation magnitude (over the tokens where it fired), window against
+-- baseline. Bins are equal-width over [0, the baseline's max]; window values above it
+-- fall in the last bin; empty bins count 1e-4 of a share. PSI = sum over bins of
+-- (w - b) * ln(w / b); above 0.25 is the usual "shifted". Reads `feature_acts`, not the
+-- rollups (a distribution needs the values).
+CREATE OR REPLACE MACRO psi(base_start, base_end, win_start, win_end, bins) AS TABLE
+WITH b AS (
+    SELECT sae_version, feature_id, value FROM feature_acts
+    WHERE ts >= base_start AND ts < base_end
+), w AS (
+    SELECT sae_version, feature_id, value FROM feature_acts
+    WHERE ts >= win_start AND ts < win_end
+), edges AS (
+    SELECT sae_version, feature_id, max(value) AS top FROM b GROUP BY ALL
+), binned AS (
+    SELECT 'b' AS side, sae_version, feature_id,
+           least(floor(value / top * bins), bins - 1)::INTEGER AS bin
+    FROM b JOIN edges USING (sae_version, feature_id) WHERE top > 0
+    UNION ALL
+    SELECT 'w', sae_version, feature_id,
+           least(floor(value / top * bins), bins - 1)::INTEGER
+    FROM w JOIN edges USING (sae_version, feature_id) WHERE top > 0
+), shares AS (
+    SELECT sae_version, feature_id, bin,
+           count(*) FILTER (WHERE side = 'b') AS b_count,
+           count(*) FILTER (WHERE side = 'w') AS w_count
+    FROM binned GROUP BY ALL
+), totals AS (
+    SELECT sae_version, feature_id, sum(b_count) AS b_total, sum(w_count) AS w_total
+    FROM shares GROUP BY ALL
+), grid AS (
+    SELECT sae_version, feature_id, bin, b_total, w_total
+    FROM totals, range(0, bins) r(bin)
+    WHERE b_total > 0 AND w_total > 0
+), p AS (
+    SELECT g.sae_version, g.feature_id, g.b_total, g.w_total,
+           greatest(coalesce(s.b_count, 0) / g.b_total, 1e-4) AS bs,
+           greatest(coalesce(s.w_count, 0) / g.w_total, 1e-4) AS ws
+    FROM grid g LEFT JOIN shares s USING (sae_version, feature_id, bin)
+)
+SELECT sae_version, feature_id, any_value(b_total) AS base_fired,
+       any_value(w_total) AS win_fired, sum((ws - bs) * ln(ws / bs)) AS psi
+FROM p GROUP BY ALL;
+"""
+
+# Views over the per-segment rollup rows: one row per minute and key, partial rows of
+# several segments summed.
+ROLLUPS_VIEW_SQL = """
+CREATE OR REPLACE VIEW rollups AS
+WITH f AS (
+    SELECT minute, model, model_version, sae_version, layer, feature_id,
+           sum(fired) AS fired, sum(sum_value) AS sum_value, sum(sum_sq) AS sum_sq,
+           max(max_value) AS max_value
+    FROM feature_minutes GROUP BY ALL
+), t AS (
+    SELECT minute, model, model_version, sae_version, layer, sum(tokens) AS tokens_seen
+    FROM token_minutes GROUP BY ALL
+)
+SELECT minute, model, model_version, sae_version, layer, feature_id, tokens_seen,
+       fired, sum_value, sum_sq, max_value
+FROM f JOIN t USING (minute, model, model_version, sae_version, layer)
+"""
