@@ -149,6 +149,84 @@ def _sql_shell(catalog) -> None:
             typer.echo(f"error: {err}", err=True)
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _parse_duration(text: str, option: str):
+    """'90s', '30m', '1h', '7d', '2w' -> timedelta; anything else is a usage error."""
+    from datetime import timedelta
+
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", text)
+    if not match or int(match.group(1)) == 0:
+        _fail(f"{option} must be a positive duration like 30m, 1h, 24h or 7d, not {text!r}", 2)
+    return timedelta(seconds=int(match.group(1)) * DURATION_UNITS[match.group(2)])
+
+
+def _parse_time(text: str, option: str):
+    from datetime import UTC, datetime
+
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        _fail(f"{option} must be an ISO time like 2026-11-28T10:00:00Z, not {text!r}", 2)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+@app.command()
+def drift(
+    baseline: Annotated[
+        str, typer.Option(help="Length of the baseline, just before the window (e.g. 24h, 7d).")
+    ] = "24h",
+    window: Annotated[str, typer.Option(help="Length of the window that ends at --end.")] = "1h",
+    end: Annotated[
+        str | None, typer.Option(help="End of the window, ISO time (default: now, UTC).")
+    ] = None,
+    sae_version: Annotated[
+        str | None, typer.Option(help="SAE version (default: the one with the latest data).")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Features to print.")] = 20,
+    exact: Annotated[
+        bool, typer.Option(help="Raw rows (any boundary) instead of the per-minute rollups.")
+    ] = False,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv, json or parquet.")] = "table",
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Top movers: the features whose firing rate changed most from the baseline to the
+    window, with rates, rate ratio, z-score and the tokens where they fired hardest."""
+    from datetime import UTC, datetime
+
+    from featurewatch.storage.catalog import Catalog
+    from featurewatch.storage.drift import latest_sae_version, top_movers
+
+    if fmt not in SQL_FORMATS:
+        _fail(f"--format must be one of {', '.join(SQL_FORMATS)}, not {fmt!r}", 2)
+    base_len = _parse_duration(baseline, "--baseline")
+    win_len = _parse_duration(window, "--window")
+    win_end = _parse_time(end, "--end") if end else datetime.now(UTC)
+    win_start = win_end - win_len
+    try:
+        cfg = _config(config, home)
+        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+            version = sae_version or latest_sae_version(catalog)
+            result = top_movers(
+                catalog,
+                version,
+                (win_start - base_len, win_start),
+                (win_start, win_end),
+                limit,
+                exact=exact,
+            )
+    except FeaturewatchError as err:
+        _fail(str(err))
+    if fmt == "table":
+        typer.echo(
+            f"SAE {version}: baseline {win_start - base_len:%Y-%m-%d %H:%M} to "
+            f"{win_start:%Y-%m-%d %H:%M}, window to {win_end:%Y-%m-%d %H:%M} UTC"
+        )
+    _write_result(result, fmt, sys.stdout.buffer)
+
+
 def _parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:

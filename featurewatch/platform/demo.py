@@ -193,7 +193,10 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
         )
 
         step("Drift by SQL: features whose firing rate moved most from phase 1 to phase 2")
-        movers = top_movers(catalog, trained.version, baseline, window, cfg.demo.top_movers)
+        # The phases are a minute or two long: exact boundaries, not minute rollups.
+        movers = top_movers(
+            catalog, trained.version, baseline, window, cfg.demo.top_movers, exact=True
+        )
         shown = movers.select(["feature_id", "base_rate", "win_rate", "rate_ratio", "z"])
         shown = shown.append_column("top_tokens", movers.column("top_tokens"))
         duckdb.from_arrow(shown).show(max_width=150, max_col_width=48)

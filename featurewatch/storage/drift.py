@@ -6,13 +6,15 @@ from datetime import datetime
 
 import pyarrow as pa
 
+from featurewatch.errors import CatalogError
 from featurewatch.storage.catalog import Catalog, fetch_arrow
 
 # Top movers between a baseline and a comparison window, for one SAE version, with the
-# tokens where each feature fired hardest in the comparison window.
+# tokens where each feature fired hardest in the comparison window. {rate_change} is
+# `rate_change` (per-minute rollups) or `rate_change_exact` (raw rows, any boundary).
 TOP_MOVERS_SQL = """
 WITH movers AS (
-    SELECT * FROM rate_change($base_start, $base_end, $win_start, $win_end)
+    SELECT * FROM {rate_change}($base_start, $base_end, $win_start, $win_end)
     WHERE sae_version = $sae_version
     ORDER BY abs(z) DESC NULLS LAST, feature_id
     LIMIT $limit
@@ -44,13 +46,28 @@ ORDER BY abs(m.z) DESC NULLS LAST, m.feature_id
 """
 
 
+def latest_sae_version(catalog: Catalog) -> str:
+    """The SAE version of the most recent rollup: what `drift` looks at by default."""
+    row = catalog.query(
+        "SELECT sae_version FROM token_minutes ORDER BY minute DESC, sae_version LIMIT 1"
+    ).to_pylist()
+    if not row:
+        raise CatalogError("the lake holds no encoded tokens yet: run the pipeline first")
+    return row[0]["sae_version"]
+
+
 def top_movers(
     catalog: Catalog,
     sae_version: str,
     baseline: tuple[datetime, datetime],
     window: tuple[datetime, datetime],
     limit: int = 10,
+    *,
+    exact: bool = False,
 ) -> pa.Table:
+    """The `limit` features whose firing rate moved most (|z|) from `baseline` to
+    `window` (each a (start, end) pair, half-open). Over the per-minute rollups, so
+    boundaries count in whole minutes; `exact` reads the raw rows instead."""
     params = {
         "base_start": baseline[0],
         "base_end": baseline[1],
@@ -59,4 +76,12 @@ def top_movers(
         "sae_version": sae_version,
         "limit": limit,
     }
-    return fetch_arrow(catalog.con, TOP_MOVERS_SQL, params)
+    known = catalog.query(
+        "SELECT 1 FROM sae_versions WHERE sae_version = ? UNION ALL "
+        "SELECT 1 FROM token_minutes WHERE sae_version = ? LIMIT 1",
+        [sae_version, sae_version],
+    )
+    if known.num_rows == 0:
+        raise CatalogError(f"SAE version {sae_version!r} has no data and is not registered")
+    macro = "rate_change_exact" if exact else "rate_change"
+    return fetch_arrow(catalog.con, TOP_MOVERS_SQL.format(rate_change=macro), params)

@@ -29,10 +29,10 @@ CREATE OR REPLACE MACRO smoothed_ratio(f1, n1, f2, n2) AS
 -- and max. Features that never fired in the window have no row.
 CREATE OR REPLACE MACRO window_counts(start_ts, end_ts) AS TABLE
 WITH t AS (
-    SELECT model_version, sae_version, sum(tokens) AS tokens FROM token_minutes
+    SELECT model_version, sae_version, sum(tokens)::BIGINT AS tokens FROM token_minutes
     WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
 ), f AS (
-    SELECT model_version, sae_version, feature_id, sum(fired) AS fired,
+    SELECT model_version, sae_version, feature_id, sum(fired)::BIGINT AS fired,
            sum(sum_value) AS sum_value, sum(sum_sq) AS sum_sq, max(max_value) AS max_value
     FROM feature_minutes
     WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
@@ -47,11 +47,11 @@ FROM f JOIN t USING (model_version, sae_version);
 CREATE OR REPLACE MACRO firing_rate(start_ts, end_ts, width) AS TABLE
 WITH t AS (
     SELECT sae_version, time_bucket(width, minute, start_ts) AS window_start,
-           sum(tokens) AS tokens
+           sum(tokens)::BIGINT AS tokens
     FROM token_minutes WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
 ), f AS (
     SELECT sae_version, feature_id, time_bucket(width, minute, start_ts) AS window_start,
-           sum(fired) AS fired
+           sum(fired)::BIGINT AS fired
     FROM feature_minutes WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
 )
 SELECT f.sae_version, f.feature_id, f.window_start, t.tokens, f.fired,
@@ -64,16 +64,46 @@ FROM f JOIN t USING (sae_version, window_start);
 -- activation when fired in each window.
 CREATE OR REPLACE MACRO rate_change(base_start, base_end, win_start, win_end) AS TABLE
 WITH
-  bt AS (SELECT sae_version, sum(tokens) AS n FROM token_minutes
+  bt AS (SELECT sae_version, sum(tokens)::BIGINT AS n FROM token_minutes
          WHERE minute >= base_start AND minute < base_end GROUP BY ALL),
-  wt AS (SELECT sae_version, sum(tokens) AS n FROM token_minutes
+  wt AS (SELECT sae_version, sum(tokens)::BIGINT AS n FROM token_minutes
          WHERE minute >= win_start AND minute < win_end GROUP BY ALL),
-  bf AS (SELECT sae_version, feature_id, sum(fired) AS fired, sum(sum_value) AS total
+  bf AS (SELECT sae_version, feature_id, sum(fired)::BIGINT AS fired, sum(sum_value) AS total
          FROM feature_minutes WHERE minute >= base_start AND minute < base_end
          GROUP BY ALL),
-  wf AS (SELECT sae_version, feature_id, sum(fired) AS fired, sum(sum_value) AS total
+  wf AS (SELECT sae_version, feature_id, sum(fired)::BIGINT AS fired, sum(sum_value) AS total
          FROM feature_minutes WHERE minute >= win_start AND minute < win_end
          GROUP BY ALL),
+  joined AS (
+    SELECT sae_version, feature_id,
+           coalesce(bf.fired, 0) AS base_fired, bt.n AS base_tokens,
+           coalesce(wf.fired, 0) AS win_fired, wt.n AS win_tokens,
+           bf.total / bf.fired AS base_mean_value, wf.total / wf.fired AS win_mean_value
+    FROM bf FULL JOIN wf USING (sae_version, feature_id)
+    JOIN bt USING (sae_version)
+    JOIN wt USING (sae_version)
+  )
+SELECT sae_version, feature_id, base_fired, base_tokens, win_fired, win_tokens,
+       base_fired / base_tokens AS base_rate,
+       win_fired / win_tokens AS win_rate,
+       smoothed_ratio(base_fired, base_tokens, win_fired, win_tokens) AS rate_ratio,
+       two_proportion_z(base_fired, base_tokens, win_fired, win_tokens) AS z,
+       base_mean_value, win_mean_value
+FROM joined;
+
+-- rate_change_exact(base_start, base_end, win_start, win_end): rate_change's columns
+-- computed from the raw rows (`feature_acts`, `tokens`), so windows may start and end
+-- at any microsecond; slower over long windows than the rollups.
+CREATE OR REPLACE MACRO rate_change_exact(base_start, base_end, win_start, win_end) AS TABLE
+WITH
+  bt AS (SELECT sae_version, count(*) AS n FROM tokens
+         WHERE ts >= base_start AND ts < base_end GROUP BY ALL),
+  wt AS (SELECT sae_version, count(*) AS n FROM tokens
+         WHERE ts >= win_start AND ts < win_end GROUP BY ALL),
+  bf AS (SELECT sae_version, feature_id, count(*) AS fired, sum(value) AS total
+         FROM feature_acts WHERE ts >= base_start AND ts < base_end GROUP BY ALL),
+  wf AS (SELECT sae_version, feature_id, count(*) AS fired, sum(value) AS total
+         FROM feature_acts WHERE ts >= win_start AND ts < win_end GROUP BY ALL),
   joined AS (
     SELECT sae_version, feature_id,
            coalesce(bf.fired, 0) AS base_fired, bt.n AS base_tokens,
@@ -104,28 +134,25 @@ LIMIT n;
 -- the smoothed rate ratio b over a and the z-score of b against a. A feature that rose
 -- on b (a fine-tune) has a large positive z.
 CREATE OR REPLACE MACRO model_diff(version_a, version_b, start_ts, end_ts) AS TABLE
-WITH a AS (SELECT * FROM window_counts(start_ts, end_ts) WHERE model_version = version_a),
-     b AS (SELECT * FROM window_counts(start_ts, end_ts) WHERE model_version = version_b),
-     ta AS (SELECT sae_version, sum(tokens) AS n FROM token_minutes
-            WHERE minute >= start_ts AND minute < end_ts AND model_version = version_a
-            GROUP BY ALL),
-     tb AS (SELECT sae_version, sum(tokens) AS n FROM token_minutes
-            WHERE minute >= start_ts AND minute < end_ts AND model_version = version_b
-            GROUP BY ALL),
-     joined AS (
-        SELECT sae_version, feature_id,
-               coalesce(a.fired, 0) AS a_fired, ta.n AS a_tokens,
-               coalesce(b.fired, 0) AS b_fired, tb.n AS b_tokens
-        FROM (SELECT sae_version, feature_id, fired FROM a) a
-        FULL JOIN (SELECT sae_version, feature_id, fired FROM b) b
-            USING (sae_version, feature_id)
-        JOIN ta USING (sae_version) JOIN tb USING (sae_version)
-     )
-SELECT sae_version, feature_id, a_fired, a_tokens, b_fired, b_tokens,
-       a_fired / a_tokens AS a_rate, b_fired / b_tokens AS b_rate,
-       smoothed_ratio(a_fired, a_tokens, b_fired, b_tokens) AS rate_ratio,
-       two_proportion_z(a_fired, a_tokens, b_fired, b_tokens) AS z
-FROM joined;
+WITH t AS (
+    SELECT sae_version,
+           (sum(tokens) FILTER (WHERE model_version = version_a))::BIGINT AS a_n,
+           (sum(tokens) FILTER (WHERE model_version = version_b))::BIGINT AS b_n
+    FROM token_minutes WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
+), f AS (
+    SELECT sae_version, feature_id,
+           coalesce(sum(fired) FILTER (WHERE model_version = version_a), 0)::BIGINT AS a_fired,
+           coalesce(sum(fired) FILTER (WHERE model_version = version_b), 0)::BIGINT AS b_fired
+    FROM feature_minutes
+    WHERE minute >= start_ts AND minute < end_ts AND model_version IN (version_a, version_b)
+    GROUP BY ALL
+)
+SELECT sae_version, feature_id, a_fired, a_n AS a_tokens, b_fired, b_n AS b_tokens,
+       a_fired / a_n AS a_rate, b_fired / b_n AS b_rate,
+       smoothed_ratio(a_fired, a_n, b_fired, b_n) AS rate_ratio,
+       two_proportion_z(a_fired, a_n, b_fired, b_n) AS z
+FROM f JOIN t USING (sae_version)
+WHERE a_n > 0 AND b_n > 0;
 
 -- rate_series(start, end, width): every (SAE version, feature, window) of `width` in
 -- [start, end) that had tokens, with the feature's rate (0 where it did not fire) and
@@ -133,11 +160,11 @@ FROM joined;
 CREATE OR REPLACE MACRO rate_series(start_ts, end_ts, width) AS TABLE
 WITH t AS (
     SELECT sae_version, time_bucket(width, minute, start_ts) AS window_start,
-           sum(tokens) AS tokens
+           sum(tokens)::BIGINT AS tokens
     FROM token_minutes WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
 ), f AS (
     SELECT sae_version, feature_id, time_bucket(width, minute, start_ts) AS window_start,
-           sum(fired) AS fired
+           sum(fired)::BIGINT AS fired
     FROM feature_minutes WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
 ), features AS (SELECT DISTINCT sae_version, feature_id FROM f)
 SELECT sae_version, feature_id, t.window_start,
@@ -253,11 +280,11 @@ ROLLUPS_VIEW_SQL = """
 CREATE OR REPLACE VIEW rollups AS
 WITH f AS (
     SELECT minute, model, model_version, sae_version, layer, feature_id,
-           sum(fired) AS fired, sum(sum_value) AS sum_value, sum(sum_sq) AS sum_sq,
+           sum(fired)::BIGINT AS fired, sum(sum_value) AS sum_value, sum(sum_sq) AS sum_sq,
            max(max_value) AS max_value
     FROM feature_minutes GROUP BY ALL
 ), t AS (
-    SELECT minute, model, model_version, sae_version, layer, sum(tokens) AS tokens_seen
+    SELECT minute, model, model_version, sae_version, layer, sum(tokens)::BIGINT AS tokens_seen
     FROM token_minutes GROUP BY ALL
 )
 SELECT minute, model, model_version, sae_version, layer, feature_id, tokens_seen,

@@ -157,3 +157,62 @@ def test_sae_train_refuses_an_unknown_parent(tmp_path):
     )
     assert result.exit_code != 0
     assert "--parent 'sae-nope' is not an SAE version in the catalog" in result.output
+
+
+def drift_home(tmp_path):
+    """Baseline hour: 20 tokens, feature 1 fires 2, feature 2 fires 10; the last hour:
+    20 tokens, feature 1 fires 10 (the riser), feature 2 fires 9."""
+    from datetime import timedelta
+
+    from featurewatch.storage.lake import write_segment
+    from tests.unit.test_drift_macros import T0, segment
+
+    home = tmp_path / "home"
+    with Catalog(home / "catalog.duckdb", home / "lake") as cat:
+        for i, (start, fires) in enumerate(
+            [
+                (T0, {1: [1.0] * 2, 2: [1.0] * 10}),
+                (T0 + timedelta(hours=5), {1: [2.0] * 10, 2: [1.0] * 9}),
+            ]
+        ):
+            tokens, feats = segment(start, 20, fires)
+            files = write_segment(cat.lake_dir, tokens, feats, f"s{i}__sae1")
+            cat.commit_segment(f"s{i}", "sae1", files, tokens=20, feature_rows=feats.num_rows)
+    return home, T0 + timedelta(hours=5, minutes=30)
+
+
+def test_drift_prints_top_movers(tmp_path):
+    home, end = drift_home(tmp_path)
+    args = ["drift", "--baseline", "24h", "--window", "1h", "--end", end.isoformat()]
+    result = runner.invoke(app, [*args, "--format", "json", "--home", str(home)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [r["feature_id"] for r in rows] == [1, 2]
+    assert rows[0]["z"] == 2.76 and rows[0]["win_fired"] == 10 and rows[0]["base_tokens"] == 20
+    assert rows[0]["top_tokens"].startswith("tok")
+    table = runner.invoke(app, [*args, "--limit", "1", "--home", str(home)])
+    assert table.exit_code == 0 and "SAE sae1" in table.output and "2.76" in table.output
+    # a window that misses the riser's hour sees no movers
+    early = runner.invoke(
+        app, ["drift", "--end", "2026-03-02T12:00:00", "--format", "csv", "--home", str(home)]
+    )
+    assert early.exit_code == 0 and len(early.output.splitlines()) == 1  # the header only
+
+
+def test_drift_refuses_bad_arguments_by_name(tmp_path):
+    home, _ = drift_home(tmp_path)
+    cases = [
+        (["--baseline", "0h"], "--baseline"),
+        (["--window", "an hour"], "--window"),
+        (["--end", "yesterday"], "--end"),
+        (["--sae-version", "nope"], "'nope'"),
+        (["--format", "xml"], "--format"),
+    ]
+    for extra, message in cases:
+        result = runner.invoke(app, ["drift", *extra, "--home", str(home)])
+        assert result.exit_code != 0, extra
+        assert message in result.output, (extra, result.output)
+    empty = tmp_path / "empty"
+    Catalog(empty / "catalog.duckdb", empty / "lake").close()
+    result = runner.invoke(app, ["drift", "--home", str(empty)])
+    assert result.exit_code == 1 and "no encoded tokens" in result.output

@@ -91,18 +91,20 @@ def test_commit_is_exactly_once_and_uncommitted_files_are_invisible(tmp_path):
             ro.query("CREATE TABLE x (a INT)")
 
 
-def test_rate_change_macro_matches_hand_computation(tmp_path):
+@pytest.mark.parametrize("macro", ["rate_change", "rate_change_exact"])
+def test_rate_change_macro_matches_hand_computation(tmp_path, macro):
     """Baseline: 10 tokens, feature 1 fires on 2. Window: 10 tokens, fires on 6.
     base_rate 0.2, win_rate 0.6; pooled p = 8/20 = 0.4;
     z = (0.6 - 0.2) / sqrt(0.4 * 0.6 * (1/10 + 1/10)) = 0.4 / sqrt(0.048) = 1.825742;
-    rate_ratio = ((6 + 0.5) / 11) / ((2 + 0.5) / 11) = 2.6."""
+    rate_ratio = ((6 + 0.5) / 11) / ((2 + 0.5) / 11) = 2.6. The rollups and the raw rows
+    agree when the windows fall on whole minutes."""
     lake = tmp_path / "lake"
     base_start, win_start = T0, T0 + timedelta(hours=1)
     with Catalog(tmp_path / "c.duckdb", lake) as cat:
         commit(cat, lake, "seg-1", *tables(10, 2, base_start, "a"))
         commit(cat, lake, "seg-2", *tables(10, 6, win_start, "b"))
         (row,) = cat.query(
-            "SELECT * FROM rate_change(?, ?, ?, ?)",
+            f"SELECT * FROM {macro}(?, ?, ?, ?)",
             [base_start, win_start, win_start, win_start + timedelta(hours=1)],
         ).to_pylist()
     assert row["feature_id"] == 1
@@ -116,6 +118,22 @@ def test_rate_change_macro_matches_hand_computation(tmp_path):
     assert row["win_rate"] == pytest.approx(0.6)
     assert row["z"] == pytest.approx(1.825742, abs=1e-5)
     assert row["rate_ratio"] == pytest.approx(2.6)
+
+
+def test_exact_rate_change_splits_a_minute(tmp_path):
+    """Tokens at seconds 0..9 of one minute, feature 1 on the first 2. Split at second 5:
+    the raw rows give 2 of 5 then 0 of 5; the rollups count the whole minute in the
+    window where it starts (the baseline), and the comparison window has no tokens."""
+    lake = tmp_path / "lake"
+    split = T0 + timedelta(seconds=5)
+    args = [T0, split, split, T0 + timedelta(minutes=1)]
+    with Catalog(tmp_path / "c.duckdb", lake) as cat:
+        commit(cat, lake, "seg-1", *tables(10, 2, T0))
+        (exact,) = cat.query("SELECT * FROM rate_change_exact(?, ?, ?, ?)", args).to_pylist()
+        minutes = cat.query("SELECT * FROM rate_change(?, ?, ?, ?)", args).to_pylist()
+    assert (exact["base_fired"], exact["base_tokens"]) == (2, 5)
+    assert (exact["win_fired"], exact["win_tokens"]) == (0, 5)
+    assert minutes == []  # no tokens in the comparison window at minute resolution
 
 
 def test_missing_catalog_read_only_is_a_clear_error(tmp_path):
