@@ -49,7 +49,7 @@ ORDER BY abs(m.z) DESC NULLS LAST, m.feature_id
 def latest_sae_version(catalog: Catalog) -> str:
     """The SAE version of the most recent rollup: what `drift` looks at by default."""
     row = catalog.query(
-        "SELECT sae_version FROM token_minutes ORDER BY minute DESC, sae_version LIMIT 1"
+        "SELECT sae_version FROM token_rollups ORDER BY period_start DESC, sae_version LIMIT 1"
     ).to_pylist()
     if not row:
         raise CatalogError("the lake holds no encoded tokens yet: run the pipeline first")
@@ -78,7 +78,7 @@ def top_movers(
     }
     known = catalog.query(
         "SELECT 1 FROM sae_versions WHERE sae_version = ? UNION ALL "
-        "SELECT 1 FROM token_minutes WHERE sae_version = ? LIMIT 1",
+        "SELECT 1 FROM token_rollups WHERE sae_version = ? LIMIT 1",
         [sae_version, sae_version],
     )
     if known.num_rows == 0:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from featurewatch.storage.rollups import feature_minutes, token_minutes
+from featurewatch.storage.rollups import feature_rollups, token_rollups
 
 TS = pa.timestamp("us", tz="UTC")
 
@@ -44,12 +44,13 @@ TOKENS_SCHEMA = pa.schema(
     ]
 )
 ROLLUP_KEY_FIELDS = [
-    ("minute", TS),
+    ("period_start", TS),
+    ("period_minutes", pa.int16()),  # 1 as written, 60 once compaction folds an hour
     ("model_version", pa.string()),
     ("sae_version", pa.string()),
     ("layer", pa.int16()),
 ]
-FEATURE_MINUTES_SCHEMA = pa.schema(
+FEATURE_ROLLUPS_SCHEMA = pa.schema(
     ROLLUP_KEY_FIELDS
     + [
         ("feature_id", pa.int32()),
@@ -59,12 +60,12 @@ FEATURE_MINUTES_SCHEMA = pa.schema(
         ("max_value", pa.float32()),
     ]
 )
-TOKEN_MINUTES_SCHEMA = pa.schema(ROLLUP_KEY_FIELDS + [("tokens", pa.int64())])
+TOKEN_ROLLUPS_SCHEMA = pa.schema(ROLLUP_KEY_FIELDS + [("tokens", pa.int64())])
 SCHEMAS = {
     "feature_acts": FEATURE_ACTS_SCHEMA,
     "tokens": TOKENS_SCHEMA,
-    "feature_minutes": FEATURE_MINUTES_SCHEMA,
-    "token_minutes": TOKEN_MINUTES_SCHEMA,
+    "feature_rollups": FEATURE_ROLLUPS_SCHEMA,
+    "token_rollups": TOKEN_ROLLUPS_SCHEMA,
 }
 PARTITION_COLUMNS = ("model", "date", "hour")
 
@@ -114,10 +115,10 @@ def write_segment(lake_dir: Path, tokens: pa.Table, features: pa.Table, file_ste
     return {
         "tokens": write_partitioned(lake_dir, "tokens", tokens, file_stem),
         "feature_acts": write_partitioned(lake_dir, "feature_acts", features, file_stem),
-        "feature_minutes": write_partitioned(
-            lake_dir, "feature_minutes", feature_minutes(features), file_stem
+        "feature_rollups": write_partitioned(
+            lake_dir, "feature_rollups", feature_rollups(features), file_stem
         ),
-        "token_minutes": write_partitioned(
-            lake_dir, "token_minutes", token_minutes(tokens), file_stem
+        "token_rollups": write_partitioned(
+            lake_dir, "token_rollups", token_rollups(tokens), file_stem
         ),
     }

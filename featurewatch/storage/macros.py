@@ -1,8 +1,9 @@
 """The drift questions safety teams ask, as DuckDB macros in the catalog.
 
-Every window is half-open, [start, end), and counted in whole minutes: the rollups
-(`feature_minutes`, `token_minutes`) hold one row per minute, so a minute belongs to a
-window when it starts inside it. Rates are per sampled token: times a feature fired over
+Every window is half-open, [start, end), and counted in whole rollup periods: the
+rollups (`feature_rollups`, `token_rollups`) hold one row per minute, or per hour once
+compaction has folded a closed hour, and a period belongs to a window when it starts
+inside it. Rates are per sampled token: times a feature fired over
 tokens seen. Statistics are per SAE version and feature id, so feature ids of two
 dictionaries never meet in one number. Each macro's comment is its documentation (the
 README lists them); tests check each against a hand-computed answer.
@@ -29,13 +30,13 @@ CREATE OR REPLACE MACRO smoothed_ratio(f1, n1, f2, n2) AS
 -- and max. Features that never fired in the window have no row.
 CREATE OR REPLACE MACRO window_counts(start_ts, end_ts) AS TABLE
 WITH t AS (
-    SELECT model_version, sae_version, sum(tokens)::BIGINT AS tokens FROM token_minutes
-    WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
+    SELECT model_version, sae_version, sum(tokens)::BIGINT AS tokens FROM token_rollups
+    WHERE period_start >= start_ts AND period_start < end_ts GROUP BY ALL
 ), f AS (
     SELECT model_version, sae_version, feature_id, sum(fired)::BIGINT AS fired,
            sum(sum_value) AS sum_value, sum(sum_sq) AS sum_sq, max(max_value) AS max_value
-    FROM feature_minutes
-    WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
+    FROM feature_rollups
+    WHERE period_start >= start_ts AND period_start < end_ts GROUP BY ALL
 )
 SELECT f.model_version, f.sae_version, f.feature_id, t.tokens, f.fired,
        f.sum_value, f.sum_sq, f.max_value
@@ -46,13 +47,13 @@ FROM f JOIN t USING (model_version, sae_version);
 -- Windows where a feature did not fire have no row for it.
 CREATE OR REPLACE MACRO firing_rate(start_ts, end_ts, width) AS TABLE
 WITH t AS (
-    SELECT sae_version, time_bucket(width, minute, start_ts) AS window_start,
+    SELECT sae_version, time_bucket(width, period_start, start_ts) AS window_start,
            sum(tokens)::BIGINT AS tokens
-    FROM token_minutes WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
+    FROM token_rollups WHERE period_start >= start_ts AND period_start < end_ts GROUP BY ALL
 ), f AS (
-    SELECT sae_version, feature_id, time_bucket(width, minute, start_ts) AS window_start,
+    SELECT sae_version, feature_id, time_bucket(width, period_start, start_ts) AS window_start,
            sum(fired)::BIGINT AS fired
-    FROM feature_minutes WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
+    FROM feature_rollups WHERE period_start >= start_ts AND period_start < end_ts GROUP BY ALL
 )
 SELECT f.sae_version, f.feature_id, f.window_start, t.tokens, f.fired,
        f.fired / t.tokens AS rate
@@ -64,15 +65,15 @@ FROM f JOIN t USING (sae_version, window_start);
 -- activation when fired in each window.
 CREATE OR REPLACE MACRO rate_change(base_start, base_end, win_start, win_end) AS TABLE
 WITH
-  bt AS (SELECT sae_version, sum(tokens)::BIGINT AS n FROM token_minutes
-         WHERE minute >= base_start AND minute < base_end GROUP BY ALL),
-  wt AS (SELECT sae_version, sum(tokens)::BIGINT AS n FROM token_minutes
-         WHERE minute >= win_start AND minute < win_end GROUP BY ALL),
+  bt AS (SELECT sae_version, sum(tokens)::BIGINT AS n FROM token_rollups
+         WHERE period_start >= base_start AND period_start < base_end GROUP BY ALL),
+  wt AS (SELECT sae_version, sum(tokens)::BIGINT AS n FROM token_rollups
+         WHERE period_start >= win_start AND period_start < win_end GROUP BY ALL),
   bf AS (SELECT sae_version, feature_id, sum(fired)::BIGINT AS fired, sum(sum_value) AS total
-         FROM feature_minutes WHERE minute >= base_start AND minute < base_end
+         FROM feature_rollups WHERE period_start >= base_start AND period_start < base_end
          GROUP BY ALL),
   wf AS (SELECT sae_version, feature_id, sum(fired)::BIGINT AS fired, sum(sum_value) AS total
-         FROM feature_minutes WHERE minute >= win_start AND minute < win_end
+         FROM feature_rollups WHERE period_start >= win_start AND period_start < win_end
          GROUP BY ALL),
   joined AS (
     SELECT sae_version, feature_id,
@@ -138,13 +139,14 @@ WITH t AS (
     SELECT sae_version,
            (sum(tokens) FILTER (WHERE model_version = version_a))::BIGINT AS a_n,
            (sum(tokens) FILTER (WHERE model_version = version_b))::BIGINT AS b_n
-    FROM token_minutes WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
+    FROM token_rollups WHERE period_start >= start_ts AND period_start < end_ts GROUP BY ALL
 ), f AS (
     SELECT sae_version, feature_id,
            coalesce(sum(fired) FILTER (WHERE model_version = version_a), 0)::BIGINT AS a_fired,
            coalesce(sum(fired) FILTER (WHERE model_version = version_b), 0)::BIGINT AS b_fired
-    FROM feature_minutes
-    WHERE minute >= start_ts AND minute < end_ts AND model_version IN (version_a, version_b)
+    FROM feature_rollups
+    WHERE period_start >= start_ts AND period_start < end_ts
+      AND model_version IN (version_a, version_b)
     GROUP BY ALL
 )
 SELECT sae_version, feature_id, a_fired, a_n AS a_tokens, b_fired, b_n AS b_tokens,
@@ -159,13 +161,13 @@ WHERE a_n > 0 AND b_n > 0;
 -- the window's index from 0. Features are those that fired at least once.
 CREATE OR REPLACE MACRO rate_series(start_ts, end_ts, width) AS TABLE
 WITH t AS (
-    SELECT sae_version, time_bucket(width, minute, start_ts) AS window_start,
+    SELECT sae_version, time_bucket(width, period_start, start_ts) AS window_start,
            sum(tokens)::BIGINT AS tokens
-    FROM token_minutes WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
+    FROM token_rollups WHERE period_start >= start_ts AND period_start < end_ts GROUP BY ALL
 ), f AS (
-    SELECT sae_version, feature_id, time_bucket(width, minute, start_ts) AS window_start,
+    SELECT sae_version, feature_id, time_bucket(width, period_start, start_ts) AS window_start,
            sum(fired)::BIGINT AS fired
-    FROM feature_minutes WHERE minute >= start_ts AND minute < end_ts GROUP BY ALL
+    FROM feature_rollups WHERE period_start >= start_ts AND period_start < end_ts GROUP BY ALL
 ), features AS (SELECT DISTINCT sae_version, feature_id FROM f)
 SELECT sae_version, feature_id, t.window_start,
        (epoch(t.window_start) - epoch(start_ts)) // epoch(width) AS window_index,
@@ -274,20 +276,21 @@ SELECT sae_version, feature_id, any_value(b_total) AS base_fired,
 FROM p GROUP BY ALL;
 """
 
-# Views over the per-segment rollup rows: one row per minute and key, partial rows of
-# several segments summed.
+# One row per period and feature, the partial rows of several segments summed, with
+# the tokens seen in that period.
 ROLLUPS_VIEW_SQL = """
 CREATE OR REPLACE VIEW rollups AS
 WITH f AS (
-    SELECT minute, model, model_version, sae_version, layer, feature_id,
-           sum(fired)::BIGINT AS fired, sum(sum_value) AS sum_value, sum(sum_sq) AS sum_sq,
-           max(max_value) AS max_value
-    FROM feature_minutes GROUP BY ALL
+    SELECT period_start, period_minutes, model, model_version, sae_version, layer,
+           feature_id, sum(fired)::BIGINT AS fired, sum(sum_value) AS sum_value,
+           sum(sum_sq) AS sum_sq, max(max_value) AS max_value
+    FROM feature_rollups GROUP BY ALL
 ), t AS (
-    SELECT minute, model, model_version, sae_version, layer, sum(tokens)::BIGINT AS tokens_seen
-    FROM token_minutes GROUP BY ALL
+    SELECT period_start, period_minutes, model, model_version, sae_version, layer,
+           sum(tokens)::BIGINT AS tokens_seen
+    FROM token_rollups GROUP BY ALL
 )
-SELECT minute, model, model_version, sae_version, layer, feature_id, tokens_seen,
-       fired, sum_value, sum_sq, max_value
-FROM f JOIN t USING (minute, model, model_version, sae_version, layer)
+SELECT period_start, period_minutes, model, model_version, sae_version, layer,
+       feature_id, tokens_seen, fired, sum_value, sum_sq, max_value
+FROM f JOIN t USING (period_start, period_minutes, model, model_version, sae_version, layer)
 """

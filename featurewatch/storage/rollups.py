@@ -1,14 +1,16 @@
-"""Per-minute rollups of a segment's rows, so drift questions over months read thousands
+"""Rollups of a segment's rows per minute, so drift questions over months read thousands
 of rows per feature instead of every activation.
 
 Two lake tables, written beside `feature_acts` and `tokens` and committed with them:
-- `feature_minutes`: per minute and (model, model_version, sae_version, layer,
+- `feature_rollups`: per period and (model, model_version, sae_version, layer,
   feature_id): times fired, sum, sum of squares and max of the activation value;
-- `token_minutes`: per minute and (model, model_version, sae_version, layer): tokens
-  seen. A feature that did not fire in a minute has no row, so the tokens it could have
+- `token_rollups`: per period and (model, model_version, sae_version, layer): tokens
+  seen. A feature that did not fire in a period has no row, so the tokens it could have
   fired on are counted here.
-Each segment writes its own partial rows; the views sum them (sums and counts add, max
-takes the max), so segments that share a minute never need rewriting.
+A segment writes one-minute periods. Each segment writes its own partial rows and
+readers sum them (sums and counts add, max takes the max), so segments that share a
+minute never need rewriting. Compaction later folds a closed hour's minutes into one
+60-minute period per key (`fold_hour`), which is what keeps a 7-day baseline cheap.
 """
 
 from __future__ import annotations
@@ -17,39 +19,66 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 ROLLUP_KEYS = ["model", "model_version", "sae_version", "layer"]
+FEATURE_AGGREGATES = ["fired", "sum_value", "sum_sq", "max_value"]
 
 
-def _minute(ts: pa.ChunkedArray | pa.Array) -> pa.Array:
-    return pc.floor_temporal(ts, unit="minute")
+def _period(ts: pa.ChunkedArray | pa.Array, unit: str) -> pa.Array:
+    return pc.floor_temporal(ts, unit=unit)
 
 
-def feature_minutes(features: pa.Table) -> pa.Table:
+def feature_rollups(features: pa.Table) -> pa.Table:
     """Per-minute, per-feature aggregates of sparse feature rows (`feature_acts`)."""
     value = features.column("value").cast(pa.float64())
     table = pa.table(
         {
-            "minute": _minute(features.column("ts")),
+            "period_start": _period(features.column("ts"), "minute"),
             **{key: features.column(key) for key in ROLLUP_KEYS},
             "feature_id": features.column("feature_id"),
             "value": value,
             "value_sq": pc.multiply(value, value),
         }
     )
-    grouped = table.group_by(["minute", *ROLLUP_KEYS, "feature_id"]).aggregate(
+    grouped = table.group_by(["period_start", *ROLLUP_KEYS, "feature_id"]).aggregate(
         [("value", "count"), ("value", "sum"), ("value_sq", "sum"), ("value", "max")]
     )
-    return grouped.rename_columns(
-        ["minute", *ROLLUP_KEYS, "feature_id", "fired", "sum_value", "sum_sq", "max_value"]
+    grouped = grouped.rename_columns(
+        ["period_start", *ROLLUP_KEYS, "feature_id", *FEATURE_AGGREGATES]
     )
+    return grouped.append_column("period_minutes", pa.array([1] * grouped.num_rows, pa.int16()))
 
 
-def token_minutes(tokens: pa.Table) -> pa.Table:
+def token_rollups(tokens: pa.Table) -> pa.Table:
     """Tokens seen per minute and (model, model_version, sae_version, layer)."""
     table = pa.table(
         {
-            "minute": _minute(tokens.column("ts")),
+            "period_start": _period(tokens.column("ts"), "minute"),
             **{key: tokens.column(key) for key in ROLLUP_KEYS},
         }
     )
-    grouped = table.group_by(["minute", *ROLLUP_KEYS]).aggregate([([], "count_all")])
-    return grouped.rename_columns(["minute", *ROLLUP_KEYS, "tokens"])
+    grouped = table.group_by(["period_start", *ROLLUP_KEYS]).aggregate([([], "count_all")])
+    grouped = grouped.rename_columns(["period_start", *ROLLUP_KEYS, "tokens"])
+    return grouped.append_column("period_minutes", pa.array([1] * grouped.num_rows, pa.int16()))
+
+
+def fold_hour(rows: pa.Table, table_name: str) -> pa.Table:
+    """Rollup rows of any periods within hours -> one 60-minute row per hour and key."""
+    keys = ["period_start", *ROLLUP_KEYS] + (
+        ["feature_id"] if table_name == "feature_rollups" else []
+    )
+    hourly = rows.set_column(
+        rows.schema.get_field_index("period_start"),
+        "period_start",
+        _period(rows.column("period_start"), "hour"),
+    )
+    if table_name == "feature_rollups":
+        aggregates = [
+            ("fired", "sum"),
+            ("sum_value", "sum"),
+            ("sum_sq", "sum"),
+            ("max_value", "max"),
+        ]
+        names = FEATURE_AGGREGATES
+    else:
+        aggregates, names = [("tokens", "sum")], ["tokens"]
+    folded = hourly.group_by(keys).aggregate(aggregates).rename_columns(keys + names)
+    return folded.append_column("period_minutes", pa.array([60] * folded.num_rows, pa.int16()))

@@ -80,7 +80,8 @@ def test_rollups_view_merges_segments_that_share_a_minute(lake):
     commit(T0 + timedelta(seconds=30), 5, {1: [3.0]})
     (row,) = rows(cat, "SELECT * FROM rollups", [])
     assert (row["tokens_seen"], row["fired"], row["sum_value"], row["sum_sq"]) == (15, 3, 6, 14)
-    assert row["max_value"] == 3.0 and row["minute"] == T0 and row["model"] == "tiny"
+    assert row["max_value"] == 3.0 and row["model"] == "tiny"
+    assert (row["period_start"], row["period_minutes"]) == (T0, 1)
 
 
 def test_firing_rate_per_window(lake):
