@@ -406,6 +406,82 @@ def _with_sae_overrides(cfg, overrides: dict):
     return build_config(data)
 
 
+lake_app = typer.Typer(help="Lake upkeep: compaction and retention.", no_args_is_help=True)
+app.add_typer(lake_app, name="lake")
+
+
+def _run_upkeep(cfg, *, compact_only: bool = False, retain_only: bool = False) -> dict:
+    from dataclasses import asdict
+    from datetime import UTC, datetime, timedelta
+
+    from featurewatch.storage import compaction
+    from featurewatch.storage.catalog import Catalog
+
+    lc = cfg.lake
+    now = datetime.now(UTC)
+    with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+        if compact_only:
+            report = compaction.compact(
+                catalog, cfg.lake_dir, now - timedelta(minutes=lc.compact_delay_minutes)
+            )
+        elif retain_only:
+            report = compaction.retain(
+                catalog, now, lc.raw_retention_days, lc.rollup_retention_days
+            )
+        else:
+            report = compaction.upkeep(
+                catalog,
+                cfg.lake_dir,
+                now,
+                compact_delay=timedelta(minutes=lc.compact_delay_minutes),
+                raw_days=lc.raw_retention_days,
+                rollup_days=lc.rollup_retention_days,
+                grace=timedelta(minutes=lc.retired_grace_minutes),
+            )
+    return asdict(report)
+
+
+@lake_app.command("compact")
+def lake_compact(config: ConfigOpt = None, home: HomeOpt = None) -> None:
+    """Merge each closed hour's small files into one and fold its minute rollups."""
+    try:
+        _print_json(_run_upkeep(_config(config, home), compact_only=True))
+    except FeaturewatchError as err:
+        _fail(str(err))
+
+
+@lake_app.command("retain")
+def lake_retain(config: ConfigOpt = None, home: HomeOpt = None) -> None:
+    """Drop raw rows and rollups older than lake.raw_retention_days / rollup_retention_days."""
+    try:
+        _print_json(_run_upkeep(_config(config, home), retain_only=True))
+    except FeaturewatchError as err:
+        _fail(str(err))
+
+
+@lake_app.command("upkeep")
+def lake_upkeep(
+    every: Annotated[
+        str | None, typer.Option(help="Repeat at this interval (e.g. 15m) until stopped.")
+    ] = None,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Retention, compaction and deleting retired files: once, or as scheduled work."""
+    import time
+
+    interval = _parse_duration(every, "--every") if every else None
+    try:
+        cfg = _config(config, home)
+        while True:
+            _print_json(_run_upkeep(cfg))
+            if interval is None:
+                return
+            time.sleep(interval.total_seconds())
+    except FeaturewatchError as err:
+        _fail(str(err))
+
+
 @app.command()
 def version() -> None:
     """Print the featurewatch version."""

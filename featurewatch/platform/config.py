@@ -173,6 +173,27 @@ class PipelineConfig(_Strict):
     )
 
 
+class LakeConfig(_Strict):
+    compact_delay_minutes: int = Field(
+        15, ge=0, description="Compact an hour's files this long after the hour ends."
+    )
+    raw_retention_days: int = Field(
+        30, ge=1, description="Days raw rows (feature_acts, tokens) are kept."
+    )
+    rollup_retention_days: int = Field(
+        400, ge=1, description="Days rollups are kept (at least raw_retention_days)."
+    )
+    retired_grace_minutes: int = Field(
+        10, ge=0, description="Compacted or expired files stay on disk this long for readers."
+    )
+
+    @model_validator(mode="after")
+    def _rollups_outlive_rows(self):
+        if self.rollup_retention_days < self.raw_retention_days:
+            raise ValueError("rollup_retention_days must be at least raw_retention_days")
+        return self
+
+
 class ServeConfig(_Strict):
     host: str = Field("127.0.0.1", description="HTTP interface of the chat API.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the chat API.")
@@ -197,6 +218,7 @@ class FeaturewatchConfig(_Strict):
     collector: CollectorConfig = Field(default_factory=CollectorConfig)
     sae: SAEConfig = Field(default_factory=SAEConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    lake: LakeConfig = Field(default_factory=LakeConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 

@@ -38,6 +38,12 @@ CREATE TABLE IF NOT EXISTS lake_files (
     segment_id  VARCHAR NOT NULL,
     sae_version VARCHAR NOT NULL
 );
+-- Files taken out of the views by compaction or retention; deleted from disk only after
+-- a grace period, so a reader that opened the catalog before still finds its files.
+CREATE TABLE IF NOT EXISTS retired_files (
+    path       VARCHAR NOT NULL PRIMARY KEY,
+    retired_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
 CREATE TABLE IF NOT EXISTS batches (
     batch_key   VARCHAR NOT NULL,
     sae_version VARCHAR NOT NULL,
@@ -236,6 +242,43 @@ class Catalog:
             con.execute("ROLLBACK")
             raise
         return True
+
+    def lake_file_list(self) -> list[tuple[str, str, str, str]]:
+        """(table_name, path, segment_id, sae_version) of every visible lake file."""
+        return self.con.execute(
+            "SELECT table_name, path, segment_id, sae_version FROM lake_files ORDER BY path"
+        ).fetchall()
+
+    def replace_files(
+        self, table_name: str, sae_version: str, old: list[str], new: list[str]
+    ) -> None:
+        """Swap lake files in one transaction: `new` (written by compaction) become
+        visible and `old` leave the views and are retired; an empty `new` is retention
+        dropping them."""
+        con = self.con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for rel in old:
+                con.execute("DELETE FROM lake_files WHERE path = ?", [rel])
+                con.execute("INSERT OR REPLACE INTO retired_files (path) VALUES (?)", [rel])
+            for rel in new:
+                con.execute(
+                    "INSERT OR REPLACE INTO lake_files VALUES (?, ?, 'compacted', ?)",
+                    [table_name, rel, sae_version],
+                )
+            self._rebuild_views()
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def take_retired(self, older_than) -> list[str]:
+        """Forget and return the retired files retired before `older_than`: the caller
+        deletes them from disk."""
+        rows = self.con.execute(
+            "DELETE FROM retired_files WHERE retired_at < ? RETURNING path", [older_than]
+        ).fetchall()
+        return [r[0] for r in rows]
 
     def _rebuild_views(self) -> None:
         for table_name in SCHEMAS:

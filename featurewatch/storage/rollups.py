@@ -61,24 +61,22 @@ def token_rollups(tokens: pa.Table) -> pa.Table:
 
 
 def fold_hour(rows: pa.Table, table_name: str) -> pa.Table:
-    """Rollup rows of any periods within hours -> one 60-minute row per hour and key."""
-    keys = ["period_start", *ROLLUP_KEYS] + (
-        ["feature_id"] if table_name == "feature_rollups" else []
-    )
+    """Rollup rows of any periods within hours -> one 60-minute row per hour and key.
+    (Rows read back from a partition's files lack `model`, which lives in the path.)"""
+    keys = ["period_start", *ROLLUP_KEYS]
+    if table_name == "feature_rollups":
+        keys.append("feature_id")
+        aggregates = [
+            (name, "max" if name == "max_value" else "sum") for name in FEATURE_AGGREGATES
+        ]
+        names = FEATURE_AGGREGATES
+    else:
+        aggregates, names = [("tokens", "sum")], ["tokens"]
+    keys = [k for k in keys if k in rows.column_names]
     hourly = rows.set_column(
         rows.schema.get_field_index("period_start"),
         "period_start",
         _period(rows.column("period_start"), "hour"),
     )
-    if table_name == "feature_rollups":
-        aggregates = [
-            ("fired", "sum"),
-            ("sum_value", "sum"),
-            ("sum_sq", "sum"),
-            ("max_value", "max"),
-        ]
-        names = FEATURE_AGGREGATES
-    else:
-        aggregates, names = [("tokens", "sum")], ["tokens"]
     folded = hourly.group_by(keys).aggregate(aggregates).rename_columns(keys + names)
     return folded.append_column("period_minutes", pa.array([60] * folded.num_rows, pa.int16()))

@@ -165,7 +165,7 @@ def drift_home(tmp_path):
     from datetime import timedelta
 
     from featurewatch.storage.lake import write_segment
-    from tests.unit.test_drift_macros import T0, segment
+    from tests.unit.lake_helpers import T0, segment
 
     home = tmp_path / "home"
     with Catalog(home / "catalog.duckdb", home / "lake") as cat:
@@ -216,3 +216,20 @@ def test_drift_refuses_bad_arguments_by_name(tmp_path):
     Catalog(empty / "catalog.duckdb", empty / "lake").close()
     result = runner.invoke(app, ["drift", "--home", str(empty)])
     assert result.exit_code == 1 and "no encoded tokens" in result.output
+
+
+def test_lake_upkeep_commands(tmp_path):
+    """Old data (from March) through the commands: compaction merges the two segments'
+    hours, retention at the default 30 days then drops the raw rows."""
+    home, _ = drift_home(tmp_path)
+    result = runner.invoke(app, ["lake", "compact", "--home", str(home)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["partitions_compacted"] == 4  # rollups fold, 2 hours
+    result = runner.invoke(app, ["lake", "upkeep", "--home", str(home)])
+    report = json.loads(result.output)
+    assert report["partitions_dropped"] == 4  # feature_acts and tokens of both hours
+    with Catalog.for_analyst(home / "catalog.duckdb", home / "lake") as cat:
+        assert cat.query("SELECT count(*) AS n FROM tokens").to_pylist() == [{"n": 0}]
+        assert cat.query("SELECT count(*) AS n FROM rollups").to_pylist() == [{"n": 4}]
+    bad = runner.invoke(app, ["lake", "upkeep", "--every", "soon", "--home", str(home)])
+    assert bad.exit_code == 2 and "--every" in bad.output

@@ -2,70 +2,11 @@
 docstrings), over real Parquet rollups written through the lake writer."""
 
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
-import pyarrow as pa
 import pytest
 
-from featurewatch.storage.catalog import Catalog
-from featurewatch.storage.lake import write_segment
-
-T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
-MINUTE = timedelta(minutes=1)
-
-
-def segment(start, n_tokens, fires, model_version="v1"):
-    """n_tokens sampled tokens one second apart from `start` (n_tokens <= 60 keeps them
-    in one minute); `fires` maps feature id -> the values it fired with, on the first
-    tokens in order."""
-    ts = [start + timedelta(seconds=i) for i in range(n_tokens)]
-    common = {
-        "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
-        "model": ["tiny"] * n_tokens,
-        "model_version": [model_version] * n_tokens,
-        "replica": ["rep"] * n_tokens,
-        "request_id": [f"{model_version}-{start:%H%M}"] * n_tokens,
-        "token_pos": pa.array(range(n_tokens), pa.int32()),
-        "layer": pa.array([1] * n_tokens, pa.int16()),
-        "sae_version": ["sae1"] * n_tokens,
-    }
-    tokens = pa.table(
-        {
-            **common,
-            "token_id": pa.array([7] * n_tokens, pa.int32()),
-            "token_text": ["tok"] * n_tokens,
-            "recon_error": pa.array([0.1] * n_tokens, pa.float32()),
-            "segment_id": ["s"] * n_tokens,
-        }
-    )
-    rows = [(i, fid, v) for fid, values in fires.items() for i, v in enumerate(values)]
-    take = pa.array([i for i, _, _ in rows], pa.int64())
-    features = pa.table(
-        {
-            **{k: pa.array(v).take(take) for k, v in common.items()},
-            "feature_id": pa.array([f for _, f, _ in rows], pa.int32()),
-            "value": pa.array([v for _, _, v in rows], pa.float32()),
-        }
-    )
-    return tokens, features
-
-
-@pytest.fixture
-def lake(tmp_path):
-    """commit(start, n_tokens, fires, model_version) -> an open catalog with the segment."""
-    cat = Catalog(tmp_path / "c.duckdb", tmp_path / "lake")
-    count = iter(range(1000))
-
-    def commit(start, n_tokens, fires, model_version="v1"):
-        seg = f"seg-{next(count)}"
-        tokens, features = segment(start, n_tokens, fires, model_version)
-        files = write_segment(cat.lake_dir, tokens, features, f"{seg}__sae1")
-        cat.commit_segment(
-            seg, "sae1", files, tokens=tokens.num_rows, feature_rows=features.num_rows
-        )
-
-    yield cat, commit
-    cat.close()
+from tests.unit.lake_helpers import MINUTE, T0
 
 
 def rows(cat, sql, params):

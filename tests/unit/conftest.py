@@ -1,0 +1,3 @@
+"""Fixtures for the unit tests."""
+
+from tests.unit.lake_helpers import lake  # noqa: F401  (a fixture, used by name)

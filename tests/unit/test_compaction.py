@@ -1,0 +1,146 @@
+"""Compaction and retention over a real Parquet lake and catalog: fewer files, the same
+answers, hourly rollups, old files kept for a grace period, ages enforced."""
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from featurewatch.storage.compaction import (
+    _write_compacted,
+    compact,
+    delete_retired,
+    partitions,
+    retain,
+    upkeep,
+)
+from tests.unit.lake_helpers import MINUTE, T0
+
+HOUR = timedelta(hours=1)
+
+
+def count(cat, sql, params=()):
+    return cat.query(sql, list(params)).to_pylist()[0]["n"]
+
+
+def files_of(cat, table):
+    return [p for t, p, _, _ in cat.lake_file_list() if t == table]
+
+
+def fill(commit):
+    """Hour 0: three segments (minutes 0, 1, 30); hour 1: one segment."""
+    commit(T0, 10, {1: [1.0, 2.0], 2: [4.0]})
+    commit(T0 + MINUTE, 10, {1: [3.0]})
+    commit(T0 + 30 * MINUTE, 20, {1: [5.0] * 4, 2: [1.0] * 2})
+    commit(T0 + HOUR, 10, {1: [1.0]})
+
+
+def test_compaction_leaves_one_file_per_partition_and_the_same_answers(lake):
+    cat, commit = lake
+    fill(commit)
+    windows = [T0, T0 + HOUR, T0 + HOUR, T0 + 2 * HOUR]
+    before = cat.query("SELECT * FROM rate_change(?, ?, ?, ?) ORDER BY feature_id", windows)
+    assert len(files_of(cat, "feature_acts")) == 4
+    report = compact(cat, cat.lake_dir, closed_before=T0 + 2 * HOUR)
+    # hour 0: 4 tables merged from 3 files each; hour 1: only its rollups fold (1 file)
+    assert report.partitions_compacted == 6 and report.files_compacted == 14
+    assert len(files_of(cat, "feature_acts")) == 2 and len(files_of(cat, "tokens")) == 2
+    assert count(cat, "SELECT count(*) AS n FROM feature_acts") == 11
+    assert count(cat, "SELECT count(*) AS n FROM tokens") == 50
+    after = cat.query("SELECT * FROM rate_change(?, ?, ?, ?) ORDER BY feature_id", windows)
+    assert after.to_pylist() == before.to_pylist()
+    # Hour 0's minutes folded into one 60-minute row per feature: feature 1 fired
+    # 2 + 1 + 4 = 7 times, sum 1 + 2 + 3 + 20 = 26, sum of squares 1 + 4 + 9 + 100 = 114.
+    (row,) = cat.query(
+        "SELECT * FROM rollups WHERE feature_id = 1 AND period_start = ?", [T0]
+    ).to_pylist()
+    assert (row["period_minutes"], row["tokens_seen"], row["fired"]) == (60, 40, 7)
+    assert (row["sum_value"], row["sum_sq"], row["max_value"]) == (26, 114, 5.0)
+    # a second pass finds nothing to do
+    assert compact(cat, cat.lake_dir, closed_before=T0 + 2 * HOUR).partitions_compacted == 0
+
+
+def test_open_hours_wait_and_late_segments_are_merged_later(lake):
+    cat, commit = lake
+    fill(commit)
+    compact(cat, cat.lake_dir, closed_before=T0 + HOUR + 30 * MINUTE)  # hour 1 still open
+    assert len(files_of(cat, "feature_acts")) == 2  # hour 0 compacted, hour 1 untouched
+    commit(T0 + 45 * MINUTE, 10, {1: [2.0] * 3})  # a late segment for hour 0
+    assert len(files_of(cat, "feature_acts")) == 3
+    compact(cat, cat.lake_dir, closed_before=T0 + HOUR)
+    assert len(files_of(cat, "feature_acts")) == 2
+    (row,) = cat.query(
+        "SELECT * FROM rollups WHERE feature_id = 1 AND period_start = ?", [T0]
+    ).to_pylist()
+    assert (row["period_minutes"], row["tokens_seen"], row["fired"]) == (60, 50, 10)
+
+
+def test_retired_files_stay_for_the_grace_period(lake):
+    cat, commit = lake
+    fill(commit)
+    old = [cat.lake_dir / p for p in files_of(cat, "feature_acts")]
+    compact(cat, cat.lake_dir, closed_before=T0 + 2 * HOUR)
+    # a reader that resolved the old views can still read every old file
+    assert all(p.exists() for p in old)
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    assert delete_retired(cat, cat.lake_dir, now - timedelta(minutes=10), timedelta(0)) == 0
+    deleted = delete_retired(cat, cat.lake_dir, now + timedelta(minutes=11), timedelta(minutes=10))
+    assert deleted == 14
+    assert not any(p.exists() for p in old[:3])  # hour 0's three segment files
+    assert count(cat, "SELECT count(*) AS n FROM feature_acts") == 11
+
+
+def test_a_crash_before_the_swap_leaves_the_compacted_file_invisible(lake):
+    cat, commit = lake
+    fill(commit)
+    (part,) = [p for p in partitions(cat) if p.table_name == "feature_acts" and len(p.files) == 3]
+    written = _write_compacted(Path(cat.lake_dir), part)  # ... and then the process dies
+    assert (cat.lake_dir / written).exists()
+    assert count(cat, "SELECT count(*) AS n FROM feature_acts") == 11  # not 11 + 9
+
+
+def test_retention_drops_raw_rows_before_rollups(lake):
+    cat, commit = lake
+    fill(commit)
+    day = timedelta(days=1)
+    now = T0 + 3 * day
+    assert retain(cat, now, raw_days=5, rollup_days=10).partitions_dropped == 0
+    report = retain(cat, now, raw_days=2, rollup_days=10)
+    assert report.partitions_dropped == 4  # feature_acts and tokens, two hours each
+    assert count(cat, "SELECT count(*) AS n FROM feature_acts") == 0
+    assert count(cat, "SELECT count(*) AS n FROM tokens") == 0
+    # rollups still answer drift questions about those days
+    windows = [T0, T0 + HOUR, T0 + HOUR, T0 + 2 * HOUR]
+    (f1,) = cat.query(
+        "SELECT * FROM rate_change(?, ?, ?, ?) WHERE feature_id = 1", windows
+    ).to_pylist()
+    assert (f1["base_fired"], f1["base_tokens"], f1["win_fired"]) == (7, 40, 1)
+    retain(cat, now, raw_days=2, rollup_days=2)
+    assert count(cat, "SELECT count(*) AS n FROM rollups") == 0
+
+
+def test_upkeep_runs_all_three(lake):
+    cat, commit = lake
+    fill(commit)
+    report = upkeep(
+        cat,
+        cat.lake_dir,
+        T0 + 2 * HOUR + 20 * MINUTE,
+        compact_delay=timedelta(minutes=15),
+        raw_days=30,
+        rollup_days=400,
+        grace=timedelta(minutes=10),
+    )
+    assert report.partitions_compacted == 6 and report.partitions_dropped == 0
+    assert report.files_deleted == 0  # retired just now: within the grace period
+
+
+@pytest.mark.parametrize("bad", [{"raw_retention_days": 0}, {"rollup_retention_days": 3}])
+def test_lake_config_is_validated(bad):
+    from featurewatch.errors import ConfigError
+    from featurewatch.platform.config import build_config
+
+    with pytest.raises(ConfigError, match="lake"):
+        build_config({"lake": {"raw_retention_days": 7, **bad}})
