@@ -20,7 +20,7 @@ import duckdb
 import pyarrow as pa
 
 from featurewatch.errors import CatalogError
-from featurewatch.storage.lake import SCHEMAS
+from featurewatch.storage.lake import PARTITION_COLUMNS, SCHEMAS
 from featurewatch.storage.macros import MACROS_SQL, ROLLUPS_VIEW_SQL
 
 _SCHEMA_SQL = """
@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS lake_files (
     segment_id  VARCHAR NOT NULL,
     sae_version VARCHAR NOT NULL
 );
+-- Rollup files written by compaction: minute rows of hours that ended before this time
+-- are folded into hour rows.
+ALTER TABLE lake_files ADD COLUMN IF NOT EXISTS folded_until TIMESTAMPTZ;
 -- Files taken out of the views by compaction or retention; deleted from disk only after
 -- a grace period, so a reader that opened the catalog before still finds its files.
 CREATE TABLE IF NOT EXISTS retired_files (
@@ -89,6 +92,9 @@ _DUCK_TYPES = {
 }
 
 
+HIVE_TYPES = {"model": "VARCHAR", "date": "DATE", "hour": "INTEGER"}
+
+
 def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -96,7 +102,7 @@ def _sql_str(value: str) -> str:
 def _empty_view_sql(table_name: str) -> str:
     schema = SCHEMAS[table_name]
     cols = [f"NULL::{_DUCK_TYPES[str(f.type)]} AS {f.name}" for f in schema]
-    cols += ["NULL::VARCHAR AS model", "NULL::DATE AS date", "NULL::INTEGER AS hour"]
+    cols += [f"NULL::{HIVE_TYPES[c]} AS {c}" for c in PARTITION_COLUMNS[table_name]]
     return f"SELECT {', '.join(cols)} WHERE false"
 
 
@@ -152,6 +158,8 @@ class Catalog:
         allowed = sorted({lake, str(self.lake_dir).rstrip("/") + "/"})
         self.con.execute("SET allowed_directories = ?", [allowed])
         self.con.execute("SET enable_external_access = false")
+        # Repeated drift queries read the same footers: keep them in memory.
+        self.con.execute("SET parquet_metadata_cache = true")
         self.con.execute("SET lock_configuration = true")
 
     def check_analyst_sql(self, sql: str) -> list:
@@ -228,7 +236,8 @@ class Catalog:
             for table_name, paths in files.items():
                 for rel in paths:
                     con.execute(
-                        "INSERT OR REPLACE INTO lake_files VALUES (?, ?, ?, ?)",
+                        "INSERT OR REPLACE INTO lake_files "
+                        "(table_name, path, segment_id, sae_version) VALUES (?, ?, ?, ?)",
                         [table_name, rel, segment_id, sae_version],
                     )
             if batch_keys:
@@ -243,29 +252,35 @@ class Catalog:
             raise
         return True
 
-    def lake_file_list(self) -> list[tuple[str, str, str, str]]:
-        """(table_name, path, segment_id, sae_version) of every visible lake file."""
+    def lake_file_list(self) -> list[tuple]:
+        """(table_name, path, segment_id, sae_version, folded_until) of every visible
+        lake file."""
         return self.con.execute(
-            "SELECT table_name, path, segment_id, sae_version FROM lake_files ORDER BY path"
+            "SELECT table_name, path, segment_id, sae_version, folded_until FROM lake_files "
+            "ORDER BY path"
         ).fetchall()
 
-    def replace_files(
-        self, table_name: str, sae_version: str, old: list[str], new: list[str]
-    ) -> None:
-        """Swap lake files in one transaction: `new` (written by compaction) become
-        visible and `old` leave the views and are retired; an empty `new` is retention
-        dropping them."""
+    def replace_files(self, swaps: list[tuple]) -> None:
+        """Swap lake files in one transaction. Each swap is (table_name, sae_version,
+        old paths, new paths, folded_until): the new files (written by compaction)
+        become visible and the old ones leave the views and are retired; an empty `new`
+        is retention dropping them."""
         con = self.con
+        if not swaps:
+            return
         con.execute("BEGIN TRANSACTION")
         try:
-            for rel in old:
-                con.execute("DELETE FROM lake_files WHERE path = ?", [rel])
-                con.execute("INSERT OR REPLACE INTO retired_files (path) VALUES (?)", [rel])
-            for rel in new:
-                con.execute(
-                    "INSERT OR REPLACE INTO lake_files VALUES (?, ?, 'compacted', ?)",
-                    [table_name, rel, sae_version],
-                )
+            for table_name, sae_version, old, new, folded_until in swaps:
+                for rel in old:
+                    con.execute("DELETE FROM lake_files WHERE path = ?", [rel])
+                    con.execute("INSERT OR REPLACE INTO retired_files (path) VALUES (?)", [rel])
+                if new:
+                    con.executemany(
+                        "INSERT OR REPLACE INTO lake_files "
+                        "(table_name, path, segment_id, sae_version, folded_until) "
+                        "VALUES (?, ?, 'compacted', ?, ?)",
+                        [[table_name, rel, sae_version, folded_until] for rel in new],
+                    )
             self._rebuild_views()
             con.execute("COMMIT")
         except BaseException:
@@ -287,9 +302,10 @@ class Catalog:
             ).fetchall()
             if rows:
                 files = ", ".join(_sql_str(str(self.lake_dir / r[0])) for r in rows)
+                types = ", ".join(f"'{c}': {HIVE_TYPES[c]}" for c in PARTITION_COLUMNS[table_name])
                 body = (
                     f"SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
-                    "hive_types = {'model': VARCHAR, 'date': DATE, 'hour': INTEGER})"
+                    f"hive_types = {{{types}}})"
                 )
             else:
                 body = _empty_view_sql(table_name)

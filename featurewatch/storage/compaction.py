@@ -1,10 +1,11 @@
 """Lake upkeep: compaction of small files, retention by age, and deleting what they
 retired.
 
-Every segment writes a file per table and hour partition, so a busy hour holds many
-small files. Compaction rewrites each closed hour's files (per table, partition and SAE
-version) into one, and folds that hour's minute rollups into one 60-minute row per key,
-which is what keeps a week-long baseline to a few rows per feature. Retention drops
+Every segment writes a file per table and partition, so a busy hour holds many small
+files. Compaction rewrites each closed hour's raw files (per table, partition and SAE
+version) into one, and each day's rollup files into one with every closed hour's minute
+rows folded into one 60-minute row per key, which is what keeps a week-long baseline to
+a few rows per feature and hour in a handful of files. Retention drops
 partitions past their age: raw rows (`feature_acts`, `tokens`) after `raw_days`,
 rollups after `rollup_days`.
 
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.lake import SCHEMAS
-from featurewatch.storage.rollups import fold_hour
+from featurewatch.storage.rollups import fold_closed_hours
 
 RAW_TABLES = ("feature_acts", "tokens")
 ROLLUP_TABLES = ("feature_rollups", "token_rollups")
@@ -37,23 +38,39 @@ ROWS_PER_WRITE = 1_000_000  # bounded memory: rows held before a row group is wr
 
 @dataclass
 class Partition:
-    """The files of one table, hour partition and SAE version."""
+    """The files of one table, partition (an hour of raw rows, a day of rollups) and
+    SAE version."""
 
     table_name: str
-    directory: str  # <table>/model=<m>/date=<d>/hour=<h>, relative to the lake
+    directory: str  # <table>/model=<m>/date=<d>[/hour=<h>], relative to the lake
     sae_version: str
     files: list[str] = field(default_factory=list)
     segment_ids: set[str] = field(default_factory=set)
+    folded_until: list[datetime | None] = field(default_factory=list)
 
     @property
-    def hour_start(self) -> datetime:
+    def start(self) -> datetime:
         parts = dict(p.split("=", 1) for p in Path(self.directory).parts[1:])
         day = datetime.strptime(parts["date"], "%Y-%m-%d").replace(tzinfo=UTC)
-        return day + timedelta(hours=int(parts["hour"]))
+        return day + timedelta(hours=int(parts.get("hour", 0)))
 
-    def needs_compaction(self) -> bool:
-        folded = self.table_name not in ROLLUP_TABLES or self.segment_ids == {COMPACTED}
-        return len(self.files) > 1 or not folded
+    @property
+    def end(self) -> datetime:
+        hourly = "hour=" in self.directory
+        return self.start + (timedelta(hours=1) if hourly else timedelta(days=1))
+
+    def needs_compaction(self, closed_before: datetime) -> bool:
+        if self.table_name in RAW_TABLES:
+            # A closed hour in more than one file.
+            return self.end <= closed_before and len(self.files) > 1
+        # Rollups: any file from a segment, or a compacted one folded before an hour of
+        # this day closed.
+        if self.start + timedelta(hours=1) > closed_before:
+            return False  # no hour of this day has closed yet
+        fold_limit = min(self.end, closed_before)
+        return len(self.files) > 1 or any(
+            until is None or until < fold_limit for until in self.folded_until
+        )
 
 
 @dataclass
@@ -66,16 +83,17 @@ class UpkeepReport:
 
 def partitions(catalog: Catalog) -> list[Partition]:
     grouped: dict[tuple[str, str, str], Partition] = {}
-    for table_name, path, segment, sae_version in catalog.lake_file_list():
+    for table_name, path, segment, sae_version, folded_until in catalog.lake_file_list():
         key = (table_name, str(Path(path).parent), sae_version)
         part = grouped.setdefault(key, Partition(*key))
         part.files.append(path)
         part.segment_ids.add(segment)
+        part.folded_until.append(folded_until)
     return list(grouped.values())
 
 
-def _write_compacted(lake_dir: Path, part: Partition) -> str:
-    """One file holding the partition's rows (rollups folded to the hour)."""
+def _write_compacted(lake_dir: Path, part: Partition, closed_before: datetime) -> str:
+    """One file holding the partition's rows (closed hours of rollups folded)."""
     schema = SCHEMAS[part.table_name]
     rel = f"{part.directory}/{COMPACTED}-{uuid.uuid4().hex[:12]}__{part.sae_version}.parquet"
     target = lake_dir / rel
@@ -83,9 +101,10 @@ def _write_compacted(lake_dir: Path, part: Partition) -> str:
     sources = [pq.ParquetFile(lake_dir / f) for f in part.files]
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         if part.table_name in ROLLUP_TABLES:
-            # An hour's rollups are a few rows per feature: fold them in memory.
+            # A day's rollups are a few rows per feature and hour: fold them in memory.
             rows = pa.concat_tables([src.read() for src in sources])
-            writer.write_table(fold_hour(rows, part.table_name).select(schema.names).cast(schema))
+            folded = fold_closed_hours(rows, part.table_name, closed_before)
+            writer.write_table(folded.select(schema.names).cast(schema))
         else:
             # Raw rows stream through, at most ROWS_PER_WRITE in memory at once.
             pending, held = [], 0
@@ -103,26 +122,32 @@ def _write_compacted(lake_dir: Path, part: Partition) -> str:
 
 
 def compact(catalog: Catalog, lake_dir: Path, closed_before: datetime) -> UpkeepReport:
-    """Compact every partition whose hour ended before `closed_before`."""
+    """Merge the files of every raw partition whose hour ended before `closed_before`,
+    and fold the closed hours of every rollup partition; one catalog swap for all."""
     report = UpkeepReport()
+    swaps = []
     for part in partitions(catalog):
-        if part.hour_start + timedelta(hours=1) > closed_before or not part.needs_compaction():
+        if not part.needs_compaction(closed_before):
             continue
-        new = _write_compacted(Path(lake_dir), part)
-        catalog.replace_files(part.table_name, part.sae_version, part.files, [new])
+        new = _write_compacted(Path(lake_dir), part, closed_before)
+        folded = min(part.end, closed_before) if part.table_name in ROLLUP_TABLES else None
+        swaps.append((part.table_name, part.sae_version, part.files, [new], folded))
         report.partitions_compacted += 1
         report.files_compacted += len(part.files)
+    catalog.replace_files(swaps)
     return report
 
 
 def retain(catalog: Catalog, now: datetime, raw_days: int, rollup_days: int) -> UpkeepReport:
     """Drop raw partitions older than `raw_days` and rollups older than `rollup_days`."""
     report = UpkeepReport()
+    swaps = []
     for part in partitions(catalog):
         days = raw_days if part.table_name in RAW_TABLES else rollup_days
-        if part.hour_start + timedelta(hours=1) <= now - timedelta(days=days):
-            catalog.replace_files(part.table_name, part.sae_version, part.files, [])
+        if part.end <= now - timedelta(days=days):
+            swaps.append((part.table_name, part.sae_version, part.files, [], None))
             report.partitions_dropped += 1
+    catalog.replace_files(swaps)
     return report
 
 

@@ -67,13 +67,20 @@ SCHEMAS = {
     "feature_rollups": FEATURE_ROLLUPS_SCHEMA,
     "token_rollups": TOKEN_ROLLUPS_SCHEMA,
 }
-PARTITION_COLUMNS = ("model", "date", "hour")
+# Raw rows are partitioned by model, date and hour; rollups (a few rows per feature and
+# hour) by model and date only, so a week's baseline reads a handful of files.
+PARTITION_COLUMNS = {
+    "feature_acts": ("model", "date", "hour"),
+    "tokens": ("model", "date", "hour"),
+    "feature_rollups": ("model", "date"),
+    "token_rollups": ("model", "date"),
+}
 
 
 def write_partitioned(
     lake_dir: Path, table_name: str, table: pa.Table, file_stem: str
 ) -> list[str]:
-    """Write `table` (its columns plus `model`) split by model/date/hour.
+    """Write `table` (its columns plus `model`) split into its hive partitions.
 
     Returns the written paths relative to `lake_dir`. Re-writing the same stem replaces
     the same files, so a retried segment never leaves two copies.
@@ -81,24 +88,24 @@ def write_partitioned(
     schema = SCHEMAS[table_name]
     if table.num_rows == 0:
         return []
+    columns = PARTITION_COLUMNS[table_name]
     ts = table.column(schema.names[0])  # every table leads with its time column
-    dates = pc.strftime(ts, format="%Y-%m-%d", locale="C")
-    hours = pc.hour(ts)
-    keys = pa.table({"model": table.column("model"), "date": dates, "hour": hours})
-    groups = keys.group_by(["model", "date", "hour"]).aggregate([])
+    keys = pa.table(
+        {
+            "model": table.column("model"),
+            "date": pc.strftime(ts, format="%Y-%m-%d", locale="C"),
+            "hour": pc.strftime(ts, format="%H", locale="C"),
+        }
+    ).select(list(columns))
+    groups = keys.group_by(list(columns)).aggregate([])
     written = []
-    for model, date, hour in zip(
-        groups.column("model").to_pylist(),
-        groups.column("date").to_pylist(),
-        groups.column("hour").to_pylist(),
-        strict=True,
-    ):
-        mask = pc.and_(
-            pc.and_(pc.equal(keys.column("model"), model), pc.equal(keys.column("date"), date)),
-            pc.equal(keys.column("hour"), hour),
-        )
+    for values in groups.to_pylist():
+        mask = None
+        for name, value in values.items():
+            match = pc.equal(keys.column(name), value)
+            mask = match if mask is None else pc.and_(mask, match)
         part = table.filter(mask).select(schema.names).cast(schema)
-        rel = Path(table_name) / f"model={model}" / f"date={date}" / f"hour={hour:02d}"
+        rel = Path(table_name).joinpath(*(f"{k}={v}" for k, v in values.items()))
         rel = rel / f"{file_stem}.parquet"
         target = Path(lake_dir) / rel
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -25,18 +25,33 @@ CREATE OR REPLACE MACRO two_proportion_z(f1, n1, f2, n2) AS
 CREATE OR REPLACE MACRO smoothed_ratio(f1, n1, f2, n2) AS
     ((f2 + 0.5) / (n2 + 1)) / ((f1 + 0.5) / (n1 + 1));
 
+-- utc_date(ts): the UTC calendar date of a timestamp, as the lake's `date` partitions
+-- are cut (whatever the session's TimeZone).
+CREATE OR REPLACE MACRO utc_date(ts) AS CAST(timezone('UTC', ts) AS DATE);
+
+-- feature_rows(start, end) / token_rows(start, end): the rollup rows of periods that
+-- start in [start, end). The `date` condition lets DuckDB skip other days' files
+-- without opening them.
+CREATE OR REPLACE MACRO feature_rows(start_ts, end_ts) AS TABLE
+SELECT * FROM feature_rollups
+WHERE period_start >= start_ts AND period_start < end_ts
+  AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts);
+CREATE OR REPLACE MACRO token_rows(start_ts, end_ts) AS TABLE
+SELECT * FROM token_rollups
+WHERE period_start >= start_ts AND period_start < end_ts
+  AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts);
+
 -- window_counts(start, end): per model version, SAE version and feature, the tokens
 -- seen and the times fired in [start, end), with the activation's sum, sum of squares
 -- and max. Features that never fired in the window have no row.
 CREATE OR REPLACE MACRO window_counts(start_ts, end_ts) AS TABLE
 WITH t AS (
-    SELECT model_version, sae_version, sum(tokens)::BIGINT AS tokens FROM token_rollups
-    WHERE period_start >= start_ts AND period_start < end_ts GROUP BY ALL
+    SELECT model_version, sae_version, sum(tokens)::BIGINT AS tokens
+    FROM token_rows(start_ts, end_ts) GROUP BY ALL
 ), f AS (
     SELECT model_version, sae_version, feature_id, sum(fired)::BIGINT AS fired,
            sum(sum_value) AS sum_value, sum(sum_sq) AS sum_sq, max(max_value) AS max_value
-    FROM feature_rollups
-    WHERE period_start >= start_ts AND period_start < end_ts GROUP BY ALL
+    FROM feature_rows(start_ts, end_ts) GROUP BY ALL
 )
 SELECT f.model_version, f.sae_version, f.feature_id, t.tokens, f.fired,
        f.sum_value, f.sum_sq, f.max_value
@@ -49,11 +64,11 @@ CREATE OR REPLACE MACRO firing_rate(start_ts, end_ts, width) AS TABLE
 WITH t AS (
     SELECT sae_version, time_bucket(width, period_start, start_ts) AS window_start,
            sum(tokens)::BIGINT AS tokens
-    FROM token_rollups WHERE period_start >= start_ts AND period_start < end_ts GROUP BY ALL
+    FROM token_rows(start_ts, end_ts) GROUP BY ALL
 ), f AS (
     SELECT sae_version, feature_id, time_bucket(width, period_start, start_ts) AS window_start,
            sum(fired)::BIGINT AS fired
-    FROM feature_rollups WHERE period_start >= start_ts AND period_start < end_ts GROUP BY ALL
+    FROM feature_rows(start_ts, end_ts) GROUP BY ALL
 )
 SELECT f.sae_version, f.feature_id, f.window_start, t.tokens, f.fired,
        f.fired / t.tokens AS rate
@@ -65,15 +80,15 @@ FROM f JOIN t USING (sae_version, window_start);
 -- activation when fired in each window.
 CREATE OR REPLACE MACRO rate_change(base_start, base_end, win_start, win_end) AS TABLE
 WITH
-  bt AS (SELECT sae_version, sum(tokens)::BIGINT AS n FROM token_rollups
-         WHERE period_start >= base_start AND period_start < base_end GROUP BY ALL),
-  wt AS (SELECT sae_version, sum(tokens)::BIGINT AS n FROM token_rollups
-         WHERE period_start >= win_start AND period_start < win_end GROUP BY ALL),
+  bt AS (SELECT sae_version, sum(tokens)::BIGINT AS n
+         FROM token_rows(base_start, base_end) GROUP BY ALL),
+  wt AS (SELECT sae_version, sum(tokens)::BIGINT AS n
+         FROM token_rows(win_start, win_end) GROUP BY ALL),
   bf AS (SELECT sae_version, feature_id, sum(fired)::BIGINT AS fired, sum(sum_value) AS total
-         FROM feature_rollups WHERE period_start >= base_start AND period_start < base_end
+         FROM feature_rows(base_start, base_end)
          GROUP BY ALL),
   wf AS (SELECT sae_version, feature_id, sum(fired)::BIGINT AS fired, sum(sum_value) AS total
-         FROM feature_rollups WHERE period_start >= win_start AND period_start < win_end
+         FROM feature_rows(win_start, win_end)
          GROUP BY ALL),
   joined AS (
     SELECT sae_version, feature_id,
@@ -139,14 +154,13 @@ WITH t AS (
     SELECT sae_version,
            (sum(tokens) FILTER (WHERE model_version = version_a))::BIGINT AS a_n,
            (sum(tokens) FILTER (WHERE model_version = version_b))::BIGINT AS b_n
-    FROM token_rollups WHERE period_start >= start_ts AND period_start < end_ts GROUP BY ALL
+    FROM token_rows(start_ts, end_ts) GROUP BY ALL
 ), f AS (
     SELECT sae_version, feature_id,
            coalesce(sum(fired) FILTER (WHERE model_version = version_a), 0)::BIGINT AS a_fired,
            coalesce(sum(fired) FILTER (WHERE model_version = version_b), 0)::BIGINT AS b_fired
-    FROM feature_rollups
-    WHERE period_start >= start_ts AND period_start < end_ts
-      AND model_version IN (version_a, version_b)
+    FROM feature_rows(start_ts, end_ts)
+    WHERE model_version IN (version_a, version_b)
     GROUP BY ALL
 )
 SELECT sae_version, feature_id, a_fired, a_n AS a_tokens, b_fired, b_n AS b_tokens,
@@ -163,11 +177,11 @@ CREATE OR REPLACE MACRO rate_series(start_ts, end_ts, width) AS TABLE
 WITH t AS (
     SELECT sae_version, time_bucket(width, period_start, start_ts) AS window_start,
            sum(tokens)::BIGINT AS tokens
-    FROM token_rollups WHERE period_start >= start_ts AND period_start < end_ts GROUP BY ALL
+    FROM token_rows(start_ts, end_ts) GROUP BY ALL
 ), f AS (
     SELECT sae_version, feature_id, time_bucket(width, period_start, start_ts) AS window_start,
            sum(fired)::BIGINT AS fired
-    FROM feature_rollups WHERE period_start >= start_ts AND period_start < end_ts GROUP BY ALL
+    FROM feature_rows(start_ts, end_ts) GROUP BY ALL
 ), features AS (SELECT DISTINCT sae_version, feature_id FROM f)
 SELECT sae_version, feature_id, t.window_start,
        (epoch(t.window_start) - epoch(start_ts)) // epoch(width) AS window_index,

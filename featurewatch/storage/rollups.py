@@ -10,7 +10,7 @@ Two lake tables, written beside `feature_acts` and `tokens` and committed with t
 A segment writes one-minute periods. Each segment writes its own partial rows and
 readers sum them (sums and counts add, max takes the max), so segments that share a
 minute never need rewriting. Compaction later folds a closed hour's minutes into one
-60-minute period per key (`fold_hour`), which is what keeps a 7-day baseline cheap.
+60-minute period per key (`fold_closed_hours`), which is what keeps a 7-day baseline cheap.
 """
 
 from __future__ import annotations
@@ -60,23 +60,29 @@ def token_rollups(tokens: pa.Table) -> pa.Table:
     return grouped.append_column("period_minutes", pa.array([1] * grouped.num_rows, pa.int16()))
 
 
-def fold_hour(rows: pa.Table, table_name: str) -> pa.Table:
-    """Rollup rows of any periods within hours -> one 60-minute row per hour and key.
-    (Rows read back from a partition's files lack `model`, which lives in the path.)"""
+def fold_closed_hours(rows: pa.Table, table_name: str, closed_before) -> pa.Table:
+    """Rollup rows -> one 60-minute row per hour and key for every hour that ended by
+    `closed_before` (late minute rows of a folded hour fold in too); rows of hours still
+    open stay as they are. (Rows read back from a partition's files lack `model`, which
+    lives in the path.)"""
     keys = ["period_start", *ROLLUP_KEYS]
     if table_name == "feature_rollups":
         keys.append("feature_id")
-        aggregates = [
-            (name, "max" if name == "max_value" else "sum") for name in FEATURE_AGGREGATES
-        ]
         names = FEATURE_AGGREGATES
+        aggregates = [(n, "max" if n == "max_value" else "sum") for n in names]
     else:
-        aggregates, names = [("tokens", "sum")], ["tokens"]
+        names, aggregates = ["tokens"], [("tokens", "sum")]
     keys = [k for k in keys if k in rows.column_names]
-    hourly = rows.set_column(
-        rows.schema.get_field_index("period_start"),
-        "period_start",
-        _period(rows.column("period_start"), "hour"),
+    hour = _period(rows.column("period_start"), "hour")
+    hour_end = pc.add(hour, pa.scalar(3_600_000_000, pa.duration("us")))
+    closed = pc.less_equal(
+        hour_end, pa.scalar(closed_before, rows.schema.field("period_start").type)
     )
-    folded = hourly.group_by(keys).aggregate(aggregates).rename_columns(keys + names)
-    return folded.append_column("period_minutes", pa.array([60] * folded.num_rows, pa.int16()))
+    to_fold = rows.filter(closed)
+    to_fold = to_fold.set_column(
+        to_fold.schema.get_field_index("period_start"), "period_start", hour.filter(closed)
+    )
+    folded = to_fold.group_by(keys).aggregate(aggregates).rename_columns(keys + names)
+    folded = folded.append_column("period_minutes", pa.array([60] * folded.num_rows, pa.int16()))
+    still_open = rows.filter(pc.invert(closed)).select(folded.column_names)
+    return pa.concat_tables([folded, still_open.cast(folded.schema)])

@@ -219,12 +219,12 @@ def test_drift_refuses_bad_arguments_by_name(tmp_path):
 
 
 def test_lake_upkeep_commands(tmp_path):
-    """Old data (from March) through the commands: compaction merges the two segments'
-    hours, retention at the default 30 days then drops the raw rows."""
+    """Old data (from March) through the commands: compaction merges the day's rollups
+    of the two segments, retention at the default 30 days then drops the raw rows."""
     home, _ = drift_home(tmp_path)
     result = runner.invoke(app, ["lake", "compact", "--home", str(home)])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["partitions_compacted"] == 4  # rollups fold, 2 hours
+    assert json.loads(result.output)["partitions_compacted"] == 2  # the day's rollups
     result = runner.invoke(app, ["lake", "upkeep", "--home", str(home)])
     report = json.loads(result.output)
     assert report["partitions_dropped"] == 4  # feature_acts and tokens of both hours

@@ -24,7 +24,7 @@ def count(cat, sql, params=()):
 
 
 def files_of(cat, table):
-    return [p for t, p, _, _ in cat.lake_file_list() if t == table]
+    return [row[1] for row in cat.lake_file_list() if row[0] == table]
 
 
 def fill(commit):
@@ -42,8 +42,8 @@ def test_compaction_leaves_one_file_per_partition_and_the_same_answers(lake):
     before = cat.query("SELECT * FROM rate_change(?, ?, ?, ?) ORDER BY feature_id", windows)
     assert len(files_of(cat, "feature_acts")) == 4
     report = compact(cat, cat.lake_dir, closed_before=T0 + 2 * HOUR)
-    # hour 0: 4 tables merged from 3 files each; hour 1: only its rollups fold (1 file)
-    assert report.partitions_compacted == 6 and report.files_compacted == 14
+    # hour 0's raw tables merged from 3 files each; the day's two rollup tables from 4
+    assert report.partitions_compacted == 4 and report.files_compacted == 14
     assert len(files_of(cat, "feature_acts")) == 2 and len(files_of(cat, "tokens")) == 2
     assert count(cat, "SELECT count(*) AS n FROM feature_acts") == 11
     assert count(cat, "SELECT count(*) AS n FROM tokens") == 50
@@ -96,7 +96,7 @@ def test_a_crash_before_the_swap_leaves_the_compacted_file_invisible(lake):
     cat, commit = lake
     fill(commit)
     (part,) = [p for p in partitions(cat) if p.table_name == "feature_acts" and len(p.files) == 3]
-    written = _write_compacted(Path(cat.lake_dir), part)  # ... and then the process dies
+    written = _write_compacted(Path(cat.lake_dir), part, T0 + 2 * HOUR)  # ... and then the process dies
     assert (cat.lake_dir / written).exists()
     assert count(cat, "SELECT count(*) AS n FROM feature_acts") == 11  # not 11 + 9
 
@@ -133,7 +133,7 @@ def test_upkeep_runs_all_three(lake):
         rollup_days=400,
         grace=timedelta(minutes=10),
     )
-    assert report.partitions_compacted == 6 and report.partitions_dropped == 0
+    assert report.partitions_compacted == 4 and report.partitions_dropped == 0
     assert report.files_deleted == 0  # retired just now: within the grace period
 
 
