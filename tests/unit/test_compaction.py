@@ -96,7 +96,8 @@ def test_a_crash_before_the_swap_leaves_the_compacted_file_invisible(lake):
     cat, commit = lake
     fill(commit)
     (part,) = [p for p in partitions(cat) if p.table_name == "feature_acts" and len(p.files) == 3]
-    written = _write_compacted(Path(cat.lake_dir), part, T0 + 2 * HOUR)  # ... and then the process dies
+    # compaction writes its file, and then the process dies before the catalog swap
+    written = _write_compacted(Path(cat.lake_dir), part, T0 + 2 * HOUR)
     assert (cat.lake_dir / written).exists()
     assert count(cat, "SELECT count(*) AS n FROM feature_acts") == 11  # not 11 + 9
 
