@@ -5,14 +5,19 @@ commits it: the manifest insert and the rebuilt views happen in one DuckDB trans
 so a crash between writing files and committing leaves nothing half-visible, and a
 segment already in the manifest is never committed twice.
 
-A process that opens the file read-write locks out all others, so the pipeline opens
-it only for a commit; analysts open it with `Catalog.for_analyst` (`featurewatch sql`):
-read-only and sandboxed.
+A process that opens a DuckDB file read-write locks out all others, and a reader's
+shared lock keeps the writer out. So readers never open the writer's file: after every
+commit the writer checkpoints and publishes a copy (`catalog.readers.duckdb`) by atomic
+rename, and analysts (`Catalog.for_analyst`: read-only and sandboxed) open the latest
+copy. A reader keeps the copy it opened (a consistent state, old or new, never torn)
+while the pipeline goes on committing.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -112,6 +117,12 @@ def _empty_view_sql(table_name: str) -> str:
 ANALYST_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
+def readers_path(path: Path) -> Path:
+    """Where the writer publishes the copy that readers open."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.readers{path.suffix}")
+
+
 class Catalog:
     """One DuckDB file over the lake. Use as a context manager to close the connection."""
 
@@ -121,10 +132,15 @@ class Catalog:
         self.path = Path(path)
         self.lake_dir = Path(lake_dir)
         self.sandboxed = sandboxed
-        read_only = read_only or sandboxed
+        self.read_only = read_only = read_only or sandboxed
         if read_only and not self.path.exists():
             raise CatalogError(f"no catalog at {self.path}: run the pipeline (or the demo) first")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Analysts read the published copy (a catalog from before copies were published
+        # has none yet: then the writer's file).
+        opened = self.path
+        if sandboxed and readers_path(self.path).exists():
+            opened = readers_path(self.path)
         config = {}
         if sandboxed:
             config = {
@@ -133,7 +149,7 @@ class Catalog:
                 "allow_community_extensions": False,
             }
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only, config=config)
+            self.con = duckdb.connect(str(opened), read_only=read_only, config=config)
         except duckdb.Error as err:
             raise CatalogError(f"cannot open catalog {self.path}: {err}") from None
         if sandboxed:
@@ -143,6 +159,7 @@ class Catalog:
             self._rebuild_views()
             self.con.execute(ROLLUPS_VIEW_SQL)
             self.con.execute(MACROS_SQL)
+            self.publish()
 
     @classmethod
     def for_analyst(cls, path: Path, lake_dir: Path) -> Catalog:
@@ -188,7 +205,19 @@ class Catalog:
         self.close()
 
     def close(self) -> None:
+        if not self.read_only:
+            self.publish()
         self.con.close()
+
+    def publish(self) -> None:
+        """Checkpoint, then copy the catalog to `readers_path` under a temporary name
+        and rename it over the last copy: readers never block this writer, and never
+        see a half-written copy."""
+        self.con.execute("CHECKPOINT")
+        target = readers_path(self.path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(self.path, tmp)
+        os.replace(tmp, target)
 
     # ---- manifest
 
@@ -250,6 +279,7 @@ class Catalog:
         except BaseException:
             con.execute("ROLLBACK")
             raise
+        self.publish()
         return True
 
     def lake_file_list(self) -> list[tuple]:
@@ -286,6 +316,7 @@ class Catalog:
         except BaseException:
             con.execute("ROLLBACK")
             raise
+        self.publish()
 
     def take_retired(self, older_than) -> list[str]:
         """Forget and return the retired files retired before `older_than`: the caller

@@ -190,3 +190,44 @@ def test_old_catalog_gains_lineage_columns(tmp_path):
     with Catalog(path, tmp_path / "lake") as cat:
         rows = cat.query("SELECT sae_version, parent_version, lineage FROM sae_versions")
         assert rows.to_pylist() == [{"sae_version": "old", "parent_version": None, "lineage": None}]
+
+
+READER = """
+import sys
+from featurewatch.storage.catalog import Catalog
+with Catalog.for_analyst(sys.argv[1], sys.argv[2]) as cat:
+    count = "SELECT count(*) AS n FROM tokens"
+    print(cat.query(count).to_pylist()[0]["n"], flush=True)
+    sys.stdin.readline()  # the writer commits meanwhile
+    print(cat.query(count).to_pylist()[0]["n"], flush=True)
+"""
+
+
+def test_readers_never_block_the_writer_and_see_one_state(tmp_path):
+    """An analyst's connection stays open in another process while the pipeline
+    commits: the commit goes through (DuckDB's file lock is never shared with readers),
+    the open reader keeps the state it opened, and a new reader sees the new one."""
+    import subprocess
+    import sys
+
+    lake, path = tmp_path / "lake", tmp_path / "c.duckdb"
+    with Catalog(path, lake) as cat:
+        commit(cat, lake, "seg-1", *tables(10, 2, T0, "a"))
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(path), str(lake)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert reader.stdout.readline().strip() == "10"
+        with Catalog(path, lake) as cat:  # a read-only reader holds no lock on this file
+            assert commit(cat, lake, "seg-2", *tables(10, 6, T0 + timedelta(hours=1), "b"))
+        reader.stdin.write("go\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().strip() == "10"  # its snapshot, whole
+    finally:
+        reader.stdin.close()
+        assert reader.wait(timeout=60) == 0
+    with Catalog.for_analyst(path, lake) as fresh:
+        assert fresh.query("SELECT count(*) AS n FROM tokens").to_pylist() == [{"n": 20}]
