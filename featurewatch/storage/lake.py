@@ -9,6 +9,7 @@ partial file; a file becomes visible to SQL only when the catalog commits it.
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -89,23 +90,28 @@ def write_partitioned(
     if table.num_rows == 0:
         return []
     columns = PARTITION_COLUMNS[table_name]
+    # Partition keys from integer hours since the epoch: formatting a date string per
+    # row cost more than writing the file.
     ts = table.column(schema.names[0])  # every table leads with its time column
-    keys = pa.table(
-        {
-            "model": table.column("model"),
-            "date": pc.strftime(ts, format="%Y-%m-%d", locale="C"),
-            "hour": pc.strftime(ts, format="%H", locale="C"),
-        }
-    ).select(list(columns))
-    groups = keys.group_by(list(columns)).aggregate([])
+    hour_index = pc.divide(ts.cast(pa.int64()), 3_600_000_000)
+    if "hour" not in columns:
+        hour_index = pc.multiply(pc.divide(hour_index, 24), 24)
+    keys = pa.table({"model": table.column("model"), "hour_index": hour_index})
+    groups = keys.group_by(["model", "hour_index"]).aggregate([])
     written = []
-    for values in groups.to_pylist():
-        mask = None
-        for name, value in values.items():
-            match = pc.equal(keys.column(name), value)
-            mask = match if mask is None else pc.and_(mask, match)
-        part = table.filter(mask).select(schema.names).cast(schema)
-        rel = Path(table_name).joinpath(*(f"{k}={v}" for k, v in values.items()))
+    for model, index in zip(
+        groups.column("model").to_pylist(), groups.column("hour_index").to_pylist(), strict=True
+    ):
+        start = datetime.fromtimestamp(index * 3600, UTC)
+        values = {"model": model, "date": f"{start:%Y-%m-%d}", "hour": f"{start:%H}"}
+        part = table
+        if groups.num_rows > 1:
+            mask = pc.and_(
+                pc.equal(keys.column("model"), model), pc.equal(keys.column("hour_index"), index)
+            )
+            part = table.filter(mask)
+        part = part.select(schema.names).cast(schema)
+        rel = Path(table_name).joinpath(*(f"{c}={values[c]}" for c in columns))
         rel = rel / f"{file_stem}.parquet"
         target = Path(lake_dir) / rel
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -156,3 +156,22 @@ def test_psi_of_activation_magnitude(lake):
         [T0, T0 + MINUTE, T0 + 2 * MINUTE, T0 + 3 * MINUTE],
     )
     assert same["psi"] == pytest.approx(0.0)
+
+
+def test_rollups_of_one_segment_holding_two_model_versions():
+    """The rollup keys are usually constant within a segment (a fast path); when they
+    are not, each key still gets its own rows."""
+    import pyarrow as pa
+
+    from featurewatch.storage.rollups import feature_rollups, token_rollups
+    from tests.unit.lake_helpers import segment
+
+    a_tokens, a_feats = segment(T0, 10, {1: [1.0, 2.0]}, model_version="v1")
+    b_tokens, b_feats = segment(T0, 4, {1: [5.0]}, model_version="v2")
+    feats = feature_rollups(pa.concat_tables([a_feats, b_feats])).to_pylist()
+    by_version = {r["model_version"]: r for r in feats}
+    assert (by_version["v1"]["fired"], by_version["v1"]["sum_value"]) == (2, 3.0)
+    assert (by_version["v2"]["fired"], by_version["v2"]["max_value"]) == (1, 5.0)
+    assert {r["period_start"] for r in feats} == {T0}
+    tokens = token_rollups(pa.concat_tables([a_tokens, b_tokens])).to_pylist()
+    assert sorted((r["model_version"], r["tokens"]) for r in tokens) == [("v1", 10), ("v2", 4)]
