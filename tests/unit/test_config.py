@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from featurewatch.errors import ConfigError
@@ -53,3 +55,14 @@ def test_bad_yaml_shapes(tmp_path, text):
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/featurewatch.yaml")
+
+
+def test_shipped_configs_load():
+    """Every config in configs/ is valid (the README's commands use them)."""
+    shipped = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        cfg = load_config(path)
+        assert cfg.sae.d_sae > 0, path
+    quality = load_config(Path(__file__).parents[2] / "configs" / "sae-quality.yaml")
+    assert (quality.sae.d_sae, quality.sae.k, quality.sae.aux_k) == (8192, 32, 512)
