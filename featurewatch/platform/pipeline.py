@@ -160,6 +160,40 @@ def _concat_columns(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
     return out
 
 
+def unique_in_order(values: np.ndarray) -> list[str]:
+    """Distinct values in order of first appearance (np.unique would sort them)."""
+    return list(dict.fromkeys(values.tolist()))
+
+
+def _commit_segment(cfg, catalog, sae_version, seg, parts, seen, report) -> None:
+    """Write one segment's lake files and commit them with its manifest entry."""
+    cols = _concat_columns(parts)
+    # A batch resent to another collector after a lost ack sits in two spools: keep
+    # its first copy only. Only this segment's distinct keys are looked up.
+    keys = np.unique(cols["batch_key"]).tolist()
+    batch_keys = [k for k in keys if k not in seen]
+    if len(batch_keys) < len(keys):
+        fresh = np.isin(cols["batch_key"], batch_keys)
+        report.duplicate_vectors += int((~fresh).sum())
+        cols = {k: v[fresh] for k, v in cols.items()}
+    tokens, features = _segment_tables(cols, sae_version, cfg.pipeline.token_text)
+    files = write_segment(cfg.lake_dir, tokens, features, f"{seg}__{sae_version}")
+    if catalog.commit_segment(
+        seg,
+        sae_version,
+        files,
+        tokens=tokens.num_rows,
+        feature_rows=features.num_rows,
+        batch_keys=batch_keys,
+    ):
+        seen.update(batch_keys)
+        report.segments_committed += 1
+        report.tokens += tokens.num_rows
+        report.feature_rows += features.num_rows
+    else:
+        report.segments_skipped += 1
+
+
 def encode_segments(
     cfg: FeaturewatchConfig,
     sae: SparseAutoencoder,
@@ -183,38 +217,21 @@ def encode_segments(
         actors_per_shard=pc.encoder_actors,
         cpus_per_actor=pc.encoder_cpus,
     )
-    by_segment: dict[str, list[dict[str, np.ndarray]]] = {}
+    # Batches come out in segment order, so a segment is complete when the next one
+    # starts: it is written and committed then, and memory holds about one segment
+    # however many are waiting.
+    ds.context.execution_options.preserve_order = True
+    seen = catalog.ingested_batches(sae_version)
+    current, parts = None, []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         seg_ids = batch["segment_id"]
-        for seg in np.unique(seg_ids):
+        for seg in unique_in_order(seg_ids):
+            if seg != current and parts:
+                _commit_segment(cfg, catalog, sae_version, current, parts, seen, report)
+                parts = []
+            current = seg
             mask = seg_ids == seg
-            by_segment.setdefault(str(seg), []).append({k: v[mask] for k, v in batch.items()})
-    seen = catalog.ingested_batches(sae_version)
-    for seg in sorted(by_segment):
-        cols = _concat_columns(by_segment[seg])
-        # A batch resent to another collector after a lost ack sits in two spools: keep
-        # its first copy only. Only this segment's distinct keys are looked up.
-        keys = np.unique(cols["batch_key"]).tolist()
-        batch_keys = [k for k in keys if k not in seen]
-        if len(batch_keys) < len(keys):
-            fresh = np.isin(cols["batch_key"], batch_keys)
-            report.duplicate_vectors += int((~fresh).sum())
-            cols = {k: v[fresh] for k, v in cols.items()}
-        tokens, features = _segment_tables(cols, sae_version, pc.token_text)
-        stem = f"{seg}__{sae_version}"
-        files = write_segment(cfg.lake_dir, tokens, features, stem)
-        if catalog.commit_segment(
-            seg,
-            sae_version,
-            files,
-            tokens=tokens.num_rows,
-            feature_rows=features.num_rows,
-            batch_keys=batch_keys,
-        ):
-            seen.update(batch_keys)
-            report.segments_committed += 1
-            report.tokens += tokens.num_rows
-            report.feature_rows += features.num_rows
-        else:
-            report.segments_skipped += 1
+            parts.append({k: v[mask] for k, v in batch.items()})
+    if parts:
+        _commit_segment(cfg, catalog, sae_version, current, parts, seen, report)
     return report

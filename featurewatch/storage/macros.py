@@ -244,6 +244,19 @@ SELECT sae_version, feature_id, direction,
        arg_min(rate, window_start) AS rate_at_change
 FROM alarms GROUP BY ALL;
 
+-- token_context(request_id, token_pos, width): the text around one sampled token: the
+-- request's sampled tokens from token_pos - width to token_pos + width in order, the
+-- token itself in ⟦ ⟧. Shows what `pipeline.token_text` kept (hashes when `hashed`,
+-- '?' when `none`).
+CREATE OR REPLACE MACRO token_context(req, pos, width) AS (
+    SELECT string_agg(
+               CASE WHEN token_pos = pos THEN '⟦' || coalesce(token_text, '?') || '⟧'
+                    ELSE coalesce(token_text, '?') END,
+               '' ORDER BY token_pos)
+    FROM (SELECT DISTINCT token_pos, token_text FROM tokens
+          WHERE request_id = req AND token_pos BETWEEN pos - width AND pos + width)
+);
+
 -- psi(base_start, base_end, win_start, win_end, bins): population stability index of
 -- each feature's activation magnitude (over the tokens where it fired), window against
 -- baseline. Bins are equal-width over [0, the baseline's max]; window values above it

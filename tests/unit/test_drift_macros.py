@@ -175,3 +175,26 @@ def test_rollups_of_one_segment_holding_two_model_versions():
     assert {r["period_start"] for r in feats} == {T0}
     tokens = token_rollups(pa.concat_tables([a_tokens, b_tokens])).to_pylist()
     assert sorted((r["model_version"], r["tokens"]) for r in tokens) == [("v1", 10), ("v2", 4)]
+
+
+def test_token_context_shows_the_text_around_a_token(lake):
+    """Tokens "The", " cat", " sat", " down", "." at positions 0..4 (stored under two SAE
+    versions would still print once): around position 2 with width 1, " cat⟦ sat⟧ down"."""
+    import pyarrow as pa
+
+    from featurewatch.storage.lake import write_segment
+    from tests.unit.lake_helpers import segment
+
+    cat, _ = lake
+    tokens, feats = segment(T0, 5, {1: [1.0]})
+    words = ["The", " cat", " sat", " down", "."]
+    tokens = tokens.set_column(
+        tokens.schema.get_field_index("token_text"), "token_text", pa.array(words)
+    )
+    files = write_segment(cat.lake_dir, tokens, feats, "ctx__sae1")
+    cat.commit_segment("ctx", "sae1", files, tokens=5, feature_rows=1)
+    request = tokens.column("request_id")[0].as_py()
+    (row,) = rows(cat, "SELECT token_context(?, 2, 1) AS c", [request])
+    assert row["c"] == " cat⟦ sat⟧ down"
+    (edge,) = rows(cat, "SELECT token_context(?, 0, 2) AS c", [request])
+    assert edge["c"] == "⟦The⟧ cat sat"
