@@ -94,6 +94,7 @@ _DUCK_TYPES = {
     "int64": "BIGINT",
     "float": "FLOAT",
     "double": "DOUBLE",
+    "bool": "BOOLEAN",
 }
 
 

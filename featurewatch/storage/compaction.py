@@ -28,12 +28,14 @@ import pyarrow.parquet as pq
 
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.lake import SCHEMAS
-from featurewatch.storage.rollups import fold_closed_hours
+from featurewatch.storage.rollups import fold_closed_hours, fold_day
 
 RAW_TABLES = ("feature_acts", "tokens")
 ROLLUP_TABLES = ("feature_rollups", "token_rollups")
+DAILY_TABLE = {"feature_rollups": "feature_daily", "token_rollups": "token_daily"}
 COMPACTED = "compacted"  # lake_files.segment_id of a file written by compaction
 ROWS_PER_WRITE = 1_000_000  # bounded memory: rows held before a row group is written
+ROLLUP_ROW_GROUP = 16_384  # about an hour of one busy model's hour rows
 
 
 @dataclass
@@ -92,23 +94,23 @@ def partitions(catalog: Catalog) -> list[Partition]:
     return list(grouped.values())
 
 
-def _write_compacted(lake_dir: Path, part: Partition, closed_before: datetime) -> str:
-    """One file holding the partition's rows (closed hours of rollups folded)."""
-    schema = SCHEMAS[part.table_name]
-    rel = f"{part.directory}/{COMPACTED}-{uuid.uuid4().hex[:12]}__{part.sae_version}.parquet"
+def _write_table(lake_dir: Path, directory: str, sae_version: str, table_name: str, rows) -> str:
+    """Write one compacted file (a table, or raw batches streamed from `rows` files)."""
+    schema = SCHEMAS[table_name]
+    rel = f"{directory}/{COMPACTED}-{uuid.uuid4().hex[:12]}__{sae_version}.parquet"
     target = lake_dir / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    sources = [pq.ParquetFile(lake_dir / f) for f in part.files]
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        if part.table_name in ROLLUP_TABLES:
-            # A day's rollups are a few rows per feature and hour: fold them in memory.
-            rows = pa.concat_tables([src.read() for src in sources])
-            folded = fold_closed_hours(rows, part.table_name, closed_before)
-            writer.write_table(folded.select(schema.names).cast(schema))
+        if isinstance(rows, pa.Table):
+            # Rollups sorted by time in small row groups: a window that covers part of
+            # the day reads only its hours' groups (Parquet min/max statistics).
+            rows = rows.select(schema.names).cast(schema).sort_by("period_start")
+            writer.write_table(rows, row_group_size=ROLLUP_ROW_GROUP)
         else:
             # Raw rows stream through, at most ROWS_PER_WRITE in memory at once.
             pending, held = [], 0
-            for src in sources:
+            for src in rows:
                 for batch in src.iter_batches(batch_size=65_536):
                     pending.append(batch)
                     held += batch.num_rows
@@ -121,17 +123,53 @@ def _write_compacted(lake_dir: Path, part: Partition, closed_before: datetime) -
     return rel
 
 
+def _write_compacted(lake_dir: Path, part: Partition, closed_before: datetime) -> dict:
+    """The partition's rows in one new file: {table name: new path}. Rollups get their
+    closed hours folded and, once the day has closed, a day row per key in the daily
+    table, their hour rows marked `day_folded`."""
+    sources = [pq.ParquetFile(lake_dir / f) for f in part.files]
+    args = (lake_dir, part.directory, part.sae_version)
+    if part.table_name not in ROLLUP_TABLES:
+        return {part.table_name: _write_table(*args, part.table_name, sources)}
+    # A day's rollups are a few rows per feature and hour: fold them in memory.
+    rows = pa.concat_tables([src.read() for src in sources])
+    day_closed = part.end <= closed_before
+    fine = fold_closed_hours(rows, part.table_name, closed_before)
+    fine = fine.append_column("day_folded", pa.repeat(day_closed, fine.num_rows))
+    written = {part.table_name: _write_table(*args, part.table_name, fine)}
+    if day_closed:
+        daily = fold_day(rows, part.table_name)
+        daily = daily.append_column("day_folded", pa.repeat(True, daily.num_rows))
+        daily_table = DAILY_TABLE[part.table_name]
+        directory = part.directory.replace(part.table_name, daily_table, 1)
+        written[daily_table] = _write_table(
+            lake_dir, directory, part.sae_version, daily_table, daily
+        )
+    return written
+
+
 def compact(catalog: Catalog, lake_dir: Path, closed_before: datetime) -> UpkeepReport:
     """Merge the files of every raw partition whose hour ended before `closed_before`,
-    and fold the closed hours of every rollup partition; one catalog swap for all."""
+    and fold the closed hours (and closed days) of every rollup partition; one catalog
+    swap for all."""
     report = UpkeepReport()
     swaps = []
-    for part in partitions(catalog):
+    all_parts = partitions(catalog)
+    by_key = {(p.table_name, p.directory, p.sae_version): p for p in all_parts}
+    for part in all_parts:
+        if part.table_name not in (*RAW_TABLES, *ROLLUP_TABLES):
+            continue  # daily tables are rewritten with their rollups
         if not part.needs_compaction(closed_before):
             continue
-        new = _write_compacted(Path(lake_dir), part, closed_before)
-        folded = min(part.end, closed_before) if part.table_name in ROLLUP_TABLES else None
-        swaps.append((part.table_name, part.sae_version, part.files, [new], folded))
+        for table_name, new in _write_compacted(Path(lake_dir), part, closed_before).items():
+            if table_name == part.table_name:
+                old = part.files
+                folded = min(part.end, closed_before) if table_name in ROLLUP_TABLES else None
+            else:  # the day rows replace any earlier ones of this day
+                directory = part.directory.replace(part.table_name, table_name, 1)
+                earlier = by_key.get((table_name, directory, part.sae_version))
+                old, folded = (earlier.files if earlier else []), None
+            swaps.append((table_name, part.sae_version, old, [new], folded))
         report.partitions_compacted += 1
         report.files_compacted += len(part.files)
     catalog.replace_files(swaps)

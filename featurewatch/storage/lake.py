@@ -51,6 +51,9 @@ ROLLUP_KEY_FIELDS = [
     ("sae_version", pa.string()),
     ("layer", pa.int16()),
 ]
+# True on a minute or hour row once its whole day is also summed in a day row of the
+# `*_daily` table: queries over whole days read the day row and skip these.
+DAY_FOLDED = ("day_folded", pa.bool_())
 FEATURE_ROLLUPS_SCHEMA = pa.schema(
     ROLLUP_KEY_FIELDS
     + [
@@ -59,14 +62,18 @@ FEATURE_ROLLUPS_SCHEMA = pa.schema(
         ("sum_value", pa.float64()),
         ("sum_sq", pa.float64()),
         ("max_value", pa.float32()),
+        DAY_FOLDED,
     ]
 )
-TOKEN_ROLLUPS_SCHEMA = pa.schema(ROLLUP_KEY_FIELDS + [("tokens", pa.int64())])
+TOKEN_ROLLUPS_SCHEMA = pa.schema(ROLLUP_KEY_FIELDS + [("tokens", pa.int64()), DAY_FOLDED])
 SCHEMAS = {
     "feature_acts": FEATURE_ACTS_SCHEMA,
     "tokens": TOKENS_SCHEMA,
     "feature_rollups": FEATURE_ROLLUPS_SCHEMA,
     "token_rollups": TOKEN_ROLLUPS_SCHEMA,
+    # One row per closed day and key, written by compaction (period_minutes 1440).
+    "feature_daily": FEATURE_ROLLUPS_SCHEMA,
+    "token_daily": TOKEN_ROLLUPS_SCHEMA,
 }
 # Raw rows are partitioned by model, date and hour; rollups (a few rows per feature and
 # hour) by model and date only, so a week's baseline reads a handful of files.
@@ -75,6 +82,8 @@ PARTITION_COLUMNS = {
     "tokens": ("model", "date", "hour"),
     "feature_rollups": ("model", "date"),
     "token_rollups": ("model", "date"),
+    "feature_daily": ("model", "date"),
+    "token_daily": ("model", "date"),
 }
 
 

@@ -41,17 +41,49 @@ SELECT * FROM token_rollups
 WHERE period_start >= start_ts AND period_start < end_ts
   AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts);
 
+-- feature_totals(start, end) / token_totals(start, end): the same rows for questions
+-- that only sum over the whole window: whole days inside it come from the day rows
+-- (`feature_daily`, `token_daily`, written by compaction once a day closes), the
+-- partial days at its edges, and any late rows of folded days, from the minute and
+-- hour rows. A week's baseline reads a few rows per feature per day. Every condition
+-- is on `date` alone or on columns, so DuckDB skips the other files.
+CREATE OR REPLACE MACRO first_full_day(ts) AS
+    utc_date(ts) + CASE WHEN timezone('UTC', ts) = CAST(utc_date(ts) AS TIMESTAMP)
+                        THEN 0 ELSE 1 END;
+CREATE OR REPLACE MACRO feature_totals(start_ts, end_ts) AS TABLE
+SELECT * FROM feature_daily
+WHERE "date" >= first_full_day(start_ts) AND "date" < utc_date(end_ts)
+UNION ALL BY NAME
+SELECT * FROM feature_rollups
+WHERE period_start >= start_ts AND period_start < end_ts
+  AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts)
+  AND ("date" < first_full_day(start_ts) OR "date" >= utc_date(end_ts))
+UNION ALL BY NAME
+SELECT * FROM feature_rollups
+WHERE "date" >= first_full_day(start_ts) AND "date" < utc_date(end_ts) AND NOT day_folded;
+CREATE OR REPLACE MACRO token_totals(start_ts, end_ts) AS TABLE
+SELECT * FROM token_daily
+WHERE "date" >= first_full_day(start_ts) AND "date" < utc_date(end_ts)
+UNION ALL BY NAME
+SELECT * FROM token_rollups
+WHERE period_start >= start_ts AND period_start < end_ts
+  AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts)
+  AND ("date" < first_full_day(start_ts) OR "date" >= utc_date(end_ts))
+UNION ALL BY NAME
+SELECT * FROM token_rollups
+WHERE "date" >= first_full_day(start_ts) AND "date" < utc_date(end_ts) AND NOT day_folded;
+
 -- window_counts(start, end): per model version, SAE version and feature, the tokens
 -- seen and the times fired in [start, end), with the activation's sum, sum of squares
 -- and max. Features that never fired in the window have no row.
 CREATE OR REPLACE MACRO window_counts(start_ts, end_ts) AS TABLE
 WITH t AS (
     SELECT model_version, sae_version, sum(tokens)::BIGINT AS tokens
-    FROM token_rows(start_ts, end_ts) GROUP BY ALL
+    FROM token_totals(start_ts, end_ts) GROUP BY ALL
 ), f AS (
     SELECT model_version, sae_version, feature_id, sum(fired)::BIGINT AS fired,
            sum(sum_value) AS sum_value, sum(sum_sq) AS sum_sq, max(max_value) AS max_value
-    FROM feature_rows(start_ts, end_ts) GROUP BY ALL
+    FROM feature_totals(start_ts, end_ts) GROUP BY ALL
 )
 SELECT f.model_version, f.sae_version, f.feature_id, t.tokens, f.fired,
        f.sum_value, f.sum_sq, f.max_value
@@ -79,33 +111,40 @@ FROM f JOIN t USING (sae_version, window_start);
 -- rate ratio (window over baseline), the two-proportion z-score, and the mean
 -- activation when fired in each window.
 CREATE OR REPLACE MACRO rate_change(base_start, base_end, win_start, win_end) AS TABLE
+-- Both windows' rows tagged and aggregated in one pass (one hash table, not two and
+-- a join): the drift query's cost is this scan.
 WITH
-  bt AS (SELECT sae_version, sum(tokens)::BIGINT AS n
-         FROM token_rows(base_start, base_end) GROUP BY ALL),
-  wt AS (SELECT sae_version, sum(tokens)::BIGINT AS n
-         FROM token_rows(win_start, win_end) GROUP BY ALL),
-  bf AS (SELECT sae_version, feature_id, sum(fired)::BIGINT AS fired, sum(sum_value) AS total
-         FROM feature_rows(base_start, base_end)
-         GROUP BY ALL),
-  wf AS (SELECT sae_version, feature_id, sum(fired)::BIGINT AS fired, sum(sum_value) AS total
-         FROM feature_rows(win_start, win_end)
-         GROUP BY ALL),
-  joined AS (
+  t AS (
+    SELECT sae_version,
+           (sum(tokens) FILTER (WHERE side = 'b'))::BIGINT AS base_tokens,
+           (sum(tokens) FILTER (WHERE side = 'w'))::BIGINT AS win_tokens
+    FROM (SELECT 'b' AS side, sae_version, tokens FROM token_totals(base_start, base_end)
+          UNION ALL
+          SELECT 'w', sae_version, tokens FROM token_totals(win_start, win_end))
+    GROUP BY ALL
+  ),
+  f AS (
     SELECT sae_version, feature_id,
-           coalesce(bf.fired, 0) AS base_fired, bt.n AS base_tokens,
-           coalesce(wf.fired, 0) AS win_fired, wt.n AS win_tokens,
-           bf.total / bf.fired AS base_mean_value, wf.total / wf.fired AS win_mean_value
-    FROM bf FULL JOIN wf USING (sae_version, feature_id)
-    JOIN bt USING (sae_version)
-    JOIN wt USING (sae_version)
+           coalesce(sum(fired) FILTER (WHERE side = 'b'), 0)::BIGINT AS base_fired,
+           coalesce(sum(fired) FILTER (WHERE side = 'w'), 0)::BIGINT AS win_fired,
+           sum(sum_value) FILTER (WHERE side = 'b') AS base_total,
+           sum(sum_value) FILTER (WHERE side = 'w') AS win_total
+    FROM (SELECT 'b' AS side, sae_version, feature_id, fired, sum_value
+          FROM feature_totals(base_start, base_end)
+          UNION ALL
+          SELECT 'w', sae_version, feature_id, fired, sum_value
+          FROM feature_totals(win_start, win_end))
+    GROUP BY ALL
   )
 SELECT sae_version, feature_id, base_fired, base_tokens, win_fired, win_tokens,
        base_fired / base_tokens AS base_rate,
        win_fired / win_tokens AS win_rate,
        smoothed_ratio(base_fired, base_tokens, win_fired, win_tokens) AS rate_ratio,
        two_proportion_z(base_fired, base_tokens, win_fired, win_tokens) AS z,
-       base_mean_value, win_mean_value
-FROM joined;
+       base_total / nullif(base_fired, 0) AS base_mean_value,
+       win_total / nullif(win_fired, 0) AS win_mean_value
+FROM f JOIN t USING (sae_version)
+WHERE base_tokens > 0 AND win_tokens > 0;
 
 -- rate_change_exact(base_start, base_end, win_start, win_end): rate_change's columns
 -- computed from the raw rows (`feature_acts`, `tokens`), so windows may start and end
@@ -154,12 +193,12 @@ WITH t AS (
     SELECT sae_version,
            (sum(tokens) FILTER (WHERE model_version = version_a))::BIGINT AS a_n,
            (sum(tokens) FILTER (WHERE model_version = version_b))::BIGINT AS b_n
-    FROM token_rows(start_ts, end_ts) GROUP BY ALL
+    FROM token_totals(start_ts, end_ts) GROUP BY ALL
 ), f AS (
     SELECT sae_version, feature_id,
            coalesce(sum(fired) FILTER (WHERE model_version = version_a), 0)::BIGINT AS a_fired,
            coalesce(sum(fired) FILTER (WHERE model_version = version_b), 0)::BIGINT AS b_fired
-    FROM feature_rows(start_ts, end_ts)
+    FROM feature_totals(start_ts, end_ts)
     WHERE model_version IN (version_a, version_b)
     GROUP BY ALL
 )

@@ -10,7 +10,9 @@ Two lake tables, written beside `feature_acts` and `tokens` and committed with t
 A segment writes one-minute periods. Each segment writes its own partial rows and
 readers sum them (sums and counts add, max takes the max), so segments that share a
 minute never need rewriting. Compaction later folds a closed hour's minutes into one
-60-minute period per key (`fold_closed_hours`), which is what keeps a 7-day baseline cheap.
+60-minute period per key (`fold_closed_hours`), and a closed day's into one day row per
+key in `feature_daily` / `token_daily` (`fold_day`), which is what keeps a 7-day
+baseline to a few rows per feature.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def _group_per_minute(table: pa.Table, extra_keys: list[str], aggregates, names)
     grouped = table.group_by(keys).aggregate(aggregates).rename_columns(keys + names)
     for key, value in constant.items():
         grouped = grouped.append_column(key, pa.repeat(value, grouped.num_rows))
+    grouped = grouped.append_column("day_folded", pa.repeat(False, grouped.num_rows))
     return grouped.append_column("period_minutes", pa.array([1] * grouped.num_rows, pa.int16()))
 
 
@@ -77,29 +80,39 @@ def token_rollups(tokens: pa.Table) -> pa.Table:
     return _group_per_minute(table, [], [([], "count_all")], ["tokens"])
 
 
-def fold_closed_hours(rows: pa.Table, table_name: str, closed_before) -> pa.Table:
-    """Rollup rows -> one 60-minute row per hour and key for every hour that ended by
-    `closed_before` (late minute rows of a folded hour fold in too); rows of hours still
-    open stay as they are. (Rows read back from a partition's files lack `model`, which
-    lives in the path.)"""
+def _fold(rows: pa.Table, table_name: str, unit: str, minutes: int) -> pa.Table:
+    """Rows -> one row per `unit` period and key, summed (max for max_value)."""
     keys = ["period_start", *ROLLUP_KEYS]
-    if table_name == "feature_rollups":
+    if table_name in ("feature_rollups", "feature_daily"):
         keys.append("feature_id")
         names = FEATURE_AGGREGATES
         aggregates = [(n, "max" if n == "max_value" else "sum") for n in names]
     else:
         names, aggregates = ["tokens"], [("tokens", "sum")]
     keys = [k for k in keys if k in rows.column_names]
+    rows = rows.set_column(
+        rows.schema.get_field_index("period_start"),
+        "period_start",
+        _period(rows.column("period_start"), unit),
+    )
+    folded = rows.group_by(keys).aggregate(aggregates).rename_columns(keys + names)
+    return folded.append_column("period_minutes", pa.array([minutes] * folded.num_rows, pa.int16()))
+
+
+def fold_closed_hours(rows: pa.Table, table_name: str, closed_before) -> pa.Table:
+    """Rollup rows -> one 60-minute row per hour and key for every hour that ended by
+    `closed_before` (late minute rows of a folded hour fold in too); rows of hours still
+    open stay as they are. (Rows read back from a partition's files lack `model`, which
+    lives in the path.)"""
     hour = _period(rows.column("period_start"), "hour")
     hour_end = pc.add(hour, pa.scalar(3_600_000_000, pa.duration("us")))
-    closed = pc.less_equal(
-        hour_end, pa.scalar(closed_before, rows.schema.field("period_start").type)
-    )
-    to_fold = rows.filter(closed)
-    to_fold = to_fold.set_column(
-        to_fold.schema.get_field_index("period_start"), "period_start", hour.filter(closed)
-    )
-    folded = to_fold.group_by(keys).aggregate(aggregates).rename_columns(keys + names)
-    folded = folded.append_column("period_minutes", pa.array([60] * folded.num_rows, pa.int16()))
+    ts_type = rows.schema.field("period_start").type
+    closed = pc.less_equal(hour_end, pa.scalar(closed_before, ts_type))
+    folded = _fold(rows.filter(closed), table_name, "hour", 60)
     still_open = rows.filter(pc.invert(closed)).select(folded.column_names)
     return pa.concat_tables([folded, still_open.cast(folded.schema)])
+
+
+def fold_day(rows: pa.Table, table_name: str) -> pa.Table:
+    """All rollup rows of one day -> one 1440-minute row per key (the `*_daily` table)."""
+    return _fold(rows, table_name, "day", 1440)

@@ -97,7 +97,7 @@ def test_a_crash_before_the_swap_leaves_the_compacted_file_invisible(lake):
     fill(commit)
     (part,) = [p for p in partitions(cat) if p.table_name == "feature_acts" and len(p.files) == 3]
     # compaction writes its file, and then the process dies before the catalog swap
-    written = _write_compacted(Path(cat.lake_dir), part, T0 + 2 * HOUR)
+    (written,) = _write_compacted(Path(cat.lake_dir), part, T0 + 2 * HOUR).values()
     assert (cat.lake_dir / written).exists()
     assert count(cat, "SELECT count(*) AS n FROM feature_acts") == 11  # not 11 + 9
 
@@ -145,3 +145,38 @@ def test_lake_config_is_validated(bad):
 
     with pytest.raises(ConfigError, match="lake"):
         build_config({"lake": {"raw_retention_days": 7, **bad}})
+
+
+def test_whole_days_come_from_day_rows_and_agree_with_the_raw_rows(lake):
+    """Days D, D+1, D+2. Once D and D+1 have closed, compaction writes one day row per
+    feature for each; a baseline from D 03:00 to D+2 reads D's hours after 03:00 from
+    the hour rows and all of D+1 from its day rows, and must count exactly what the raw
+    rows count. A late segment for D is counted before the next compaction (its rows are
+    not yet in the day row) and after it (they are), never twice."""
+    cat, commit = lake
+    day = timedelta(days=1)
+    commit(T0, 10, {1: [1.0] * 2, 2: [1.0]})  # D 09:00, before the baseline starts
+    commit(T0 + 5 * HOUR, 20, {1: [1.0] * 4})
+    commit(T0 + day + 2 * HOUR, 30, {1: [1.0] * 3, 2: [2.0] * 5})
+    commit(T0 + 2 * day + HOUR, 10, {1: [1.0] * 6})
+    d0 = T0.replace(hour=0)
+    args = [d0 + 10 * HOUR, d0 + 2 * day, d0 + 2 * day, d0 + 2 * day + 12 * HOUR]
+
+    def agree():
+        fields = ["feature_id", "base_fired", "base_tokens", "win_fired", "win_tokens"]
+        sql = "SELECT {} FROM {}(?, ?, ?, ?) ORDER BY feature_id"
+        exact = cat.query(sql.format(", ".join(fields), "rate_change_exact"), args)
+        rolled = cat.query(sql.format(", ".join(fields), "rate_change"), args)
+        assert rolled.to_pylist() == exact.to_pylist()
+        return {r["feature_id"]: r for r in rolled.to_pylist()}
+
+    compact(cat, cat.lake_dir, closed_before=d0 + 2 * day + 12 * HOUR)
+    assert len(files_of(cat, "feature_daily")) == 2  # D and D+1
+    assert count(cat, "SELECT count(*) AS n FROM feature_daily") == 4
+    got = agree()
+    assert (got[1]["base_fired"], got[1]["base_tokens"]) == (4 + 3, 20 + 30)
+    commit(T0 + 6 * HOUR, 10, {1: [1.0] * 7})  # late, for D 15:00
+    assert agree()[1]["base_fired"] == 4 + 7 + 3
+    compact(cat, cat.lake_dir, closed_before=d0 + 2 * day + 12 * HOUR)
+    assert len(files_of(cat, "feature_daily")) == 2  # D's day rows replaced, not added
+    assert agree()[1]["base_fired"] == 4 + 7 + 3
