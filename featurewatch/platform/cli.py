@@ -406,6 +406,115 @@ def _with_sae_overrides(cfg, overrides: dict):
     return build_config(data)
 
 
+features_app = typer.Typer(
+    help="The feature registry: labels, descriptions, owners and tags.", no_args_is_help=True
+)
+app.add_typer(features_app, name="features")
+
+
+def _actor() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+@features_app.command("list")
+def features_list(
+    sae_version: Annotated[str | None, typer.Option(help="Only this SAE version.")] = None,
+    tag: Annotated[str | None, typer.Option(help="Only features with this tag.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv, json or parquet.")] = "table",
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Labelled or tagged features."""
+    from featurewatch.storage.catalog import Catalog
+    from featurewatch.storage.registry import FeatureRegistry
+
+    if fmt not in SQL_FORMATS:
+        _fail(f"--format must be one of {', '.join(SQL_FORMATS)}, not {fmt!r}", 2)
+    try:
+        cfg = _config(config, home)
+        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+            result = FeatureRegistry(catalog).entries(sae_version, tag)
+    except FeaturewatchError as err:
+        _fail(str(err))
+    _write_result(result, fmt, sys.stdout.buffer)
+
+
+@features_app.command("show")
+def features_show(
+    sae_version: Annotated[str, typer.Argument(help="SAE version.")],
+    feature_id: Annotated[int, typer.Argument(help="Feature id within that version.")],
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """One feature's label, description, owner, tags and history, as JSON."""
+    from featurewatch.storage.catalog import Catalog
+    from featurewatch.storage.registry import FeatureRegistry
+
+    try:
+        cfg = _config(config, home)
+        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+            _print_json(FeatureRegistry(catalog).show(sae_version, feature_id))
+    except FeaturewatchError as err:
+        _fail(str(err))
+
+
+@features_app.command("label")
+def features_label(
+    sae_version: Annotated[str, typer.Argument(help="SAE version.")],
+    feature_id: Annotated[int, typer.Argument(help="Feature id within that version.")],
+    label: Annotated[str | None, typer.Option(help="A short name.")] = None,
+    description: Annotated[str | None, typer.Option(help="What it fires on.")] = None,
+    owner: Annotated[str | None, typer.Option(help="Who answers for it.")] = None,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Set a feature's label, description or owner (the change goes to its history)."""
+    from featurewatch.storage.catalog import Catalog
+    from featurewatch.storage.registry import FeatureRegistry
+
+    try:
+        cfg = _config(config, home)
+        with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+            registry = FeatureRegistry(catalog)
+            registry.label(
+                sae_version,
+                feature_id,
+                actor=_actor(),
+                label=label,
+                description=description,
+                owner=owner,
+            )
+            _print_json(registry.show(sae_version, feature_id))
+    except FeaturewatchError as err:
+        _fail(str(err))
+
+
+@features_app.command("tag")
+def features_tag(
+    sae_version: Annotated[str, typer.Argument(help="SAE version.")],
+    feature_ids: Annotated[list[int], typer.Argument(help="Feature ids within that version.")],
+    tag: Annotated[list[str], typer.Option(help="A tag (repeatable), e.g. misalignment.")],
+    remove: Annotated[bool, typer.Option(help="Remove the tags instead.")] = False,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Add (or --remove) tags on one or more features."""
+    from featurewatch.storage.catalog import Catalog
+    from featurewatch.storage.registry import FeatureRegistry
+
+    try:
+        cfg = _config(config, home)
+        with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+            changed = FeatureRegistry(catalog).tag(
+                sae_version, feature_ids, tag, actor=_actor(), remove=remove
+            )
+    except FeaturewatchError as err:
+        _fail(str(err))
+    _print_json({"changed": changed})
+
+
 lake_app = typer.Typer(help="Lake upkeep: compaction and retention.", no_args_is_help=True)
 app.add_typer(lake_app, name="lake")
 

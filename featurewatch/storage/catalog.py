@@ -84,6 +84,40 @@ CREATE TABLE IF NOT EXISTS model_versions (
     registered_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (model, model_version)
 );
+-- The feature registry (storage/registry.py): what people learned about a feature of
+-- one SAE version, and every change to it.
+CREATE TABLE IF NOT EXISTS feature_labels (
+    sae_version VARCHAR NOT NULL,
+    feature_id  INTEGER NOT NULL,
+    label       VARCHAR,
+    description VARCHAR,
+    owner       VARCHAR,
+    updated_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (sae_version, feature_id)
+);
+CREATE TABLE IF NOT EXISTS feature_tags (
+    sae_version VARCHAR NOT NULL,
+    feature_id  INTEGER NOT NULL,
+    tag         VARCHAR NOT NULL,
+    PRIMARY KEY (sae_version, feature_id, tag)
+);
+CREATE TABLE IF NOT EXISTS feature_history (
+    sae_version VARCHAR NOT NULL,
+    feature_id  INTEGER NOT NULL,
+    changed_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    actor       VARCHAR NOT NULL,
+    field       VARCHAR NOT NULL,
+    old_value   VARCHAR,
+    new_value   VARCHAR
+);
+CREATE OR REPLACE VIEW features AS
+SELECT coalesce(l.sae_version, t.sae_version) AS sae_version,
+       coalesce(l.feature_id, t.feature_id) AS feature_id,
+       l.label, l.description, l.owner, coalesce(t.tags, []) AS tags, l.updated_at
+FROM feature_labels l
+FULL JOIN (SELECT sae_version, feature_id, list(tag ORDER BY tag) AS tags
+           FROM feature_tags GROUP BY ALL) t
+  ON l.sae_version = t.sae_version AND l.feature_id = t.feature_id;
 """
 
 _DUCK_TYPES = {

@@ -233,3 +233,37 @@ def test_lake_upkeep_commands(tmp_path):
         assert cat.query("SELECT count(*) AS n FROM rollups").to_pylist() == [{"n": 4}]
     bad = runner.invoke(app, ["lake", "upkeep", "--every", "soon", "--home", str(home)])
     assert bad.exit_code == 2 and "--every" in bad.output
+
+
+def test_features_commands(tmp_path):
+    home = make_home(tmp_path)
+    with Catalog(home / "catalog.duckdb", home / "lake") as cat:
+        cat.register_sae(
+            "sae1",
+            home / "s",
+            architecture="topk",
+            model="tiny",
+            layer=1,
+            d_in=8,
+            d_sae=16,
+            k=2,
+            metrics={},
+        )
+    h = ["--home", str(home)]
+    result = runner.invoke(app, ["features", "label", "sae1", "3", "--label", "rude", *h])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["label"] == "rude"
+    result = runner.invoke(app, ["features", "tag", "sae1", "3", "5", "--tag", "sarcasm", *h])
+    assert json.loads(result.output) == {"changed": 2}
+    listed = runner.invoke(app, ["features", "list", "--tag", "sarcasm", "--format", "json", *h])
+    rows = [json.loads(line) for line in listed.output.splitlines()]
+    assert [(r["feature_id"], r["label"]) for r in rows] == [(3, "rude"), (5, None)]
+    shown = json.loads(runner.invoke(app, ["features", "show", "sae1", "3", *h]).output)
+    assert [c["field"] for c in shown["history"]] == ["label", "tag"]
+    for args, message in [
+        (["features", "tag", "sae1", "3", "--tag", "No Spaces"], "tag 'No Spaces'"),
+        (["features", "label", "sae1", "16", "--label", "x"], "feature 16"),
+        (["features", "show", "other", "1"], "'other'"),
+    ]:
+        bad = runner.invoke(app, [*args, *h])
+        assert bad.exit_code == 1 and message in bad.output, (args, bad.output)

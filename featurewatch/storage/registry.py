@@ -1,0 +1,182 @@
+"""The feature registry: labels, descriptions, owners and tags per SAE version and
+feature id, with the history of every change, in the catalog.
+
+A dictionary of thousands of anonymous latents becomes useful once the few that matter
+are named and grouped (`misalignment`, `sarcasm`, `insecure-code`...). Tags are what
+scoring and the triggers select features by. Feature ids mean something only within
+their SAE version, so every entry names both, and the version must be registered.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+
+from featurewatch.errors import CatalogError
+from featurewatch.storage.catalog import Catalog
+
+TAG_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
+MAX_TEXT = {"label": 200, "description": 4000, "owner": 200}
+
+
+def _check_tag(tag: str) -> str:
+    if not TAG_PATTERN.fullmatch(tag):
+        raise CatalogError(
+            f"tag {tag!r}: use 1-48 lower-case letters, digits, '-' or '_', starting with "
+            "a letter or digit"
+        )
+    return tag
+
+
+class FeatureRegistry:
+    """Reads and writes the registry through an open catalog (read-write to change it)."""
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+        self.con = catalog.con
+
+    def _check_feature(self, sae_version: str, feature_id: int) -> None:
+        row = self.con.execute(
+            "SELECT d_sae FROM sae_versions WHERE sae_version = ?", [sae_version]
+        ).fetchone()
+        if row is None:
+            raise CatalogError(f"SAE version {sae_version!r} is not in the catalog")
+        if not 0 <= feature_id < row[0]:
+            raise CatalogError(
+                f"feature {feature_id} is not in SAE {sae_version!r} (ids 0..{row[0] - 1})"
+            )
+
+    def _record(self, sae_version, feature_id, actor, field, old, new) -> None:
+        self.con.execute(
+            "INSERT INTO feature_history (sae_version, feature_id, actor, field, old_value, "
+            "new_value) VALUES (?, ?, ?, ?, ?, ?)",
+            [sae_version, feature_id, actor, field, old, new],
+        )
+
+    def label(
+        self,
+        sae_version: str,
+        feature_id: int,
+        *,
+        actor: str,
+        label: str | None = None,
+        description: str | None = None,
+        owner: str | None = None,
+    ) -> None:
+        """Set any of label, description and owner (None leaves a field as it is)."""
+        self._check_feature(sae_version, feature_id)
+        changes = {"label": label, "description": description, "owner": owner}
+        changes = {k: v.strip() for k, v in changes.items() if v is not None}
+        if not changes:
+            raise CatalogError("nothing to change: give a label, description or owner")
+        for field, value in changes.items():
+            if not value or len(value) > MAX_TEXT[field]:
+                raise CatalogError(f"{field} must be 1-{MAX_TEXT[field]} characters")
+        con = self.con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            old = con.execute(
+                "SELECT label, description, owner FROM feature_labels "
+                "WHERE sae_version = ? AND feature_id = ?",
+                [sae_version, feature_id],
+            ).fetchone()
+            before = dict(zip(("label", "description", "owner"), old or (None,) * 3, strict=True))
+            after = {**before, **changes}
+            con.execute(
+                "INSERT OR REPLACE INTO feature_labels (sae_version, feature_id, label, "
+                "description, owner, updated_at) VALUES (?, ?, ?, ?, ?, now())",
+                [sae_version, feature_id, after["label"], after["description"], after["owner"]],
+            )
+            for field, value in changes.items():
+                if before[field] != value:
+                    self._record(sae_version, feature_id, actor, field, before[field], value)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def tag(
+        self,
+        sae_version: str,
+        feature_ids: list[int],
+        tags: list[str],
+        *,
+        actor: str,
+        remove: bool = False,
+    ) -> int:
+        """Add (or remove) tags on features; returns how many tags changed."""
+        if not feature_ids or not tags:
+            raise CatalogError("give at least one feature id and one tag")
+        tags = [_check_tag(t) for t in tags]
+        for feature_id in feature_ids:
+            self._check_feature(sae_version, feature_id)
+        con = self.con
+        changed = 0
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for feature_id in feature_ids:
+                for tag in tags:
+                    key = [sae_version, feature_id, tag]
+                    present = con.execute(
+                        "SELECT 1 FROM feature_tags WHERE sae_version = ? AND feature_id = ? "
+                        "AND tag = ?",
+                        key,
+                    ).fetchone()
+                    if remove and present:
+                        con.execute(
+                            "DELETE FROM feature_tags WHERE sae_version = ? AND feature_id = ? "
+                            "AND tag = ?",
+                            key,
+                        )
+                        self._record(sae_version, feature_id, actor, "tag", tag, None)
+                        changed += 1
+                    elif not remove and not present:
+                        con.execute("INSERT INTO feature_tags VALUES (?, ?, ?)", key)
+                        self._record(sae_version, feature_id, actor, "tag", None, tag)
+                        changed += 1
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return changed
+
+    def entries(self, sae_version: str | None = None, tag: str | None = None) -> pa.Table:
+        """Registered features, optionally of one SAE version and/or with one tag."""
+        sql = "SELECT * FROM features WHERE true"
+        params: list = []
+        if sae_version is not None:
+            sql += " AND sae_version = ?"
+            params.append(sae_version)
+        if tag is not None:
+            sql += " AND list_contains(tags, ?)"
+            params.append(_check_tag(tag))
+        return self.catalog.query(sql + " ORDER BY sae_version, feature_id", params)
+
+    def ids_with_tag(self, sae_version: str, tag: str) -> list[int]:
+        """The feature ids of one SAE version that carry `tag` (what scoring selects)."""
+        rows = self.entries(sae_version, tag).column("feature_id").to_pylist()
+        return sorted(rows)
+
+    def show(self, sae_version: str, feature_id: int) -> dict:
+        """Everything known about one feature: its entry and its history, oldest first."""
+        self._check_feature(sae_version, feature_id)
+        entry = self.catalog.query(
+            "SELECT * FROM features WHERE sae_version = ? AND feature_id = ?",
+            [sae_version, feature_id],
+        ).to_pylist()
+        history = self.catalog.query(
+            "SELECT changed_at, actor, field, old_value, new_value FROM feature_history "
+            "WHERE sae_version = ? AND feature_id = ? ORDER BY changed_at, rowid",
+            [sae_version, feature_id],
+        ).to_pylist()
+        base = {
+            "sae_version": sae_version,
+            "feature_id": feature_id,
+            "label": None,
+            "description": None,
+            "owner": None,
+            "tags": [],
+            "updated_at": None,
+        }
+        return {**base, **(entry[0] if entry else {}), "history": history}
