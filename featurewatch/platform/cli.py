@@ -460,6 +460,34 @@ def features_show(
         _fail(str(err))
 
 
+@features_app.command("examples")
+def features_examples(
+    sae_version: Annotated[str, typer.Argument(help="SAE version.")],
+    feature_id: Annotated[int, typer.Argument(help="Feature id within that version.")],
+    n: Annotated[int, typer.Option(min=1, max=1000, help="How many tokens.")] = 10,
+    width: Annotated[int, typer.Option(min=0, max=64, help="Context tokens each side.")] = 8,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv, json or parquet.")] = "table",
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """The tokens where a feature fired hardest, with their context."""
+    from featurewatch.storage.catalog import Catalog
+    from featurewatch.storage.registry import FeatureRegistry
+
+    if fmt not in SQL_FORMATS:
+        _fail(f"--format must be one of {', '.join(SQL_FORMATS)}, not {fmt!r}", 2)
+    try:
+        cfg = _config(config, home)
+        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+            FeatureRegistry(catalog).show(sae_version, feature_id)  # names a bad id
+            result = catalog.query(
+                "SELECT * FROM top_examples(?, ?, ?, ?)", [sae_version, feature_id, n, width]
+            )
+    except FeaturewatchError as err:
+        _fail(str(err))
+    _write_result(result, fmt, sys.stdout.buffer)
+
+
 @features_app.command("label")
 def features_label(
     sae_version: Annotated[str, typer.Argument(help="SAE version.")],

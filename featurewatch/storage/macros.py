@@ -296,6 +296,16 @@ CREATE OR REPLACE MACRO token_context(req, pos, width) AS (
           WHERE request_id = req AND token_pos BETWEEN pos - width AND pos + width)
 );
 
+-- top_examples(sae_version, feature_id, n, width): the n tokens where a feature fired
+-- hardest (raw rows still kept), each with its text and `width` sampled tokens of
+-- context either side, as the privacy switch stored them.
+CREATE OR REPLACE MACRO top_examples(sae, fid, n, width) AS TABLE
+SELECT fa.ts, fa.model_version, fa.request_id, fa.token_pos, fa.value,
+       token_context(fa.request_id, fa.token_pos, width) AS context
+FROM (SELECT * FROM feature_acts WHERE sae_version = sae AND feature_id = fid
+      ORDER BY value DESC, ts, request_id, token_pos LIMIT n) fa
+ORDER BY fa.value DESC, fa.ts, fa.request_id, fa.token_pos;
+
 -- psi(base_start, base_end, win_start, win_end, bins): population stability index of
 -- each feature's activation magnitude (over the tokens where it fired), window against
 -- baseline. Bins are equal-width over [0, the baseline's max]; window values above it

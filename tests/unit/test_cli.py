@@ -258,6 +258,9 @@ def test_features_commands(tmp_path):
     listed = runner.invoke(app, ["features", "list", "--tag", "sarcasm", "--format", "json", *h])
     rows = [json.loads(line) for line in listed.output.splitlines()]
     assert [(r["feature_id"], r["label"]) for r in rows] == [(3, "rude"), (5, None)]
+    examples = runner.invoke(app, ["features", "examples", "sae1", "1", "--format", "csv", *h])
+    assert examples.exit_code == 0, examples.output
+    assert len(examples.output.splitlines()) == 1 + 4  # feature 1 fired on 4 tokens
     shown = json.loads(runner.invoke(app, ["features", "show", "sae1", "3", *h]).output)
     assert [c["field"] for c in shown["history"]] == ["label", "tag"]
     for args, message in [

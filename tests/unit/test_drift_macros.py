@@ -198,3 +198,25 @@ def test_token_context_shows_the_text_around_a_token(lake):
     assert row["c"] == " cat⟦ sat⟧ down"
     (edge,) = rows(cat, "SELECT token_context(?, 0, 2) AS c", [request])
     assert edge["c"] == "⟦The⟧ cat sat"
+
+
+def test_top_examples_with_context(lake):
+    """Feature 1 fires 0.5, 3.0, 2.0 on tokens 0..2 of "a b c d": the top two are
+    " b" (3.0) and " c" (2.0), each shown with one token either side."""
+    import pyarrow as pa
+
+    from featurewatch.storage.lake import write_segment
+    from tests.unit.lake_helpers import segment
+
+    cat, _ = lake
+    tokens, feats = segment(T0, 4, {1: [0.5, 3.0, 2.0], 2: [9.0]})
+    tokens = tokens.set_column(
+        tokens.schema.get_field_index("token_text"), "token_text", pa.array(["a", " b", " c", " d"])
+    )
+    files = write_segment(cat.lake_dir, tokens, feats, "ex__sae1")
+    cat.commit_segment("ex", "sae1", files, tokens=4, feature_rows=4)
+    got = rows(cat, "SELECT value, token_pos, context FROM top_examples('sae1', 1, 2, 1)", [])
+    assert got == [
+        {"value": 3.0, "token_pos": 1, "context": "a⟦ b⟧ c"},
+        {"value": 2.0, "token_pos": 2, "context": " b⟦ c⟧ d"},
+    ]
