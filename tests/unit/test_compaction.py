@@ -180,3 +180,11 @@ def test_whole_days_come_from_day_rows_and_agree_with_the_raw_rows(lake):
     compact(cat, cat.lake_dir, closed_before=d0 + 2 * day + 12 * HOUR)
     assert len(files_of(cat, "feature_daily")) == 2  # D's day rows replaced, not added
     assert agree()[1]["base_fired"] == 4 + 7 + 3
+    # windows that meet inside the folded day D+1 (at 01:00, before its 11:00 rows), and
+    # windows that do not meet: both still agree with the raw rows
+    args[:] = [d0 + 10 * HOUR, d0 + day + HOUR, d0 + day + HOUR, d0 + 2 * day + 12 * HOUR]
+    split = agree()
+    assert (split[1]["base_fired"], split[1]["win_fired"]) == (4 + 7, 3 + 6)
+    args[:] = [d0, d0 + day, d0 + day + 3 * HOUR, d0 + 3 * day]
+    apart = agree()
+    assert (apart[1]["base_fired"], apart[1]["win_fired"]) == (2 + 4 + 7, 3 + 6)
