@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -223,7 +224,18 @@ class Catalog:
         if not statements:
             raise CatalogError("empty query")
         for number, statement in enumerate(statements, 1):
-            if statement.type not in ANALYST_STATEMENTS:
+            if statement.type == duckdb.StatementType.EXPLAIN:
+                # EXPLAIN ANALYZE runs what it explains: check the statement inside.
+                inner = re.sub(r"(?is)^\s*explain\s+(analyze\s+)?", "", statement.query)
+                try:
+                    (statement,) = self.con.extract_statements(inner)
+                except (duckdb.Error, ValueError):
+                    raise CatalogError(
+                        f"statement {number}: cannot check what EXPLAIN runs"
+                    ) from None
+            if statement.type not in ANALYST_STATEMENTS or (
+                statement.type == duckdb.StatementType.EXPLAIN
+            ):
                 # Name it by its first word (DuckDB parses INSTALL as LOAD, PRAGMA x = 1
                 # as SET, CHECKPOINT as CALL).
                 kind = (statement.query.split() or [statement.type.name])[0].upper()

@@ -24,6 +24,7 @@ def test_queries_over_the_lake_still_work(analyst):
     assert cat.query("FROM feature_acts SELECT count(*) AS n").to_pylist() == [{"n": 4}]
     assert cat.query("SELECT 1 AS a; SELECT 2 AS b").to_pylist() == [{"b": 2}]
     assert cat.query("EXPLAIN SELECT * FROM tokens").num_rows >= 1
+    assert cat.query("EXPLAIN ANALYZE SELECT count(*) FROM tokens").num_rows >= 1
     assert cat.query("DESCRIBE tokens").num_rows > 5
     # the lake's own files may be read directly
     assert cat.query("SELECT count(*) AS n FROM glob(?)", [str(cat.lake_dir) + "/**"]).num_rows
@@ -34,6 +35,9 @@ ESCAPES = [
     ("COPY (SELECT 1) TO '{tmp}/out.csv'", "COPY"),
     ("COPY (SELECT 1) TO '{tmp}/lake/out.csv'", "COPY"),  # not even into the lake
     ("SELECT 1; COPY (SELECT 1) TO '{tmp}/out.csv'", "statement 2 is COPY"),
+    # EXPLAIN ANALYZE runs the statement it explains
+    ("EXPLAIN ANALYZE COPY (SELECT 1) TO '{tmp}/lake/out.csv'", "COPY"),
+    ("EXPLAIN COPY (SELECT 1) TO '{tmp}/lake/out.csv'", "COPY"),
     ("EXPORT DATABASE '{tmp}/export'", "EXPORT"),
     ("ATTACH '{tmp}/other.duckdb' AS other", "ATTACH"),
     ("INSTALL httpfs", "INSTALL"),
