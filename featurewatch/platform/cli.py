@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -54,6 +55,26 @@ def demo(config: ConfigOpt = None, home: HomeOpt = None) -> None:
 SQL_FORMATS = ("table", "csv", "json", "parquet")
 
 
+def _check_format(fmt: str) -> None:
+    if fmt not in SQL_FORMATS:
+        _fail(f"--format must be one of {', '.join(SQL_FORMATS)}, not {fmt!r}", 2)
+
+
+@contextmanager
+def _open_catalog(config: Path | None, home: Path | None, *, analyst: bool = True):
+    """The configured catalog (sandboxed for analysts, else read-write); a featurewatch
+    error anywhere in the block becomes a one-line error and exit status 1."""
+    from featurewatch.storage.catalog import Catalog
+
+    try:
+        cfg = _config(config, home)
+        opener = Catalog.for_analyst if analyst else Catalog
+        with opener(cfg.catalog_path, cfg.lake_dir) as catalog:
+            yield catalog
+    except FeaturewatchError as err:
+        _fail(str(err))
+
+
 @app.command()
 def sql(
     query: Annotated[
@@ -71,8 +92,7 @@ def sql(
     """Run a query against the catalog (read-only, sandboxed) and print the result."""
     from featurewatch.storage.catalog import Catalog
 
-    if fmt not in SQL_FORMATS:
-        _fail(f"--format must be one of {', '.join(SQL_FORMATS)}, not {fmt!r}", 2)
+    _check_format(fmt)
     if fmt == "parquet" and output is None and sys.stdout.isatty():
         _fail("--format parquet is binary: give --output FILE or redirect stdout", 2)
     if file is not None:
@@ -196,29 +216,23 @@ def drift(
     window, with rates, rate ratio, z-score and the tokens where they fired hardest."""
     from datetime import UTC, datetime
 
-    from featurewatch.storage.catalog import Catalog
     from featurewatch.storage.drift import latest_sae_version, top_movers
 
-    if fmt not in SQL_FORMATS:
-        _fail(f"--format must be one of {', '.join(SQL_FORMATS)}, not {fmt!r}", 2)
+    _check_format(fmt)
     base_len = _parse_duration(baseline, "--baseline")
     win_len = _parse_duration(window, "--window")
     win_end = _parse_time(end, "--end") if end else datetime.now(UTC)
     win_start = win_end - win_len
-    try:
-        cfg = _config(config, home)
-        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
-            version = sae_version or latest_sae_version(catalog)
-            result = top_movers(
-                catalog,
-                version,
-                (win_start - base_len, win_start),
-                (win_start, win_end),
-                limit,
-                exact=exact,
-            )
-    except FeaturewatchError as err:
-        _fail(str(err))
+    with _open_catalog(config, home) as catalog:
+        version = sae_version or latest_sae_version(catalog)
+        result = top_movers(
+            catalog,
+            version,
+            (win_start - base_len, win_start),
+            (win_start, win_end),
+            limit,
+            exact=exact,
+        )
     if fmt == "table":
         typer.echo(
             f"SAE {version}: baseline {win_start - base_len:%Y-%m-%d %H:%M} to "
@@ -427,17 +441,11 @@ def features_list(
     home: HomeOpt = None,
 ) -> None:
     """Labelled or tagged features."""
-    from featurewatch.storage.catalog import Catalog
     from featurewatch.storage.registry import FeatureRegistry
 
-    if fmt not in SQL_FORMATS:
-        _fail(f"--format must be one of {', '.join(SQL_FORMATS)}, not {fmt!r}", 2)
-    try:
-        cfg = _config(config, home)
-        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
-            result = FeatureRegistry(catalog).entries(sae_version, tag)
-    except FeaturewatchError as err:
-        _fail(str(err))
+    _check_format(fmt)
+    with _open_catalog(config, home) as catalog:
+        result = FeatureRegistry(catalog).entries(sae_version, tag)
     _write_result(result, fmt, sys.stdout.buffer)
 
 
@@ -449,15 +457,10 @@ def features_show(
     home: HomeOpt = None,
 ) -> None:
     """One feature's label, description, owner, tags and history, as JSON."""
-    from featurewatch.storage.catalog import Catalog
     from featurewatch.storage.registry import FeatureRegistry
 
-    try:
-        cfg = _config(config, home)
-        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
-            _print_json(FeatureRegistry(catalog).show(sae_version, feature_id))
-    except FeaturewatchError as err:
-        _fail(str(err))
+    with _open_catalog(config, home) as catalog:
+        _print_json(FeatureRegistry(catalog).show(sae_version, feature_id))
 
 
 @features_app.command("examples")
@@ -471,20 +474,14 @@ def features_examples(
     home: HomeOpt = None,
 ) -> None:
     """The tokens where a feature fired hardest, with their context."""
-    from featurewatch.storage.catalog import Catalog
     from featurewatch.storage.registry import FeatureRegistry
 
-    if fmt not in SQL_FORMATS:
-        _fail(f"--format must be one of {', '.join(SQL_FORMATS)}, not {fmt!r}", 2)
-    try:
-        cfg = _config(config, home)
-        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
-            FeatureRegistry(catalog).show(sae_version, feature_id)  # names a bad id
-            result = catalog.query(
-                "SELECT * FROM top_examples(?, ?, ?, ?)", [sae_version, feature_id, n, width]
-            )
-    except FeaturewatchError as err:
-        _fail(str(err))
+    _check_format(fmt)
+    with _open_catalog(config, home) as catalog:
+        FeatureRegistry(catalog).show(sae_version, feature_id)  # names a bad id
+        result = catalog.query(
+            "SELECT * FROM top_examples(?, ?, ?, ?)", [sae_version, feature_id, n, width]
+        )
     _write_result(result, fmt, sys.stdout.buffer)
 
 
@@ -499,24 +496,19 @@ def features_label(
     home: HomeOpt = None,
 ) -> None:
     """Set a feature's label, description or owner (the change goes to its history)."""
-    from featurewatch.storage.catalog import Catalog
     from featurewatch.storage.registry import FeatureRegistry
 
-    try:
-        cfg = _config(config, home)
-        with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
-            registry = FeatureRegistry(catalog)
-            registry.label(
-                sae_version,
-                feature_id,
-                actor=_actor(),
-                label=label,
-                description=description,
-                owner=owner,
-            )
-            _print_json(registry.show(sae_version, feature_id))
-    except FeaturewatchError as err:
-        _fail(str(err))
+    with _open_catalog(config, home, analyst=False) as catalog:
+        registry = FeatureRegistry(catalog)
+        registry.label(
+            sae_version,
+            feature_id,
+            actor=_actor(),
+            label=label,
+            description=description,
+            owner=owner,
+        )
+        _print_json(registry.show(sae_version, feature_id))
 
 
 @features_app.command("tag")
@@ -529,17 +521,12 @@ def features_tag(
     home: HomeOpt = None,
 ) -> None:
     """Add (or --remove) tags on one or more features."""
-    from featurewatch.storage.catalog import Catalog
     from featurewatch.storage.registry import FeatureRegistry
 
-    try:
-        cfg = _config(config, home)
-        with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
-            changed = FeatureRegistry(catalog).tag(
-                sae_version, feature_ids, tag, actor=_actor(), remove=remove
-            )
-    except FeaturewatchError as err:
-        _fail(str(err))
+    with _open_catalog(config, home, analyst=False) as catalog:
+        changed = FeatureRegistry(catalog).tag(
+            sae_version, feature_ids, tag, actor=_actor(), remove=remove
+        )
     _print_json({"changed": changed})
 
 

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -266,6 +267,17 @@ class Catalog:
         shutil.copyfile(self.path, tmp)
         os.replace(tmp, target)
 
+    @contextmanager
+    def transaction(self):
+        """One DuckDB transaction: committed when the block ends, rolled back if it raises."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield self.con
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
     # ---- manifest
 
     def committed_segments(self, sae_version: str) -> set[str]:
@@ -294,15 +306,12 @@ class Catalog:
         batch_keys: list[str] | None = None,
     ) -> bool:
         """Record a segment's lake files and expose them; False if already committed."""
-        con = self.con
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with self.transaction() as con:
             exists = con.execute(
                 "SELECT count(*) FROM segments WHERE segment_id = ? AND sae_version = ?",
                 [segment_id, sae_version],
             ).fetchone()[0]
             if exists:
-                con.execute("ROLLBACK")
                 return False
             con.execute(
                 "INSERT INTO segments (segment_id, sae_version, tokens, feature_rows) "
@@ -322,10 +331,6 @@ class Catalog:
                     [(key, sae_version, segment_id) for key in batch_keys],
                 )
             self._rebuild_views()
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         self.publish()
         return True
 
@@ -342,11 +347,9 @@ class Catalog:
         old paths, new paths, folded_until): the new files (written by compaction)
         become visible and the old ones leave the views and are retired; an empty `new`
         is retention dropping them."""
-        con = self.con
         if not swaps:
             return
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with self.transaction() as con:
             for table_name, sae_version, old, new, folded_until in swaps:
                 for rel in old:
                     con.execute("DELETE FROM lake_files WHERE path = ?", [rel])
@@ -359,10 +362,6 @@ class Catalog:
                         [[table_name, rel, sae_version, folded_until] for rel in new],
                     )
             self._rebuild_views()
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         self.publish()
 
     def take_retired(self, older_than) -> list[str]:

@@ -47,7 +47,6 @@ class Partition:
     directory: str  # <table>/model=<m>/date=<d>[/hour=<h>], relative to the lake
     sae_version: str
     files: list[str] = field(default_factory=list)
-    segment_ids: set[str] = field(default_factory=set)
     folded_until: list[datetime | None] = field(default_factory=list)
 
     @property
@@ -85,11 +84,10 @@ class UpkeepReport:
 
 def partitions(catalog: Catalog) -> list[Partition]:
     grouped: dict[tuple[str, str, str], Partition] = {}
-    for table_name, path, segment, sae_version, folded_until in catalog.lake_file_list():
+    for table_name, path, _segment, sae_version, folded_until in catalog.lake_file_list():
         key = (table_name, str(Path(path).parent), sae_version)
         part = grouped.setdefault(key, Partition(*key))
         part.files.append(path)
-        part.segment_ids.add(segment)
         part.folded_until.append(folded_until)
     return list(grouped.values())
 

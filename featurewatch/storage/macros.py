@@ -11,7 +11,7 @@ README lists them); tests check each against a hand-computed answer.
 
 from __future__ import annotations
 
-MACROS_SQL = r"""
+_MACROS_TEMPLATE = r"""
 -- two_proportion_z(f1, n1, f2, n2): z-score of rate f2/n2 against f1/n1 with the pooled
 -- rate; NULL when either count of tokens is 0 or the pooled rate is 0 or 1.
 CREATE OR REPLACE MACRO two_proportion_z(f1, n1, f2, n2) AS
@@ -32,14 +32,7 @@ CREATE OR REPLACE MACRO utc_date(ts) AS CAST(timezone('UTC', ts) AS DATE);
 -- feature_rows(start, end) / token_rows(start, end): the rollup rows of periods that
 -- start in [start, end). The `date` condition lets DuckDB skip other days' files
 -- without opening them.
-CREATE OR REPLACE MACRO feature_rows(start_ts, end_ts) AS TABLE
-SELECT * FROM feature_rollups
-WHERE period_start >= start_ts AND period_start < end_ts
-  AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts);
-CREATE OR REPLACE MACRO token_rows(start_ts, end_ts) AS TABLE
-SELECT * FROM token_rollups
-WHERE period_start >= start_ts AND period_start < end_ts
-  AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts);
+{rows_macros}
 
 -- feature_totals(start, end) / token_totals(start, end): the same rows for questions
 -- that only sum over the whole window: whole days inside it come from the day rows
@@ -50,28 +43,7 @@ WHERE period_start >= start_ts AND period_start < end_ts
 CREATE OR REPLACE MACRO first_full_day(ts) AS
     utc_date(ts) + CASE WHEN timezone('UTC', ts) = CAST(utc_date(ts) AS TIMESTAMP)
                         THEN 0 ELSE 1 END;
-CREATE OR REPLACE MACRO feature_totals(start_ts, end_ts) AS TABLE
-SELECT * FROM feature_daily
-WHERE "date" >= first_full_day(start_ts) AND "date" < utc_date(end_ts)
-UNION ALL BY NAME
-SELECT * FROM feature_rollups
-WHERE period_start >= start_ts AND period_start < end_ts
-  AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts)
-  AND ("date" < first_full_day(start_ts) OR "date" >= utc_date(end_ts))
-UNION ALL BY NAME
-SELECT * FROM feature_rollups
-WHERE "date" >= first_full_day(start_ts) AND "date" < utc_date(end_ts) AND NOT day_folded;
-CREATE OR REPLACE MACRO token_totals(start_ts, end_ts) AS TABLE
-SELECT * FROM token_daily
-WHERE "date" >= first_full_day(start_ts) AND "date" < utc_date(end_ts)
-UNION ALL BY NAME
-SELECT * FROM token_rollups
-WHERE period_start >= start_ts AND period_start < end_ts
-  AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts)
-  AND ("date" < first_full_day(start_ts) OR "date" >= utc_date(end_ts))
-UNION ALL BY NAME
-SELECT * FROM token_rollups
-WHERE "date" >= first_full_day(start_ts) AND "date" < utc_date(end_ts) AND NOT day_folded;
+{totals_macros}
 
 -- window_counts(start, end): per model version, SAE version and feature, the tokens
 -- seen and the times fired in [start, end), with the activation's sum, sum of squares
@@ -351,6 +323,28 @@ SELECT sae_version, feature_id, any_value(b_total) AS base_fired,
        any_value(w_total) AS win_fired, sum((ws - bs) * ln(ws / bs)) AS psi
 FROM p GROUP BY ALL;
 """
+
+# The row macros of the two rollup kinds differ only in their tables.
+_ROWS_MACRO = """
+CREATE OR REPLACE MACRO {kind}_rows(start_ts, end_ts) AS TABLE
+SELECT * FROM {kind}_rollups
+WHERE period_start >= start_ts AND period_start < end_ts
+  AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts);"""
+_TOTALS_MACRO = """
+CREATE OR REPLACE MACRO {kind}_totals(start_ts, end_ts) AS TABLE
+SELECT * FROM {kind}_daily
+WHERE "date" >= first_full_day(start_ts) AND "date" < utc_date(end_ts)
+UNION ALL BY NAME
+SELECT * FROM {kind}_rollups
+WHERE period_start >= start_ts AND period_start < end_ts
+  AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts)
+  AND ("date" < first_full_day(start_ts) OR "date" >= utc_date(end_ts))
+UNION ALL BY NAME
+SELECT * FROM {kind}_rollups
+WHERE "date" >= first_full_day(start_ts) AND "date" < utc_date(end_ts) AND NOT day_folded;"""
+MACROS_SQL = _MACROS_TEMPLATE.replace(
+    "{rows_macros}", "".join(_ROWS_MACRO.format(kind=k) for k in ("feature", "token"))
+).replace("{totals_macros}", "".join(_TOTALS_MACRO.format(kind=k) for k in ("feature", "token")))
 
 # One row per period and feature, the partial rows of several segments summed, with
 # the tokens seen in that period.

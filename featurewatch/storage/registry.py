@@ -73,9 +73,7 @@ class FeatureRegistry:
         for field, value in changes.items():
             if not value or len(value) > MAX_TEXT[field]:
                 raise CatalogError(f"{field} must be 1-{MAX_TEXT[field]} characters")
-        con = self.con
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with self.catalog.transaction() as con:
             old = con.execute(
                 "SELECT label, description, owner FROM feature_labels "
                 "WHERE sae_version = ? AND feature_id = ?",
@@ -91,10 +89,6 @@ class FeatureRegistry:
             for field, value in changes.items():
                 if before[field] != value:
                     self._record(sae_version, feature_id, actor, field, before[field], value)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
 
     def tag(
         self,
@@ -111,10 +105,8 @@ class FeatureRegistry:
         tags = [_check_tag(t) for t in tags]
         for feature_id in feature_ids:
             self._check_feature(sae_version, feature_id)
-        con = self.con
         changed = 0
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with self.catalog.transaction() as con:
             for feature_id in feature_ids:
                 for tag in tags:
                     key = [sae_version, feature_id, tag]
@@ -135,10 +127,6 @@ class FeatureRegistry:
                         con.execute("INSERT INTO feature_tags VALUES (?, ?, ?)", key)
                         self._record(sae_version, feature_id, actor, "tag", None, tag)
                         changed += 1
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         return changed
 
     def entries(self, sae_version: str | None = None, tag: str | None = None) -> pa.Table:

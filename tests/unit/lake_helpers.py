@@ -13,17 +13,18 @@ T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
 
 
-def segment(start, n_tokens, fires, model_version="v1"):
+def segment(start, n_tokens, fires, model_version="v1", request=None):
     """n_tokens sampled tokens one second apart from `start` (n_tokens <= 60 keeps them
-    in one minute); `fires` maps feature id -> the values it fired with, on the first
-    tokens in order."""
+    in one minute), all of one request; `fires` maps feature id -> the values it fired
+    with, on the first tokens in order."""
+    request = request or f"{model_version}-{start:%H%M}"
     ts = [start + timedelta(seconds=i) for i in range(n_tokens)]
     common = {
         "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
         "model": ["tiny"] * n_tokens,
         "model_version": [model_version] * n_tokens,
         "replica": ["rep"] * n_tokens,
-        "request_id": [f"{model_version}-{start:%H%M}"] * n_tokens,
+        "request_id": [request] * n_tokens,
         "token_pos": pa.array(range(n_tokens), pa.int32()),
         "layer": pa.array([1] * n_tokens, pa.int16()),
         "sae_version": ["sae1"] * n_tokens,

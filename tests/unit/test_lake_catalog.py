@@ -2,51 +2,21 @@
 
 from datetime import UTC, datetime, timedelta
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from featurewatch.errors import CatalogError
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.lake import write_partitioned, write_segment
+from tests.unit.lake_helpers import segment
 
 T0 = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
 
 
 def tables(n_tokens, fires, start, request="r"):
-    """n_tokens sampled tokens one second apart; feature 1 fires on the first `fires`."""
-    ts = [start + timedelta(seconds=i) for i in range(n_tokens)]
-    common = {
-        "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
-        "model": ["tiny"] * n_tokens,
-        "model_version": ["v1"] * n_tokens,
-        "replica": ["rep"] * n_tokens,
-        "request_id": [request] * n_tokens,
-        "token_pos": pa.array(range(n_tokens), pa.int32()),
-        "layer": pa.array([1] * n_tokens, pa.int16()),
-        "sae_version": ["sae1"] * n_tokens,
-    }
-    tokens = pa.table(
-        {
-            **common,
-            "token_id": pa.array([7] * n_tokens, pa.int32()),
-            "token_text": ["tok"] * n_tokens,
-            "recon_error": pa.array([0.1] * n_tokens, pa.float32()),
-            "segment_id": ["s"] * n_tokens,
-        }
-    )
-    idx = pa.array(range(fires))
-    feats = pa.table(
-        {
-            **{
-                k: (v.take(idx) if isinstance(v, pa.Array) else v[:fires])
-                for k, v in common.items()
-            },
-            "feature_id": pa.array([1] * fires, pa.int32()),
-            "value": pa.array([2.0] * fires, pa.float32()),
-        }
-    )
-    return tokens, feats
+    """n_tokens sampled tokens one second apart; feature 1 fires (value 2.0) on the first
+    `fires`."""
+    return segment(start, n_tokens, {1: [2.0] * fires}, request=request)
 
 
 def commit(catalog, lake, seg, tokens, feats):
