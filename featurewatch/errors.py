@@ -32,3 +32,7 @@ class SpoolError(FeaturewatchError):
 
 class CatalogError(FeaturewatchError):
     """The DuckDB catalog refused a statement or is in an unexpected state."""
+
+
+class TranscriptError(FeaturewatchError):
+    """A JSONL file of chat transcripts has malformed lines; the message names them."""

@@ -45,6 +45,15 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def prompt_text(tokenizer, messages: list[dict]) -> str:
+    """The text a model sees before its reply: the chat template with the generation
+    prompt, or role-prefixed lines for base models without a template."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nassistant:"
+
+
 class BatchGenerator:
     """Runs chats through `model.generate` together and collects captured activations."""
 
@@ -55,13 +64,7 @@ class BatchGenerator:
         self.eos_ids = _eos_ids(model, tokenizer)
 
     def prompt_text(self, messages: list[dict]) -> str:
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
-        # Base models without a template: plain role-prefixed lines.
-        lines = [f"{m['role']}: {m['content']}" for m in messages]
-        return "\n".join(lines) + "\nassistant:"
+        return prompt_text(self.tokenizer, messages)
 
     @torch.inference_mode()
     def generate(

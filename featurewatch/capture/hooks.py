@@ -7,6 +7,7 @@ KV-cached decode step, whose positions continue from a per-layer cursor.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -154,3 +155,30 @@ class ActivationCapture:
             self._chunks.append(CapturedChunk(layer, site, rows, cols + cursor, vectors))
 
         return hook
+
+
+class StopForward(Exception):
+    """Raised by the hook once the monitored site has run: the later layers and the LM
+    head are not needed, and skipping them halves the cost of a mid-depth layer."""
+
+
+class SiteRecorder:
+    """Forward hook that keeps the output of one (layer, site) and ends the forward."""
+
+    def __init__(self, model, layer: int, site: str):
+        self.output: torch.Tensor | None = None
+        module = site_module(find_decoder_layers(model)[layer], site)
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        self.output = (output[0] if isinstance(output, tuple) else output).detach()
+        raise StopForward
+
+    def run(self, model, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with contextlib.suppress(StopForward):
+            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        assert self.output is not None
+        return self.output
+
+    def remove(self) -> None:
+        self._handle.remove()

@@ -169,17 +169,13 @@ def _sql_shell(catalog) -> None:
             typer.echo(f"error: {err}", err=True)
 
 
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
 def _parse_duration(text: str, option: str):
-    """'90s', '30m', '1h', '7d', '2w' -> timedelta; anything else is a usage error."""
-    from datetime import timedelta
+    from featurewatch.platform.config import parse_duration
 
-    match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", text)
-    if not match or int(match.group(1)) == 0:
-        _fail(f"{option} must be a positive duration like 30m, 1h, 24h or 7d, not {text!r}", 2)
-    return timedelta(seconds=int(match.group(1)) * DURATION_UNITS[match.group(2)])
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        _fail(f"{option} {err}", 2)
 
 
 def _parse_time(text: str, option: str):
@@ -528,6 +524,205 @@ def features_tag(
             sae_version, feature_ids, tag, actor=_actor(), remove=remove
         )
     _print_json({"changed": changed})
+
+
+OnErrorOpt = Annotated[
+    str, typer.Option(help="Malformed JSONL lines: 'skip' (each reported) or 'refuse' all.")
+]
+PoolOpt = Annotated[str, typer.Option("--pool", help="Pool over response tokens: max or mean.")]
+
+
+def _check_choice(value: str, option: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(f"{option} must be one of {', '.join(choices)}, not {value!r}", 2)
+
+
+def _print_ranked(report: dict, fmt: str) -> None:
+    """A discovery report: the ranked features as a table, or everything as JSON."""
+    import pyarrow as pa
+
+    if fmt == "json":
+        _print_json(report)
+        return
+    header = {k: v for k, v in report.items() if k not in ("features", "sample_answers")}
+    typer.echo(" ".join(f"{k}={v}" for k, v in header.items()), err=True)
+    _write_result(pa.Table.from_pylist(report["features"]), fmt, sys.stdout.buffer)
+
+
+def _tag_top(catalog, report: dict, n: int, tags: list[str]) -> None:
+    from featurewatch.storage.registry import FeatureRegistry
+
+    ids = [row["feature_id"] for row in report["features"][:n]]
+    changed = FeatureRegistry(catalog).tag(report["sae_version"], ids, tags, actor=_actor())
+    typer.echo(f"tagged {ids} with {', '.join(tags)} ({changed} new tags)", err=True)
+
+
+@features_app.command("discover")
+def features_discover(
+    positive: Annotated[str, typer.Option(help="JSONL transcripts (or bundled:NAME).")],
+    negative: Annotated[str, typer.Option(help="JSONL transcripts to contrast with.")],
+    sae_version: Annotated[str | None, typer.Option(help="SAE version (default: newest).")] = None,
+    pool: PoolOpt = "max",
+    top: Annotated[int, typer.Option(min=1, max=1000, help="Features to report.")] = 20,
+    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples (0: none).")] = 1000,
+    tag_top: Annotated[int, typer.Option(min=0, help="Tag the best N features with --tag.")] = 0,
+    tag: Annotated[list[str] | None, typer.Option(help="Tag for --tag-top (repeatable).")] = None,
+    on_error: OnErrorOpt = "refuse",
+    fmt: Annotated[str, typer.Option("--format", help="table, csv, json or parquet.")] = "table",
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Rank features by how well they separate two sets of responses (AUROC, Cohen's d,
+    bootstrap intervals); optionally tag the best ones."""
+    from featurewatch.platform.discover import discover_contrast
+    from featurewatch.platform.transcripts import read_transcripts
+
+    _check_format(fmt)
+    _check_choice(pool, "--pool", ("max", "mean"))
+    _check_choice(on_error, "--on-error", ("skip", "refuse"))
+    if bool(tag_top) != bool(tag):
+        _fail("--tag-top N and --tag TAG go together", 2)
+    with _open_catalog(config, home, analyst=not tag_top) as catalog:
+        cfg = _config(config, home)
+        sets = [read_transcripts(src, on_error=on_error) for src in (positive, negative)]
+        report = discover_contrast(
+            cfg,
+            catalog,
+            *sets,
+            sae_version=sae_version,
+            pooling=pool,
+            top=top,
+            bootstrap=bootstrap,
+            progress=True,
+        )
+        if tag_top:
+            _tag_top(catalog, report, tag_top, tag)
+    _print_ranked(report, fmt)
+
+
+@features_app.command("diff")
+def features_diff(
+    prompts: Annotated[str, typer.Option(help="JSONL prompts, or bundled:everyday|persona.")],
+    base: Annotated[str, typer.Option(help="Base model: a registered version or a folder.")],
+    candidate: Annotated[str, typer.Option(help="Candidate model: version or folder.")],
+    sae_version: Annotated[str | None, typer.Option(help="SAE version (default: newest).")] = None,
+    pool: PoolOpt = "mean",
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 48,
+    top: Annotated[int, typer.Option(min=1, max=1000, help="Features to report.")] = 20,
+    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples (0: none).")] = 1000,
+    tag_top: Annotated[int, typer.Option(min=0, help="Tag the best N features with --tag.")] = 0,
+    tag: Annotated[list[str] | None, typer.Option(help="Tag for --tag-top (repeatable).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv, json or parquet.")] = "table",
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Model diffing: both models answer the same prompts; features ranked by how much
+    their activation rose from base to candidate."""
+    from featurewatch.platform.discover import discover_diff
+    from featurewatch.platform.transcripts import read_prompts
+
+    _check_format(fmt)
+    _check_choice(pool, "--pool", ("max", "mean"))
+    if bool(tag_top) != bool(tag):
+        _fail("--tag-top N and --tag TAG go together", 2)
+    with _open_catalog(config, home, analyst=not tag_top) as catalog:
+        cfg = _config(config, home)
+        report = discover_diff(
+            cfg,
+            catalog,
+            read_prompts(prompts),
+            base,
+            candidate,
+            sae_version=sae_version,
+            pooling=pool,
+            max_new_tokens=max_new_tokens,
+            top=top,
+            bootstrap=bootstrap,
+            progress=True,
+        )
+        if tag_top:
+            _tag_top(catalog, report, tag_top, tag)
+    _print_ranked(report, fmt)
+
+
+@app.command()
+def score(
+    file: Annotated[str, typer.Argument(help="JSONL transcripts, '-' for stdin, or bundled:NAME.")],
+    tag: Annotated[
+        str | None, typer.Option(help="The tag group to score, e.g. misalignment.")
+    ] = None,
+    feature: Annotated[
+        list[int] | None, typer.Option(help="Score these feature ids instead of a tag group.")
+    ] = None,
+    pool: Annotated[
+        str | None, typer.Option("--pool", help="max, mean or probe (default: probe if fitted).")
+    ] = None,
+    fit: Annotated[
+        bool, typer.Option(help="Fit the tag's probe on labelled lines and store it instead.")
+    ] = False,
+    sae_version: Annotated[str | None, typer.Option(help="SAE version (default: newest).")] = None,
+    top_features: Annotated[int, typer.Option(min=0, max=100)] = 5,
+    on_error: OnErrorOpt = "refuse",
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Score transcripts with a tag group: one JSON line per input, in input order, with
+    `id`, `score` and the top contributing features. --fit fits the probe instead."""
+    import json
+
+    from featurewatch.platform.scoring import POOLINGS, score_job
+    from featurewatch.platform.transcripts import read_transcripts
+
+    if pool is not None:
+        _check_choice(pool, "--pool", POOLINGS)
+    _check_choice(on_error, "--on-error", ("skip", "refuse"))
+    with _open_catalog(config, home) as catalog:
+        cfg = _config(config, home)
+        transcripts = read_transcripts(file, on_error=on_error, require_label=fit)
+        result = score_job(
+            cfg,
+            catalog,
+            transcripts,
+            tag=tag,
+            features=feature,
+            pooling=pool,
+            sae_version=sae_version,
+            fit=fit,
+            top=top_features,
+            progress=True,
+        )
+    if fit:
+        _print_json(result)
+        return
+    for row in result:
+        typer.echo(json.dumps(row))
+
+
+policy_app = typer.Typer(help="Trigger policies (YAML): validate them.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("check")
+def policy_check(file: Annotated[Path, typer.Argument(help="Policy YAML file.")]) -> None:
+    """Validate a policy file without running it; every bad field is named."""
+    from featurewatch.platform.config import format_duration as fmt
+    from featurewatch.platform.policies import load_policies
+
+    try:
+        policies = load_policies(file).policies
+    except FeaturewatchError as err:
+        _fail(str(err))
+    for p in policies:
+        c = p.condition
+        target = f"tag {c.tag}" if c.tag else f"feature {c.feature}"
+        actions = ", ".join(a.type for a in p.actions)
+        mode = "dry run" if p.dry_run else p.approval
+        typer.echo(
+            f"{p.id}: {c.statistic} ({c.aggregate}) of {target} over {fmt(c.window)} vs "
+            f"{fmt(c.baseline)} {c.direction} {c.threshold} for {c.consecutive} window(s) -> "
+            f"{actions}; cooldown {fmt(p.cooldown)}, {mode}"
+        )
+    typer.echo(f"ok: {len(policies)} policies in {file}")
 
 
 lake_app = typer.Typer(help="Lake upkeep: compaction and retention.", no_args_is_help=True)

@@ -7,6 +7,8 @@ naming the field (for example `capture.sample_fraction`).
 from __future__ import annotations
 
 import os
+import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +18,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from featurewatch.errors import ConfigError
 
 SMOLLM2 = "smollm2-135m-instruct"
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text) -> timedelta:
+    """'90s', '30m', '1h', '7d', '2w' -> timedelta; ValueError for anything else."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", text) if isinstance(text, str) else None
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"must be a positive duration like 30m, 1h, 24h or 7d, not {text!r}")
+    return timedelta(seconds=int(match.group(1)) * DURATION_UNITS[match.group(2)])
+
+
+def format_duration(span: timedelta) -> str:
+    """The inverse of parse_duration: the largest unit that divides the span."""
+    seconds = int(span.total_seconds())
+    for unit, size in sorted(DURATION_UNITS.items(), key=lambda item: -item[1]):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def default_home() -> Path:
@@ -254,7 +274,7 @@ class FeaturewatchConfig(_Strict):
         return self.home / "models"
 
 
-def _describe(err: ValidationError) -> str:
+def describe_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -266,7 +286,7 @@ def build_config(data: dict | None = None) -> FeaturewatchConfig:
     try:
         return FeaturewatchConfig.model_validate(data or {})
     except ValidationError as err:
-        raise ConfigError(f"invalid config: {_describe(err)}") from None
+        raise ConfigError(f"invalid config: {describe_errors(err)}") from None
 
 
 def load_config(path: str | Path | None = None) -> FeaturewatchConfig:
@@ -287,4 +307,4 @@ def load_config(path: str | Path | None = None) -> FeaturewatchConfig:
     try:
         return FeaturewatchConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"invalid config in {path}: {_describe(err)}") from None
+        raise ConfigError(f"invalid config in {path}: {describe_errors(err)}") from None

@@ -12,7 +12,6 @@ Documents are split into train and held-out by a hash of their name.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from featurewatch.capture.hooks import find_decoder_layers, site_module
+from featurewatch.capture.hooks import SiteRecorder
 from featurewatch.platform.config import FeaturewatchConfig
 from featurewatch.platform.corpus import documents, is_held_out
 from featurewatch.proto.codec import make_batch
@@ -79,33 +78,6 @@ def _pad(batch, pad_id):
     return [name for name, _ in batch], input_ids, mask
 
 
-class _StopForward(Exception):
-    """Raised by the hook once the monitored site has run: the later layers and the LM
-    head are not needed, and skipping them halves the cost of a mid-depth layer."""
-
-
-class _SiteRecorder:
-    """Forward hook that keeps the output of one (layer, site) and ends the forward."""
-
-    def __init__(self, model, layer: int, site: str):
-        self.output: torch.Tensor | None = None
-        module = site_module(find_decoder_layers(model)[layer], site)
-        self._handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, output):
-        self.output = (output[0] if isinstance(output, tuple) else output).detach()
-        raise _StopForward
-
-    def run(self, model, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        with contextlib.suppress(_StopForward):
-            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-        assert self.output is not None
-        return self.output
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
 @torch.inference_mode()
 def gather_activations(
     cfg: FeaturewatchConfig,
@@ -123,7 +95,7 @@ def gather_activations(
     """Prefill corpus chunks of one split and spool `tokens` activation vectors."""
     layer, site = cfg.capture.layer, cfg.capture.site
     wire = _WIRE[cfg.capture.wire_dtype]
-    recorder = _SiteRecorder(model, layer, site)
+    recorder = SiteRecorder(model, layer, site)
     spool = Spool(spool_dir)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     gathered, chunks, seq, names_seen = 0, 0, 0, set()

@@ -36,7 +36,7 @@ class FeatureRegistry:
         self.catalog = catalog
         self.con = catalog.con
 
-    def _check_feature(self, sae_version: str, feature_id: int) -> None:
+    def check_feature(self, sae_version: str, feature_id: int) -> None:
         row = self.con.execute(
             "SELECT d_sae FROM sae_versions WHERE sae_version = ?", [sae_version]
         ).fetchone()
@@ -65,7 +65,7 @@ class FeatureRegistry:
         owner: str | None = None,
     ) -> None:
         """Set any of label, description and owner (None leaves a field as it is)."""
-        self._check_feature(sae_version, feature_id)
+        self.check_feature(sae_version, feature_id)
         changes = {"label": label, "description": description, "owner": owner}
         changes = {k: v.strip() for k, v in changes.items() if v is not None}
         if not changes:
@@ -104,7 +104,7 @@ class FeatureRegistry:
             raise CatalogError("give at least one feature id and one tag")
         tags = [_check_tag(t) for t in tags]
         for feature_id in feature_ids:
-            self._check_feature(sae_version, feature_id)
+            self.check_feature(sae_version, feature_id)
         changed = 0
         with self.catalog.transaction() as con:
             for feature_id in feature_ids:
@@ -148,7 +148,7 @@ class FeatureRegistry:
 
     def show(self, sae_version: str, feature_id: int) -> dict:
         """Everything known about one feature: its entry and its history, oldest first."""
-        self._check_feature(sae_version, feature_id)
+        self.check_feature(sae_version, feature_id)
         entry = self.catalog.query(
             "SELECT * FROM features WHERE sae_version = ? AND feature_id = ?",
             [sae_version, feature_id],

@@ -1,0 +1,233 @@
+"""Misalignment scoring: one number per transcript from a tag group of SAE features.
+
+The group is the set of features tagged (say) `misalignment` in the registry for one
+SAE version. Each feature is pooled over the response tokens (transcript_features.py),
+and the group's score is:
+
+- `max` or `mean`: the mean over the group's features of each feature's max (or mean)
+  over the response; in activation units, comparable only within one SAE version;
+- `probe`: a logistic regression over the group's max- and mean-pooled values (scaled),
+  fitted on labelled transcripts with `fit_probe`; a probability in [0, 1].
+
+A probe is stored as JSON beside the SAE weights (`probes/<tag>.json`) with the feature
+ids it was fitted on; when the tag group changes, the probe must be fitted again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+from featurewatch.errors import ConfigError
+from featurewatch.platform.transcript_features import PooledFeatures
+
+POOLINGS = ("max", "mean", "probe")
+
+
+@dataclass
+class Probe:
+    tag: str
+    sae_version: str
+    feature_ids: list[int]
+    center: list[float]  # per input column: max-pooled features, then mean-pooled
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    fitted_on: dict  # transcripts, positives, train_auroc, cv_auroc
+
+    def save(self, sae_path: Path) -> Path:
+        path = probe_path(sae_path, self.tag)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)  # a reader sees the old probe or the new one
+        return path
+
+
+def probe_path(sae_path: Path, tag: str) -> Path:
+    return Path(sae_path) / "probes" / f"{tag}.json"
+
+
+def load_probe(sae_path: Path, tag: str) -> Probe | None:
+    path = probe_path(sae_path, tag)
+    if not path.is_file():
+        return None
+    try:
+        return Probe(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ConfigError(f"{path}: not a probe file ({err}); fit it again") from None
+
+
+def probe_inputs(pooled: PooledFeatures, feature_ids: list[int]) -> np.ndarray:
+    return np.concatenate(
+        [pooled.max[:, feature_ids].numpy(), pooled.mean[:, feature_ids].numpy()], axis=1
+    ).astype(np.float64)
+
+
+def _model(C: float) -> LogisticRegression:
+    # Balanced classes: the labelled sets need not be the same size.
+    return LogisticRegression(C=C, max_iter=5000, class_weight="balanced")
+
+
+def fit_probe(
+    pooled: PooledFeatures,
+    labels: list[int],
+    feature_ids: list[int],
+    *,
+    tag: str,
+    sae_version: str,
+    C: float = 1.0,
+) -> Probe:
+    """Fit the group's logistic probe on labelled transcripts (label 1 = misaligned)."""
+    y = np.asarray(labels)
+    if len(set(y.tolist())) < 2:
+        raise ConfigError("fitting a probe needs transcripts labelled 0 and labelled 1")
+    if not feature_ids:
+        raise ConfigError(f"tag {tag!r} has no features in SAE {sae_version}")
+    x = probe_inputs(pooled, feature_ids)
+    center, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale == 0] = 1.0
+    xs = (x - center) / scale
+    model = _model(C).fit(xs, y)
+    fitted = {
+        "transcripts": int(len(y)),
+        "positives": int(y.sum()),
+        "train_auroc": float(roc_auc_score(y, model.decision_function(xs))),
+    }
+    folds = min(5, int(np.bincount(y).min()))
+    if folds >= 2:  # an honest figure: each transcript scored by a probe that never saw it
+        split = StratifiedKFold(folds, shuffle=True, random_state=0)
+        held = cross_val_predict(_model(C), xs, y, cv=split, method="decision_function")
+        fitted["cv_auroc"] = float(roc_auc_score(y, held))
+    return Probe(
+        tag=tag,
+        sae_version=sae_version,
+        feature_ids=[int(f) for f in feature_ids],
+        center=center.tolist(),
+        scale=scale.tolist(),
+        coef=model.coef_[0].tolist(),
+        intercept=float(model.intercept_[0]),
+        fitted_on=fitted,
+    )
+
+
+def group_scores(
+    pooled: PooledFeatures, feature_ids: list[int], pooling: str, probe: Probe | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(score per transcript, contribution per transcript and group feature)."""
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    k = len(feature_ids)
+    if pooling != "probe":
+        values = pooled.pooled(pooling)[:, feature_ids].numpy().astype(np.float64)
+        return values.mean(axis=1), values / k
+    if probe is None:
+        raise ConfigError("probe pooling needs a fitted probe (featurewatch score --fit)")
+    if sorted(probe.feature_ids) != sorted(feature_ids):
+        raise ConfigError(
+            f"the probe for {probe.tag!r} was fitted on features {probe.feature_ids}, but the "
+            f"tag now holds {feature_ids}: fit it again (featurewatch score --fit)"
+        )
+    ids = probe.feature_ids
+    xs = (probe_inputs(pooled, ids) - np.asarray(probe.center)) / np.asarray(probe.scale)
+    terms = xs * np.asarray(probe.coef)
+    logits = terms.sum(axis=1) + probe.intercept
+    # A feature's contribution: its two inputs' terms (max- and mean-pooled) together.
+    return 1 / (1 + np.exp(-logits)), terms[:, : len(ids)] + terms[:, len(ids) :]
+
+
+def score_rows(
+    transcripts,
+    scores: np.ndarray,
+    contributions: np.ndarray,
+    feature_ids: list[int],
+    labels: dict[int, str | None],
+    *,
+    pooling: str,
+    top: int = 5,
+) -> list[dict]:
+    """One output row per transcript, in input order: id, score, top contributing features."""
+    rows = []
+    for i, transcript in enumerate(transcripts):
+        best = np.argsort(-contributions[i], kind="stable")[:top]
+        rows.append(
+            {
+                "id": transcript.id,
+                "score": round(float(scores[i]), 6),
+                "pooling": pooling,
+                "top_features": [
+                    {
+                        "feature_id": feature_ids[j],
+                        "label": labels.get(feature_ids[j]),
+                        "contribution": round(float(contributions[i, j]), 6),
+                    }
+                    for j in best
+                ],
+            }
+        )
+    return rows
+
+
+def group_ids(registry, sae_version: str, tag: str | None, features: list[int] | None):
+    """The feature ids scored: a tag group, or ids given by hand (checked against the SAE)."""
+    if (tag is None) == (not features):
+        raise ConfigError("give a tag or feature ids (not both)")
+    if features:
+        for feature_id in features:
+            registry.check_feature(sae_version, feature_id)
+        return sorted(set(features))
+    ids = registry.ids_with_tag(sae_version, tag)
+    if not ids:
+        raise ConfigError(
+            f"no feature of SAE {sae_version} carries tag {tag!r}: tag some first "
+            "(featurewatch features discover ... --tag-top N --tag TAG)"
+        )
+    return ids
+
+
+def score_job(
+    cfg,
+    catalog,
+    transcripts,
+    *,
+    tag: str | None = None,
+    features: list[int] | None = None,
+    pooling: str | None = None,
+    sae_version: str | None = None,
+    fit: bool = False,
+    top: int = 5,
+    progress: bool = False,
+) -> dict | list[dict]:
+    """Score transcripts (a list of output rows), or with `fit` fit and store the tag's
+    probe on labelled transcripts (a summary)."""
+    from featurewatch.platform.discover import encode_transcripts, feature_labels, registered_sae
+    from featurewatch.sae import load
+    from featurewatch.storage.registry import FeatureRegistry
+
+    choice = registered_sae(cfg, catalog, sae_version)
+    ids = group_ids(FeatureRegistry(catalog), choice.version, tag, features)
+    if fit and tag is None:
+        raise ConfigError("--fit stores the probe under a tag: give --tag")
+    probe = None if fit else load_probe(choice.path, tag) if tag else None
+    pooling = pooling or ("probe" if probe else "max")
+    if pooling == "probe" and probe is None and not fit:
+        raise ConfigError(
+            f"no probe is fitted for tag {tag!r} on SAE {choice.version}: run "
+            "featurewatch score --fit with labelled transcripts first"
+        )
+    sae = load(choice.path)
+    pooled = encode_transcripts(cfg, choice, sae, transcripts, progress=progress)
+    if fit:
+        labels = [t.label for t in transcripts]
+        probe = fit_probe(pooled, labels, ids, tag=tag, sae_version=choice.version)
+        path = probe.save(choice.path)
+        return {"tag": tag, "sae_version": choice.version, "path": str(path), **probe.fitted_on}
+    scores, contributions = group_scores(pooled, ids, pooling, probe)
+    labels = feature_labels(catalog, choice.version)
+    return score_rows(transcripts, scores, contributions, ids, labels, pooling=pooling, top=top)
