@@ -100,4 +100,3 @@ def test_prompts_for_diffing(tmp_path):
     assert len(read_prompts("bundled:persona")) >= 30
     with pytest.raises(TranscriptError, match="unknown prompt set"):
         read_prompts("bundled:nope")
-
