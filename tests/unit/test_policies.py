@@ -12,7 +12,7 @@ from featurewatch.platform.cli import app
 from featurewatch.platform.config import format_duration, parse_duration
 from featurewatch.platform.policies import load_policies
 
-EXAMPLE = Path(__file__).parents[2] / "configs" / "policies-example.yaml"
+EXAMPLE = Path(__file__).parents[2] / "configs" / "policies" / "example.yaml"
 runner = CliRunner()
 
 

@@ -8,6 +8,8 @@ import pytest
 
 from featurewatch.errors import TranscriptError
 from featurewatch.platform.transcripts import (
+    bundled,
+    held_out,
     parse_lines,
     read_prompts,
     read_transcripts,
@@ -100,3 +102,32 @@ def test_prompts_for_diffing(tmp_path):
     assert len(read_prompts("bundled:persona")) >= 30
     with pytest.raises(TranscriptError, match="unknown prompt set"):
         read_prompts("bundled:nope")
+
+
+def test_bundled_sets_and_their_split():
+    aligned, misaligned, safe = bundled("aligned"), bundled("misaligned"), bundled("safe")
+    assert len(aligned) >= 200 and len(misaligned) >= 200 and len(safe) >= 300
+    assert {t.label for t in aligned} == {0} and {t.label for t in misaligned} == {1}
+    assert all(t.label is None for t in safe)
+    domains = {t.extra["domain"] for t in aligned + misaligned}
+    assert domains == {"everyday", "code", "ai_persona", "sarcasm"}
+    ids = [t.id for t in aligned + misaligned + safe]
+    assert len(ids) == len(set(ids))
+    # Every prompt has one aligned and one misaligned answer.
+    assert {t.id[:-2] for t in aligned} == {t.id[:-2] for t in misaligned}
+
+    # The split is by prompt: both answers to a prompt fall on the same side.
+    train = bundled("misaligned:train") + bundled("aligned:train")
+    heldout = bundled("misaligned:heldout") + bundled("aligned:heldout")
+    assert len(train) + len(heldout) == len(aligned) + len(misaligned)
+    assert not {t.id[:-2] for t in train} & {t.id[:-2] for t in heldout}
+    assert 0.2 < len(heldout) / (len(train) + len(heldout)) < 0.4
+    assert all(held_out(t.id[:-2]) for t in heldout)
+
+    assert len(read_transcripts("bundled:aligned:train", require_label=True)) == len(
+        bundled("aligned:train")
+    )
+    with pytest.raises(TranscriptError, match="has no labels"):
+        read_transcripts("bundled:safe", require_label=True)
+    with pytest.raises(TranscriptError, match="unknown bundled set"):
+        read_transcripts("bundled:toxic")
