@@ -698,7 +698,9 @@ def score(
         typer.echo(json.dumps(row))
 
 
-policy_app = typer.Typer(help="Trigger policies (YAML): validate them.", no_args_is_help=True)
+policy_app = typer.Typer(
+    help="Trigger policies (YAML): validate and run them.", no_args_is_help=True
+)
 app.add_typer(policy_app, name="policy")
 
 
@@ -723,6 +725,89 @@ def policy_check(file: Annotated[Path, typer.Argument(help="Policy YAML file.")]
             f"{actions}; cooldown {fmt(p.cooldown)}, {mode}"
         )
     typer.echo(f"ok: {len(policies)} policies in {file}")
+
+
+@policy_app.command("run")
+def policy_run(
+    file: Annotated[Path, typer.Argument(help="Policy YAML file.")],
+    once: Annotated[bool, typer.Option(help="One round, then exit.")] = False,
+    every: Annotated[str, typer.Option(help="Interval between rounds.")] = "1m",
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Run the policy controller in the foreground (no Ray): evaluate the policies over
+    the catalog, audit every evaluation and decision, and act. One JSON line per
+    evaluation; Ctrl-C stops it."""
+    import json
+    import logging
+
+    from featurewatch.platform.controller import PolicyController, load_policy_list, run_forever
+
+    interval = _parse_duration(every, "--every")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    try:
+        cfg = _config(config, home)
+        controller = PolicyController(cfg, load_policy_list(file))
+        if once:
+            for row in controller.tick():
+                typer.echo(json.dumps(row, default=str))
+            return
+        run_forever(controller, interval)
+    except FeaturewatchError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def approve(
+    decision_id: Annotated[str, typer.Argument(help="The decision, as the audit names it.")],
+    by: Annotated[str | None, typer.Option(help="Who approves (default: the OS user).")] = None,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Approve a decision that waits for approval; the controller runs it next round."""
+    from featurewatch.platform.controller import audit_path
+    from featurewatch.storage.audit import AuditLog
+
+    try:
+        audit = AuditLog(audit_path(_config(config, home)))
+        audit.approve(decision_id, actor=by or _actor())
+    except FeaturewatchError as err:
+        _fail(str(err))
+    typer.echo(f"approved {decision_id}")
+
+
+AUDIT_TABLES = {
+    "decisions": "policy_decisions",
+    "evaluations": "policy_evaluations",
+    "actions": "action_results",
+}
+
+
+@app.command()
+def audit(
+    what: Annotated[str, typer.Argument(help="decisions, evaluations or actions.")] = "decisions",
+    policy: Annotated[str | None, typer.Option(help="Only this policy id.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000)] = 50,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv, json or parquet.")] = "table",
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """What the controller evaluated, decided and did, newest first."""
+    from featurewatch.platform.controller import audit_path
+    from featurewatch.storage.audit import AuditLog
+
+    _check_choice(what, "WHAT", tuple(AUDIT_TABLES))
+    _check_format(fmt)
+    try:
+        path = audit_path(_config(config, home))
+        if not path.exists():
+            _fail(f"no audit log at {path}: the controller has not run")
+        result = AuditLog(path).table(AUDIT_TABLES[what], policy_id=policy, limit=limit)
+    except FeaturewatchError as err:
+        _fail(str(err))
+    _write_result(result, fmt, sys.stdout.buffer)
 
 
 lake_app = typer.Typer(help="Lake upkeep: compaction and retention.", no_args_is_help=True)

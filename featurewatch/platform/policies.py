@@ -63,6 +63,11 @@ class Condition(_Strict):
             raise ValueError("give exactly one of tag or feature")
         if self.baseline < self.window:
             raise ValueError("baseline must be at least as long as window")
+        if (self.model or self.model_version) and self.statistic in ("psi", "trend_slope"):
+            raise ValueError(
+                f"{self.statistic} is over every model: model and model_version filter only "
+                "rate_ratio, z_score and firing_rate"
+            )
         return self
 
 

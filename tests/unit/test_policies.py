@@ -76,6 +76,11 @@ BAD = [
     ("policies.0.approval", "maybe", "policies.0.approval: Input should be 'automatic'"),
     ("policies.0.cooldwn", "1h", "policies.0.cooldwn: Extra inputs are not permitted"),
     ("policies.0.id", "Has Spaces", "policies.0.id: String should match"),
+    (
+        "policies.0.condition",
+        {"tag": "misalignment", "statistic": "psi", "threshold": 0.2, "model_version": "v2"},
+        "policies.0.condition: Value error, psi is over every model",
+    ),
 ]
 
 

@@ -1,0 +1,52 @@
+"""What the controller does when a policy fires. Each handler takes the action's config
+(as the policy file gave it) and the decision from the audit log, does the work, and
+returns one line saying what it did; raising marks the action failed in the audit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import requests
+
+log = logging.getLogger(__name__)
+
+
+def alert_body(decision: dict) -> dict:
+    """The JSON a webhook receives: which policy, why, and the numbers behind it."""
+    numbers = decision["numbers"]
+    return {
+        "source": "featurewatch",
+        "decision_id": decision["decision_id"],
+        "policy_id": decision["policy_id"],
+        "decided_at": decision["decided_at"].isoformat(),
+        "status": decision["status"],
+        "reason": decision["reason"],
+        "sae_version": numbers.get("sae_version"),
+        "values": numbers.get("values"),
+        "top_features": numbers.get("top_features"),
+    }
+
+
+def send_alert(action: dict, decision: dict) -> str:
+    """POST the alert to the webhook, retrying with backoff on errors and 5xx answers;
+    every attempt is bounded by the action's timeout."""
+    body = alert_body(decision)
+    log.warning("ALERT %s: %s", decision["policy_id"], decision["reason"])
+    attempts = action.get("retries", 3) + 1
+    problem = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))
+        try:
+            answer = requests.post(action["url"], json=body, timeout=action.get("timeout_s", 5.0))
+        except requests.RequestException as err:
+            problem = f"{type(err).__name__}: {err}"
+            continue
+        if answer.status_code < 300:
+            return f"posted to {action['url']} (HTTP {answer.status_code}, attempt {attempt + 1})"
+        problem = f"HTTP {answer.status_code}"
+        if answer.status_code < 500:
+            break  # the receiver refused the request: sending it again will not help
+    raise RuntimeError(f"webhook {action['url']} failed after {attempt + 1} attempt(s): {problem}")
