@@ -25,6 +25,7 @@ from featurewatch.capture.models import load_model, resolve_model_path
 from featurewatch.capture.packing import pack_batches
 from featurewatch.capture.sampler import SamplingPolicy
 from featurewatch.capture.sender import ActivationSender
+from featurewatch.capture.steering import Steer, Steering
 from featurewatch.platform.config import build_config
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,9 @@ class ModelServer:
         self.capture = ActivationCapture(
             model, cap.layers, cap.sites, self.policy, getattr(torch, cap.wire_dtype)
         ).__enter__()
+        # Registered after capture, but its hooks go first: capture samples the steered
+        # stream. `reconfigure` (Serve's user_config) sets the steers, no restart.
+        self.steering = Steering(model)
         self.generator = BatchGenerator(model, tokenizer, self.capture)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -225,7 +229,25 @@ class ModelServer:
         ):
             self.sender.submit(batch)
 
-    # ---- operator calls (through a deployment handle, not HTTP)
+    # ---- operator calls (through a deployment handle or user_config, not HTTP)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve calls this with the deployment's user_config, at start and on every
+        lightweight update: `{"steering": [Steer fields, ...]}` (empty: steering off)."""
+        try:
+            steers = [Steer.from_dict(s) for s in (user_config or {}).get("steering", [])]
+            self.steering.set(steers)
+        except (TypeError, ValueError) as err:
+            # Raising here would make Serve stop this replica: keep serving, old steers.
+            log.error("steering refused, the previous steering stays: %s", err)
+            return
+        log.warning("steering %s", [s.summary() for s in steers] or "off")
+
+    def steering_status(self) -> dict:
+        return {
+            "replica_id": self.replica_id,
+            "steers": [s.summary() for s in self.steering.steers],
+        }
 
     def capture_stats(self) -> dict:
         stats = vars(self.sender.snapshot())
@@ -236,3 +258,12 @@ class ModelServer:
 
     def flush_capture(self, timeout_s: float = 60.0) -> bool:
         return self.sender.flush(timeout_s)
+
+
+def build_app(args: dict):
+    """The application `featurewatch.platform.serving` deploys by import path, so that a
+    new user_config (steering) is a lightweight update of the running replicas."""
+    return ModelServer.options(
+        num_replicas=args["num_replicas"],
+        ray_actor_options={"num_cpus": args["replica_cpus"]},
+    ).bind(args["config"], args["collector_addresses"], args["token"])

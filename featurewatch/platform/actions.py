@@ -50,3 +50,29 @@ def send_alert(action: dict, decision: dict) -> str:
         if answer.status_code < 500:
             break  # the receiver refused the request: sending it again will not help
     raise RuntimeError(f"webhook {action['url']} failed after {attempt + 1} attempt(s): {problem}")
+
+
+def steer_handler(cfg):
+    """The `steer` action: push down, in every live replica, the group's features that
+    crossed the bar (through Serve's reconfigure, no restart)."""
+
+    def steer(action: dict, decision: dict) -> str:
+        from featurewatch.platform.runtime import init_ray
+        from featurewatch.platform.serving import set_steering, steers_for
+        from featurewatch.storage.catalog import Catalog
+
+        numbers = decision["numbers"]
+        ids = numbers.get("crossing") or [f["feature_id"] for f in numbers["top_features"][:1]]
+        init_ray(cfg)
+        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+            steers = steers_for(
+                cfg, catalog, ids, sae_version=numbers["sae_version"],
+                mode=action.get("mode", "subtract"), scale=action["scale"],
+            )  # fmt: skip
+        status = set_steering(cfg, steers)
+        return (
+            f"steering features {ids} of {numbers['sae_version']} ({action.get('mode')}, "
+            f"scale {action['scale']}) on replica {status['replica_id']}"
+        )
+
+    return steer

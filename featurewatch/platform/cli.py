@@ -778,6 +778,46 @@ def approve(
     typer.echo(f"approved {decision_id}")
 
 
+@app.command()
+def steer(
+    feature_ids: Annotated[list[int] | None, typer.Argument(help="Features to push down.")] = None,
+    sae_version: Annotated[str | None, typer.Option(help="SAE version (default: newest).")] = None,
+    scale: Annotated[float, typer.Option(min=0.01, max=100.0)] = 4.0,
+    mode: Annotated[str, typer.Option(help="subtract or clamp.")] = "subtract",
+    off: Annotated[bool, typer.Option("--off", help="Turn steering off.")] = False,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: the config's; 'auto').")
+    ] = None,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Steer the live model replicas by hand: push features' decoder directions out of
+    the residual stream (no restart), or turn it off with --off."""
+    from featurewatch.capture.steering import MODES
+    from featurewatch.platform.runtime import init_ray
+    from featurewatch.platform.serving import set_steering, steers_for
+    from featurewatch.storage.catalog import Catalog
+
+    _check_choice(mode, "--mode", MODES)
+    if off == bool(feature_ids):
+        _fail("give feature ids to steer, or --off (not both)", 2)
+    try:
+        cfg = _config(config, home)
+        if address:
+            cfg.ray.address = address
+        steers = []
+        if not off:
+            with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+                steers = steers_for(
+                    cfg, catalog, feature_ids, sae_version=sae_version, mode=mode, scale=scale
+                )
+        init_ray(cfg)
+        status = set_steering(cfg, steers)
+    except FeaturewatchError as err:
+        _fail(str(err))
+    _print_json(status)
+
+
 AUDIT_TABLES = {
     "decisions": "policy_decisions",
     "evaluations": "policy_evaluations",

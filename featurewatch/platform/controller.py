@@ -10,7 +10,7 @@ get logged (`dry_run`). Every evaluation is logged too, with the numbers behind 
 The catalog is read through its published copy (`Catalog.for_analyst`, reopened each
 tick), so the controller never blocks the pipeline and sees each commit on the next tick.
 The cooldown lives in the audit log, so a restarted controller does not fire again.
-Actions are handlers keyed by action type (`alert` is `actions.send_alert`); a type
+Actions are handlers keyed by action type (`featurewatch/platform/actions.py`); a type
 with no handler in this deployment is recorded as skipped, never silently dropped.
 """
 
@@ -157,6 +157,8 @@ def evaluate(catalog: Catalog, policy: Policy, now: datetime) -> dict:
         "no_data": all(v is None for v in values),
         "features": len(ids),
         "top_features": [{"feature_id": f, "value": v} for f, v in top],
+        # the group's features that crossed the bar in the newest window: what `steer` acts on
+        "crossing": sorted(f for f, v in per_feature.items() if crosses(condition, v)),
     }
 
 
@@ -186,12 +188,14 @@ class PolicyController:
         audit: AuditLog | None = None,
         handlers: dict[str, Handler] | None = None,
     ):
-        from featurewatch.platform.actions import send_alert
+        from featurewatch.platform.actions import send_alert, steer_handler
 
         self.cfg = cfg
         self.policies = policies
         self.audit = audit or AuditLog(audit_path(cfg))
-        self.handlers = {"alert": send_alert} if handlers is None else handlers
+        if handlers is None:
+            handlers = {"alert": send_alert, "steer": steer_handler(cfg)}
+        self.handlers = handlers
         self.last_evaluated: dict[str, datetime] = {}
         for decision_id in self.audit.decisions_with_status("running"):
             # Cut off by a crash mid-action: recorded, not run again.
@@ -214,6 +218,8 @@ class PolicyController:
                     continue
                 self.last_evaluated[policy.id] = now
                 report.append(self._evaluate_one(catalog, policy, now))
+        # Actions run once the catalog is closed: they may open it themselves (DuckDB
+        # shares one instance per file in a process, and a sandboxed one is locked).
         for decision_id in self.audit.decisions_with_status("approved"):
             self.run_decision(decision_id)
         return report
@@ -265,8 +271,6 @@ class PolicyController:
             at=now,
         )
         log.warning("policy %s fired (%s): %s", policy.id, status, reason)
-        if status == "approved":
-            self.run_decision(decision_id)
         return decision_id
 
     def run_decision(self, decision_id: str) -> str:

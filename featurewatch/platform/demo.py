@@ -19,7 +19,6 @@ import requests
 from ray import serve
 from tqdm import tqdm
 
-from featurewatch.actors.model_server import ModelServer
 from featurewatch.capture.models import model_dims, resolve_model_path
 from featurewatch.platform.config import FeaturewatchConfig
 from featurewatch.platform.pipeline import encode_segments, segments_dataset
@@ -30,6 +29,7 @@ from featurewatch.platform.runtime import (
     spool_segments,
     start_collectors,
 )
+from featurewatch.platform.serving import deploy_model_server
 from featurewatch.platform.train_sae import train_sae
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.drift import top_movers
@@ -121,11 +121,7 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
 
     step(f"Deploying {cfg.model.name} on Ray Serve at http://{cfg.serve.host}:{cfg.serve.port}")
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    deployment = ModelServer.options(
-        num_replicas=cfg.model.num_replicas,
-        ray_actor_options={"num_cpus": cfg.model.replica_cpus},
-    ).bind(cfg.model_dump(mode="json"), addresses, token)
-    handle = serve.run(deployment, name=cfg.serve.app_name, route_prefix="/")
+    handle = deploy_model_server(cfg, addresses, token)
     models = requests.get(f"http://{cfg.serve.host}:{cfg.serve.port}/v1/models", timeout=30)
     print(f"  GET /v1/models -> {[m['id'] for m in models.json()['data']]}")
 

@@ -1,18 +1,34 @@
 """The Serve model server on a tiny Llama: OpenAI-style API, batching, capture over gRPC."""
 
+import dataclasses
+import json
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 import ray
 import requests
+import torch
+import yaml
 from ray import serve
+from typer.testing import CliRunner
 
 from featurewatch.actors.collector import CollectorActor
-from featurewatch.actors.model_server import ModelServer
+from featurewatch.capture.steering import steer_from_sae
+from featurewatch.errors import ConfigError
+from featurewatch.platform.cli import app
 from featurewatch.platform.config import build_config
+from featurewatch.platform.controller import PolicyController
+from featurewatch.platform.policies import PolicyFile
+from featurewatch.platform.serving import deploy_model_server, set_steering
 from featurewatch.proto import activations_pb2 as pb
+from featurewatch.sae.model import build
+from featurewatch.storage.catalog import Catalog
+from featurewatch.storage.lake import write_segment
+from featurewatch.storage.registry import FeatureRegistry
 from featurewatch.storage.spool import read_segment, sealed_segments
 from tests.conftest import free_port
+from tests.unit.lake_helpers import T0, segment
 
 TOKEN = "serve-test-token"
 
@@ -39,19 +55,14 @@ def served(ray_cluster, tiny_llama_dir, tmp_path_factory):
                 "batch_rows": 16,
             },
             "serve": {"port": port, "app_name": "fw-test"},
+            "collector": {"token": TOKEN},
             "demo": {"max_tokens": 8},
         }
     )
     collector = CollectorActor.remote(str(cfg.spool_dir), TOKEN, expected_width=64)
     address = ray.get(collector.address.remote())
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    handle = serve.run(
-        ModelServer.options(ray_actor_options={"num_cpus": 0.5}).bind(
-            cfg.model_dump(mode="json"), [address], TOKEN
-        ),
-        name="fw-test",
-        route_prefix="/",
-    )
+    handle = deploy_model_server(cfg, [address], TOKEN)
     yield cfg, handle, collector, f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.get(collector.stop.remote())
@@ -157,3 +168,86 @@ def test_capture_metrics_export_counts_deltas(ray_cluster):
     stats["acked_vectors"] = 25
     metrics.export(stats)
     assert metrics._last["acked_vectors"] == 25
+
+
+def test_steering_changes_the_live_replica_without_a_restart(served):
+    cfg, handle, _, base = served
+    replica = handle.steering_status.remote().result()["replica_id"]
+
+    def greedy():
+        answer = chat(base, "the quick brown fox", temperature=0.0, max_tokens=8)
+        return answer.json()["choices"][0]["message"]["content"]
+
+    plain = greedy()
+    torch.manual_seed(0)
+    sae = build("topk", 64, 32, k=4)
+    with torch.no_grad():
+        sae.W_dec.normal_()
+    steer = steer_from_sae(sae, 3, layer=1, site="resid_post", scale=50.0)
+    status = set_steering(cfg, [steer])
+    assert status == {"replica_id": replica, "steers": [steer.summary()]}  # same replica
+    assert greedy() != plain
+
+    with pytest.raises(ConfigError, match="steering.layer 9 is out of range"):
+        set_steering(cfg, [dataclasses.replace(steer, layer=9)])
+    assert handle.steering_status.remote().result()["steers"] == [steer.summary()]
+
+    assert set_steering(cfg, []) == {"replica_id": replica, "steers": []}
+    assert greedy() == plain
+
+
+def test_a_policy_that_fires_steers_the_live_replica(served, tmp_path):
+    cfg, handle, _, _ = served
+    torch.manual_seed(1)
+    sae = build("topk", 64, 32, k=4)
+    with torch.no_grad():
+        sae.W_dec.normal_()
+    sae.save(tmp_path / "sae")
+    # The lake: feature 7 fires on 3 of 60 tokens in the first hour, 30 of 60 in the next.
+    with Catalog(cfg.catalog_path, cfg.lake_dir) as cat:
+        cat.register_sae(
+            "sae1", tmp_path / "sae", architecture="topk", model="tiny-llama", layer=1,
+            site="resid_post", d_in=64, d_sae=32, k=4, metrics={},
+        )  # fmt: skip
+        FeatureRegistry(cat).tag("sae1", [7, 9], ["misalignment"], actor="test")
+        for i in range(12):
+            start = T0 + i * timedelta(minutes=10)
+            tokens, features = segment(start, 60, {7: [1.0] * (3 if i < 6 else 30), 9: [0.5]})
+            files = write_segment(cat.lake_dir, tokens, features, f"seg{i}__sae1")
+            cat.commit_segment(f"seg{i}", "sae1", files, tokens=60, feature_rows=len(features))
+    policy = {
+        "id": "steer-up",
+        "condition": {"tag": "misalignment", "statistic": "rate_ratio", "window": "1h",
+                      "baseline": "1h", "threshold": 2.0},
+        "actions": [{"type": "steer", "scale": 8.0}],
+    }  # fmt: skip
+    policies = PolicyFile.model_validate({"policies": [policy]}).policies
+    controller = PolicyController(cfg, policies)
+    (row,) = controller.tick(T0 + timedelta(hours=2))
+    assert row["outcome"] == "fired" and row["crossing"] == [7]  # 9 stayed flat
+    decision = controller.audit.decision(row["decision"])
+    assert decision["status"] == "done", controller.audit.table("action_results").to_pylist()
+    steers = handle.steering_status.remote().result()["steers"]
+    assert [(s["feature_id"], s["scale"], s["mode"], s["sae_version"]) for s in steers] == [
+        (7, 8.0, "subtract", "sae1")
+    ]
+
+    # By hand: featurewatch steer, then --off; bad requests change nothing.
+    config = tmp_path / "fw.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    runner = CliRunner()
+    result = runner.invoke(app, ["steer", "9", "--scale", "3", "--mode", "clamp", "-c", config])
+    assert result.exit_code == 0, result.output
+    assert [(s["feature_id"], s["mode"]) for s in json.loads(result.stdout)["steers"]] == [
+        (9, "clamp")
+    ]
+    for args, message in [
+        (["steer", "99"], "sae1: feature 99 is not in the SAE"),
+        (["steer"], "give feature ids to steer, or --off"),
+        (["steer", "9", "--mode", "flip"], "--mode must be one of subtract, clamp"),
+    ]:
+        bad = runner.invoke(app, [*args, "-c", config])
+        assert bad.exit_code != 0 and message in bad.output, bad.output
+    assert handle.steering_status.remote().result()["steers"][0]["feature_id"] == 9
+    result = runner.invoke(app, ["steer", "--off", "-c", config])
+    assert result.exit_code == 0 and json.loads(result.stdout)["steers"] == []

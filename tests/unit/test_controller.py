@@ -220,13 +220,13 @@ def test_policies_that_cannot_be_evaluated_are_audited_and_skipped(platform, web
     assert "no feature of sae1 is tagged 'deception'" in rows[0]["detail"]
     assert "feature 32 is not in SAE 'sae1'" in rows[1]["detail"]
     # An action type with no handler in this deployment is recorded, not dropped.
-    steer = policies(url, id="steer", actions=[{"type": "steer", "scale": 2.0}])
-    decision_id = PolicyController(platform, steer).tick(NOW)[0]["decision"]
+    refresh = policies(url, id="refresh", actions=[{"type": "refresh_sae", "fvu_threshold": 0.3}])
+    decision_id = PolicyController(platform, refresh).tick(NOW)[0]["decision"]
     audit = AuditLog(platform.home / "audit.duckdb")
     assert audit.decision(decision_id)["status"] == "done"
-    last = audit.table("action_results", policy_id="steer").to_pylist()
+    last = audit.table("action_results", policy_id="refresh").to_pylist()
     assert [(a["status"], a["detail"]) for a in last] == [
-        ("skipped", "no steer handler in this deployment")
+        ("skipped", "no refresh_sae handler in this deployment")
     ]
 
 
