@@ -818,6 +818,54 @@ def steer(
     _print_json(status)
 
 
+@app.command()
+def pipeline(
+    sae_version: Annotated[
+        str | None, typer.Option(help="SAE version (default: the newest for the model).")
+    ] = None,
+    follow: Annotated[bool, typer.Option(help="Keep encoding new segments until stopped.")] = False,
+    every: Annotated[str, typer.Option(help="With --follow: the wait between rounds.")] = "2s",
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Encode sealed spool segments into the lake with a registered SAE (each segment
+    exactly once); --follow runs it as a service, one JSON line per round that committed."""
+    import contextlib
+    import json
+    import threading
+    from dataclasses import asdict
+
+    from featurewatch.platform.discover import registered_sae
+    from featurewatch.platform.pipeline import encode_segments, follow_segments
+    from featurewatch.platform.runtime import init_ray
+    from featurewatch.sae import load
+    from featurewatch.storage.catalog import Catalog
+
+    interval = _parse_duration(every, "--every")
+    try:
+        cfg = _config(config, home)
+        with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+            choice = registered_sae(cfg, catalog, sae_version)
+            if (choice.layer, choice.site) != (cfg.capture.layer, cfg.capture.site):
+                _fail(
+                    f"SAE {choice.version} reads layer {choice.layer} {choice.site}; the "
+                    f"config captures layer {cfg.capture.layer} {cfg.capture.site}"
+                )
+            sae = load(choice.path)
+            init_ray(cfg)
+            if not follow:
+                _print_json(asdict(encode_segments(cfg, sae, choice.version, catalog)))
+                return
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops the service
+                follow_segments(
+                    cfg, sae, choice.version, catalog, every_s=interval.total_seconds(),
+                    stop=threading.Event(),
+                    on_report=lambda r: typer.echo(json.dumps(asdict(r))),
+                )  # fmt: skip
+    except FeaturewatchError as err:
+        _fail(str(err))
+
+
 AUDIT_TABLES = {
     "decisions": "policy_decisions",
     "evaluations": "policy_evaluations",

@@ -8,6 +8,8 @@ already in the manifest for this SAE version is skipped, so re-running adds noth
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +19,15 @@ import ray
 
 from featurewatch.actors.sae_encoder import padded_2d, sharded_encode
 from featurewatch.platform.config import FeaturewatchConfig
+from featurewatch.platform.runtime import spool_segments
 from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto.codec import unpack_vectors
 from featurewatch.sae.model import SparseAutoencoder
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.lake import write_segment
-from featurewatch.storage.spool import read_segment, sealed_segments, segment_id
+from featurewatch.storage.spool import read_segment, segment_id
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -201,8 +206,9 @@ def encode_segments(
     catalog: Catalog,
     paths: list[Path] | None = None,
 ) -> EncodeReport:
-    """Encode every sealed segment not yet committed for `sae_version`."""
-    all_paths = sealed_segments(cfg.spool_dir) if paths is None else list(paths)
+    """Encode every sealed segment (of every collector's spool, by default) not yet
+    committed for `sae_version`."""
+    all_paths = spool_segments(cfg) if paths is None else list(paths)
     done = catalog.committed_segments(sae_version)
     todo = [p for p in all_paths if segment_id(p) not in done]
     report = EncodeReport(0, len(all_paths) - len(todo), 0, 0)
@@ -235,3 +241,26 @@ def encode_segments(
     if parts:
         _commit_segment(cfg, catalog, sae_version, current, parts, seen, report)
     return report
+
+
+def follow_segments(
+    cfg: FeaturewatchConfig,
+    sae: SparseAutoencoder,
+    sae_version: str,
+    catalog: Catalog,
+    *,
+    every_s: float,
+    stop: threading.Event,
+    on_report=None,
+) -> None:
+    """Encode new sealed segments as they appear, until `stop` is set: the pipeline as a
+    service. A failing round is logged and retried next round (segments are committed
+    exactly once, so a retry never doubles a row)."""
+    while not stop.is_set():
+        try:
+            report = encode_segments(cfg, sae, sae_version, catalog)
+            if on_report is not None and report.segments_committed:
+                on_report(report)
+        except Exception:  # noqa: BLE001 - the service outlives one bad round
+            log.exception("pipeline round failed; retrying")
+        stop.wait(every_s)

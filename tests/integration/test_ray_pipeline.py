@@ -1,11 +1,19 @@
 """Ray Train SAE training and the Ray Data encode pipeline on a real local Ray cluster."""
 
+import json
+import shutil
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
+import yaml
+from typer.testing import CliRunner
 
+from featurewatch.platform.cli import app
 from featurewatch.platform.config import build_config
-from featurewatch.platform.pipeline import encode_segments, segments_dataset
+from featurewatch.platform.pipeline import encode_segments, follow_segments, segments_dataset
 from featurewatch.platform.train_sae import train_sae
 from featurewatch.proto.codec import unpack_vectors
 from featurewatch.sae import load
@@ -186,3 +194,49 @@ def test_killed_collector_loses_no_lake_row_and_doubles_none(trained, tmp_path):
         ).to_pylist()
     assert sorted(r["request_id"] for r in rows) == sorted(generated)
     assert all(r["n"] == 8 for r in rows)  # each batch's 8 tokens, once
+
+
+def test_pipeline_command_and_the_pipeline_as_a_service(trained, tmp_path):
+    _, paths, result = trained
+    cfg = build_config({"home": str(tmp_path / "home"), "capture": {"layers": [1]}})
+    cfg.spool_dir.mkdir(parents=True)
+    for path in paths:
+        shutil.copy(path, cfg.spool_dir / path.name)
+    with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+        catalog.register_sae(
+            "sae-test", result.path, architecture="topk", model=cfg.model.name, layer=1,
+            site="resid_post", d_in=WIDTH, d_sae=48, k=4, metrics={},
+        )  # fmt: skip
+    config = tmp_path / "fw.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    runner = CliRunner()
+    first = runner.invoke(app, ["pipeline", "-c", str(config)])
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["segments_committed"] == 3
+    again = json.loads(runner.invoke(app, ["pipeline", "-c", str(config)]).stdout)
+    assert (again["segments_committed"], again["segments_skipped"]) == (0, 3)
+    unknown = runner.invoke(app, ["pipeline", "--sae-version", "nope", "-c", str(config)])
+    assert unknown.exit_code == 1 and "SAE version 'nope' is not in the catalog" in unknown.output
+    wrong = runner.invoke(app, ["pipeline", "--every", "soon", "-c", str(config)])
+    assert wrong.exit_code == 2 and "--every must be a positive duration" in wrong.output
+
+    # As a service: a segment sealed while it runs is in the lake a round later.
+    reports, stop = [], threading.Event()
+    with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+        service = threading.Thread(
+            target=follow_segments,
+            args=(cfg, result.sae, "sae-test", catalog),
+            kwargs={"every_s": 0.2, "stop": stop, "on_report": reports.append},
+        )
+        service.start()
+        spool = Spool(cfg.spool_dir)
+        spool.append(batch_of(torch.randn(8, WIDTH).half(), seq=99).SerializeToString())
+        spool.seal()
+        spool.close()
+        deadline = time.monotonic() + 60
+        while not reports and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        service.join()
+        assert [(r.segments_committed, r.tokens) for r in reports] == [(1, 8)]
+        assert len(catalog.committed_segments("sae-test")) == 4
