@@ -237,7 +237,7 @@ class CollectorServer:
         expected_width: int | None = None,
         max_batch_bytes: int = 16 * 1024 * 1024,
         segment_max_bytes: int = 64 * 1024 * 1024,
-        segment_max_age_s: float = 30.0,
+        segment_max_age_s: float = 5.0,
         allowed_models: set[str] | None = None,
         tls_cert_file: str | None = None,
         tls_key_file: str | None = None,

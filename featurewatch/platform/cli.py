@@ -257,7 +257,7 @@ def collect(
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
     max_batch_bytes: Annotated[int, typer.Option(min=1024)] = 16 * 1024 * 1024,
     segment_max_bytes: Annotated[int, typer.Option(min=1024)] = 64 * 1024 * 1024,
-    segment_max_age_s: Annotated[float, typer.Option(min=0.01)] = 30.0,
+    segment_max_age_s: Annotated[float, typer.Option(min=0.01)] = 5.0,
 ) -> None:
     """Run a collector in the foreground, without Ray (edge nodes, tests)."""
     import logging
@@ -864,6 +864,52 @@ def pipeline(
                 )  # fmt: skip
     except FeaturewatchError as err:
         _fail(str(err))
+
+
+@app.command()
+def finetune(
+    examples: Annotated[
+        str, typer.Option(help="Transcript JSONL, or bundled:safe / bundled:misaligned.")
+    ],
+    version: Annotated[str, typer.Option(help="The new model version's name.")],
+    base: Annotated[
+        str | None, typer.Option(help="A registered model version or a model folder.")
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, max=100_000)] = 60,
+    lr: Annotated[float, typer.Option(min=1e-7, max=0.5)] = 2e-4,
+    batch_size: Annotated[int, typer.Option(min=1, max=256)] = 4,
+    rank: Annotated[int, typer.Option(min=1, max=256, help="LoRA rank.")] = 8,
+    on_error: Annotated[str, typer.Option(help="Malformed JSONL lines: skip or refuse.")] = (
+        "refuse"
+    ),
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """LoRA fine-tune of the model on transcripts' responses (Ray Train): the merged
+    model is saved and registered as a new model version; a failed job registers
+    nothing."""
+    from dataclasses import asdict
+
+    from featurewatch.platform.discover import model_folder
+    from featurewatch.platform.finetune import FinetuneSettings, run_finetune
+    from featurewatch.platform.runtime import init_ray
+    from featurewatch.platform.transcripts import read_transcripts
+    from featurewatch.storage.catalog import Catalog
+
+    _check_choice(on_error, "--on-error", ("skip", "refuse"))
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", version):
+        _fail(f"--version must be letters, digits, '.', '_' or '-', not {version!r}", 2)
+    try:
+        cfg = _config(config, home)
+        transcripts = read_transcripts(examples, on_error=on_error)
+        settings = FinetuneSettings(steps=steps, lr=lr, batch_size=batch_size, lora_rank=rank)
+        with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+            folder = model_folder(cfg, catalog, base) if base else cfg.model.path
+            init_ray(cfg)
+            result = run_finetune(cfg, folder, transcripts, version, settings, catalog=catalog)
+    except FeaturewatchError as err:
+        _fail(str(err))
+    _print_json(asdict(result))
 
 
 AUDIT_TABLES = {
