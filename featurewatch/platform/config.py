@@ -293,21 +293,28 @@ def build_config(data: dict | None = None) -> FeaturewatchConfig:
         raise ConfigError(f"invalid config: {describe_errors(err)}") from None
 
 
+def read_yaml_mapping(path: Path, kind: str) -> dict:
+    """A YAML file holding a mapping (empty: {}); ConfigError says what `kind` of file
+    is missing, unparsable or not a mapping."""
+    if not path.is_file():
+        raise ConfigError(f"{kind} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{kind} {path} is not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{kind} {path} must hold a mapping at the top level")
+    return data
+
+
 def load_config(path: str | Path | None = None) -> FeaturewatchConfig:
     """Load a YAML config file (or the defaults when path is None)."""
     if path is None:
         return build_config({})
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    data = read_yaml_mapping(path, "config file")
     try:
         return FeaturewatchConfig.model_validate(data)
     except ValidationError as err:

@@ -31,11 +31,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BeforeValidator, Field, HttpUrl, ValidationError, model_validator
 
 from featurewatch.errors import ConfigError
-from featurewatch.platform.config import _Strict, describe_errors, parse_duration
+from featurewatch.platform.config import (
+    _Strict,
+    describe_errors,
+    parse_duration,
+    read_yaml_mapping,
+)
 from featurewatch.storage.registry import TAG_PATTERN
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
@@ -130,14 +134,7 @@ class PolicyFile(_Strict):
 def load_policies(path: str | Path) -> PolicyFile:
     """Read and validate a policy file; ConfigError names the file and every bad field."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"policy file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"policy file {path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"policy file {path} must hold a mapping with a `policies` list")
+    data = read_yaml_mapping(path, "policy file")
     try:
         return PolicyFile.model_validate(data)
     except ValidationError as err:
