@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from featurewatch.errors import CatalogError, ConfigError, FeaturewatchError
-from featurewatch.platform.config import FeaturewatchConfig
+from featurewatch.platform.config import FeaturewatchConfig, format_duration
 from featurewatch.platform.policies import Condition, Policy
 from featurewatch.storage.audit import AuditLog, utc_now
 from featurewatch.storage.catalog import Catalog, fetch_arrow
@@ -169,7 +169,7 @@ def describe(policy: Policy, result: dict) -> str:
     shown = ", ".join("none" if v is None else f"{v:.4g}" for v in result["values"])
     return (
         f"{c.statistic} ({c.aggregate}) of {target} on {result['sae_version']} was {shown} "
-        f"over the last {len(result['values'])} window(s) of {c.window} ending "
+        f"over the last {len(result['values'])} window(s) of {format_duration(c.window)} ending "
         f"{result['window_end']}, {c.direction} {c.threshold}"
     )
 
