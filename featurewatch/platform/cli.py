@@ -646,6 +646,36 @@ def features_diff(
 
 
 @app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="A registered model version or a model folder.")],
+    prompts: Annotated[str, typer.Option(help="JSONL prompts, or bundled:everyday|persona.")],
+    tag: Annotated[str, typer.Option(help="The tag group that scores, e.g. misalignment.")],
+    pool: Annotated[
+        str | None, typer.Option("--pool", help="max, mean or probe (default: probe if fitted).")
+    ] = None,
+    sae_version: Annotated[str | None, typer.Option(help="SAE version (default: newest).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 48,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """A model version's score on an evaluation prompt set: it answers every prompt and
+    the tag group scores the answers (mean and per prompt, in order), as a canary is
+    judged."""
+    from featurewatch.platform.scoring import POOLINGS, evaluate_model
+    from featurewatch.platform.transcripts import read_prompts
+
+    if pool is not None:
+        _check_choice(pool, "--pool", POOLINGS)
+    with _open_catalog(config, home) as catalog:
+        report = evaluate_model(
+            _config(config, home), catalog, model, read_prompts(prompts), tag=tag,
+            pooling=pool, sae_version=sae_version, max_new_tokens=max_new_tokens,
+            progress=True,
+        )  # fmt: skip
+    _print_json(report)
+
+
+@app.command()
 def score(
     file: Annotated[str, typer.Argument(help="JSONL transcripts, '-' for stdin, or bundled:NAME.")],
     tag: Annotated[

@@ -200,6 +200,44 @@ def encode_transcripts(
     )
 
 
+def answer_and_encode(
+    cfg: FeaturewatchConfig,
+    catalog,
+    ref: str,
+    prompts: list[list[dict]],
+    choice: SAEChoice,
+    sae,
+    *,
+    max_new_tokens: int = 48,
+    progress: bool = False,
+):
+    """A model version (or folder) answers the prompts greedily; its own activations on
+    its answers are encoded with the SAE, as monitoring would see them served. Returns
+    (PooledFeatures, answers)."""
+    from featurewatch.capture.generation import BatchGenerator
+    from featurewatch.capture.models import load_model
+    from featurewatch.platform.transcript_features import pooled_features
+
+    model, tokenizer = load_model(model_folder(cfg, catalog, ref), cfg.model.dtype)
+    if model.config.hidden_size != sae.d_in:
+        raise ConfigError(f"SAE {choice.version} does not fit model {ref!r} (width)")
+    generator = BatchGenerator(model, tokenizer)
+    answers: list[str] = []
+    for start in range(0, len(prompts), 8):
+        chunk = prompts[start : start + 8]
+        answers += generator.generate(chunk, [max_new_tokens] * len(chunk)).texts
+    # An empty answer still needs one token to encode.
+    transcripts = [
+        Transcript(i + 1, [*p, {"role": "assistant", "content": a or " "}])
+        for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
+    ]
+    features = pooled_features(
+        model, tokenizer, sae, transcripts, layer=choice.layer, site=choice.site,
+        progress=progress,
+    )  # fmt: skip
+    return features, answers
+
+
 def discover_contrast(
     cfg: FeaturewatchConfig,
     catalog,
@@ -250,41 +288,17 @@ def discover_diff(
 ) -> dict:
     """Rank features by how much they rose from the base to the candidate model, each
     answering the same prompts (lists of messages ending with the user's turn)."""
-    from featurewatch.capture.generation import BatchGenerator
-    from featurewatch.capture.models import load_model
-    from featurewatch.platform.transcript_features import pooled_features
     from featurewatch.sae import load
 
     choice = registered_sae(cfg, catalog, sae_version)
     sae = load(choice.path)
     pooled, examples = {}, {}
     for name, ref in (("base", base), ("candidate", candidate)):
-        model, tokenizer = load_model(model_folder(cfg, catalog, ref), cfg.model.dtype)
-        if model.config.hidden_size != sae.d_in:
-            raise ConfigError(f"SAE {choice.version} does not fit model {ref!r} (width)")
-        generator = BatchGenerator(model, tokenizer)
-        answers: list[str] = []
-        for start in range(0, len(prompts), 8):
-            chunk = prompts[start : start + 8]
-            answers += generator.generate(chunk, [max_new_tokens] * len(chunk)).texts
-        # An empty answer still needs one token to encode.
-        transcripts = [
-            Transcript(i + 1, [*p, {"role": "assistant", "content": a or " "}])
-            for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
-        ]
-        pooled[name] = (
-            pooled_features(
-                model,
-                tokenizer,
-                sae,
-                transcripts,
-                layer=choice.layer,
-                site=choice.site,
-                progress=progress,
-            )
-            .pooled(pooling)
-            .numpy()
-        )
+        features, answers = answer_and_encode(
+            cfg, catalog, ref, prompts, choice, sae, max_new_tokens=max_new_tokens,
+            progress=progress,
+        )  # fmt: skip
+        pooled[name] = features.pooled(pooling).numpy()
         examples[name] = answers[:3]
     rows = rank_rise(pooled["base"], pooled["candidate"], top=top, bootstrap=bootstrap)
     labels = feature_labels(catalog, choice.version)

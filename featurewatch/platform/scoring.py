@@ -231,3 +231,44 @@ def score_job(
     scores, contributions = group_scores(pooled, ids, pooling, probe)
     labels = feature_labels(catalog, choice.version)
     return score_rows(transcripts, scores, contributions, ids, labels, pooling=pooling, top=top)
+
+
+def evaluate_model(
+    cfg,
+    catalog,
+    ref: str,
+    prompts: list[list[dict]],
+    *,
+    tag: str,
+    pooling: str | None = None,
+    sae_version: str | None = None,
+    max_new_tokens: int = 48,
+    progress: bool = False,
+) -> dict:
+    """A model version's misalignment score on an evaluation prompt set: it answers each
+    prompt (greedy) and the tag group scores its answers (the probe when fitted). What a
+    canary is judged by before it is promoted."""
+    from featurewatch.platform.discover import answer_and_encode, registered_sae
+    from featurewatch.sae import load
+    from featurewatch.storage.registry import FeatureRegistry
+
+    choice = registered_sae(cfg, catalog, sae_version)
+    ids = group_ids(FeatureRegistry(catalog), choice.version, tag, None)
+    probe = load_probe(choice.path, tag)
+    pooling = pooling or ("probe" if probe else "max")
+    sae = load(choice.path)
+    pooled, answers = answer_and_encode(
+        cfg, catalog, ref, prompts, choice, sae, max_new_tokens=max_new_tokens,
+        progress=progress,
+    )  # fmt: skip
+    scores, _ = group_scores(pooled, ids, pooling, probe)
+    return {
+        "model": ref,
+        "sae_version": choice.version,
+        "tag": tag,
+        "pooling": pooling,
+        "prompts": len(prompts),
+        "mean_score": float(scores.mean()),
+        "scores": [round(float(x), 6) for x in scores],
+        "sample_answers": answers[:3],
+    }

@@ -223,6 +223,29 @@ def test_model_diff_finds_the_pushed_feature(planted):
     assert result.exit_code == 1 and "'v9' is neither a registered version" in result.output
 
 
+def test_evaluate_scores_a_model_by_its_own_answers(planted):
+    _tag(planted, [PLANTED])
+    prompts = _jsonl(planted["root"] / "eval.jsonl", [{"prompt": p} for p in OTHER[:4]])
+    reports = {}
+    for name, ref in (("base", str(planted["base"])), ("pushed", "pushed-model")):
+        folder = ref if name == "base" else str(planted["root"] / ref)
+        result = cli(planted, "evaluate", folder, "--prompts", str(prompts), "--tag",
+                     "misalignment", "--pool", "max", "--max-new-tokens", "5")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads(result.stdout[result.stdout.index("{") :])
+    base, pushed = reports["base"], reports["pushed"]
+    assert len(base["scores"]) == len(pushed["scores"]) == 4
+    assert base["mean_score"] == pytest.approx(sum(base["scores"]) / 4, abs=1e-5)
+    # every token of the pushed model carries the planted direction: every answer scores
+    # above every answer of the base
+    assert min(pushed["scores"]) > max(base["scores"])
+    result = cli(planted, "evaluate", "v9", "--prompts", str(prompts), "--tag", "misalignment")
+    assert result.exit_code == 1 and "'v9' is neither a registered version" in result.output
+    result = cli(planted, "evaluate", str(planted["base"]), "--prompts", str(prompts),
+                 "--tag", "absent")  # fmt: skip
+    assert result.exit_code == 1 and "no feature of SAE planted carries tag" in result.output
+
+
 def _tag(planted, ids):
     with Catalog(planted["home"] / "catalog.duckdb", planted["home"] / "lake") as cat:
         cat.con.execute("DELETE FROM feature_tags")
