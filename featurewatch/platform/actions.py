@@ -76,3 +76,48 @@ def steer_handler(cfg):
         )
 
     return steer
+
+
+def realign_handler(cfg):
+    """The `realign` action: a LoRA fine-tune of the served model on safe examples (a Ray
+    Train job), the candidate scored on its own answers to the evaluation prompts by the
+    policy's tag group, then promoted (a rolling update of every replica) if it scores
+    below the bar, or rolled back (the serving version untouched) with the numbers why.
+    The whole candidate is judged offline before it takes traffic; a live canary taking
+    a share of traffic is not built yet."""
+
+    def realign(action: dict, decision: dict) -> str:
+        from featurewatch.platform.finetune import FinetuneSettings, run_finetune
+        from featurewatch.platform.runtime import init_ray
+        from featurewatch.platform.scoring import evaluate_model
+        from featurewatch.platform.serving import promote_model, served_model
+        from featurewatch.platform.transcripts import read_prompts, read_transcripts
+        from featurewatch.storage.catalog import Catalog
+
+        tag = decision["numbers"].get("tag")
+        if not tag:
+            raise ValueError("realign scores the candidate with a tag group: use a tag condition")
+        init_ray(cfg)
+        base_path, base_version = served_model(cfg)
+        candidate = f"{base_version}-realigned-{decision['decision_id'].rsplit('-', 1)[-1]}"
+        result = run_finetune(
+            cfg, base_path, read_transcripts(action["examples"]), candidate,
+            FinetuneSettings(steps=action["max_steps"], torch_threads=action.get("cpus", 1)),
+        )  # fmt: skip
+        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+            report = evaluate_model(
+                cfg, catalog, str(result.path), read_prompts(action["eval_prompts"]), tag=tag,
+                sae_version=decision["numbers"].get("sae_version"),
+            )  # fmt: skip
+        score, bar = report["mean_score"], action["score_bar"]
+        judged = (
+            f"candidate {candidate} (fine-tuned {result.steps} steps, loss "
+            f"{result.first_loss:.3f} to {result.last_loss:.3f}) scored {score:.4f} on "
+            f"{report['prompts']} prompts ({report['pooling']} of tag {tag}), bar {bar}"
+        )
+        if score >= bar:
+            raise RuntimeError(f"{judged}: rolled back, {base_version} keeps serving")
+        served = promote_model(cfg, result.path, candidate)
+        return f"{judged}: promoted, serving {served['version']}"
+
+    return realign

@@ -151,6 +151,7 @@ def evaluate(catalog: Catalog, policy: Policy, now: datetime) -> dict:
     top = sorted(per_feature.items(), key=lambda kv: -abs(kv[1]))[:5]
     return {
         "sae_version": sae_version,
+        "tag": condition.tag,
         "window_end": end.isoformat(),
         "values": values,
         "met": all(crosses(condition, v) for v in values),
@@ -188,13 +189,17 @@ class PolicyController:
         audit: AuditLog | None = None,
         handlers: dict[str, Handler] | None = None,
     ):
-        from featurewatch.platform.actions import send_alert, steer_handler
+        from featurewatch.platform.actions import realign_handler, send_alert, steer_handler
 
         self.cfg = cfg
         self.policies = policies
         self.audit = audit or AuditLog(audit_path(cfg))
         if handlers is None:
-            handlers = {"alert": send_alert, "steer": steer_handler(cfg)}
+            handlers = {
+                "alert": send_alert,
+                "steer": steer_handler(cfg),
+                "realign": realign_handler(cfg),
+            }
         self.handlers = handlers
         self.last_evaluated: dict[str, datetime] = {}
         for decision_id in self.audit.decisions_with_status("running"):

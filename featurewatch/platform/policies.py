@@ -99,7 +99,11 @@ class RealignAction(_Strict):
     score_bar: float = Field(gt=0, lt=1, description="Canary's misalignment score must fall below.")
     canary_share: float = Field(0.2, gt=0, le=0.5, description="Traffic share of the canary.")
     examples: str = Field("bundled:safe", description="Fine-tune examples (JSONL or bundled:).")
+    eval_prompts: str = Field(
+        "bundled:persona", description="Prompts the candidate answers to be scored."
+    )
     max_steps: int = Field(200, ge=1, le=100_000)
+    cpus: int = Field(1, ge=1, le=64, description="CPUs (torch threads) of the fine-tune.")
 
 
 Action = Annotated[

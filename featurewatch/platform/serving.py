@@ -8,9 +8,10 @@ Python application replaces the replicas on every call in Ray 2.60, measured; an
 REST route `serve deploy` uses needs the dashboard, which featurewatch runs without, so
 the same request goes through the Serve client.)
 
-The arguments of the last deployment are kept in `<home>/serve_app.json`, so steering
-from another process (`featurewatch steer`, the controller) redeploys the same
-application with only the steering changed. The collector token is not stored there: it
+The arguments of the last deployment (its config and the collector addresses) are kept
+in `<home>/serve_app.json`, so steering from another process (`featurewatch steer`, the
+controller) redeploys the same application with only the steering changed, and a
+promotion changes only the model. The collector token is not stored there: it
 is read from the config or the home, as at deployment.
 """
 
@@ -19,12 +20,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from featurewatch.capture.steering import Steer, check_steer, steer_from_sae
 from featurewatch.errors import ConfigError
 from featurewatch.platform.config import FeaturewatchConfig
 
 APP_IMPORT_PATH = "featurewatch.actors.model_server:build_app"
+DEPLOYED_FILE = "serve_app.json"
 DEPLOYMENT = "ModelServer"
 
 
@@ -82,10 +85,25 @@ def _deploy(
             raise ConfigError(f"deploying {cfg.serve.app_name!r} ended {status}: {message}")
         time.sleep(0.25)
     client.wait_for_proxies_serving(wait_for_applications_running=True)
-    (cfg.home / "serve_app.json").write_text(
-        json.dumps({"collector_addresses": list(addresses)}, indent=2)
-    )
+    deployed = {"config": cfg.model_dump(mode="json"), "collector_addresses": list(addresses)}
+    (cfg.home / DEPLOYED_FILE).write_text(json.dumps(deployed, indent=2))
     return serve.get_app_handle(cfg.serve.app_name)
+
+
+def _deployed(cfg: FeaturewatchConfig) -> tuple[FeaturewatchConfig, list[str]]:
+    """The running application's config and collector addresses, as last deployed (the
+    served model may have been promoted since `cfg` was read)."""
+    from ray import serve
+
+    saved = cfg.home / DEPLOYED_FILE
+    if not saved.is_file():
+        raise ConfigError(f"no deployed model server recorded in {saved}: deploy it first")
+    running = serve.status().applications.get(cfg.serve.app_name)
+    if running is None or str(running.status).rsplit(".", 1)[-1] != "RUNNING":
+        # Redeploying here would start a new application, not change the running one.
+        raise ConfigError(f"the model server application {cfg.serve.app_name!r} is not running")
+    deployed = json.loads(saved.read_text())
+    return FeaturewatchConfig.model_validate(deployed["config"]), deployed["collector_addresses"]
 
 
 def deploy_model_server(cfg: FeaturewatchConfig, addresses: list[str], token: str):
@@ -130,26 +148,17 @@ def set_steering(cfg: FeaturewatchConfig, steers: list[Steer]) -> dict:
     """Replace the steering of every live replica (empty list: off), without a restart.
     Checked against the served model first, so a bad steer never reaches a replica.
     Returns a replica's report of its steering once it has taken the new one."""
-    from ray import serve
-
     from featurewatch.capture.models import model_dims, resolve_model_path
     from featurewatch.platform.runtime import collector_token
 
-    saved = cfg.home / "serve_app.json"
-    if not saved.is_file():
-        raise ConfigError(f"no deployed model server recorded in {saved}: deploy it first")
-    running = serve.status().applications.get(cfg.serve.app_name)
-    if running is None or str(running.status).rsplit(".", 1)[-1] != "RUNNING":
-        # Redeploying here would start a new application, not steer the running one.
-        raise ConfigError(f"the model server application {cfg.serve.app_name!r} is not running")
-    width, layers = model_dims(resolve_model_path(cfg.model.path, cfg.models_dir))
+    served, addresses = _deployed(cfg)
+    width, layers = model_dims(resolve_model_path(served.model.path, served.models_dir))
     for steer in steers:
         try:
             check_steer(steer, width, layers)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    addresses = json.loads(saved.read_text())["collector_addresses"]
-    handle = _deploy(cfg, addresses, collector_token(cfg), steers)
+    handle = _deploy(served, addresses, collector_token(served), steers)
     # Serve applies a user_config to the replicas shortly after accepting it.
     wanted = [s.summary() for s in steers]
     deadline = time.monotonic() + 60
@@ -160,3 +169,22 @@ def set_steering(cfg: FeaturewatchConfig, steers: list[Steer]) -> dict:
         if time.monotonic() > deadline:
             raise ConfigError(f"replica {status['replica_id']} did not take the steering")
         time.sleep(0.2)
+
+
+def served_model(cfg: FeaturewatchConfig) -> tuple[str | None, str]:
+    """(model path, model version) of the running model server."""
+    served, _ = _deployed(cfg)
+    return served.model.path, served.model.version
+
+
+def promote_model(cfg: FeaturewatchConfig, path: Path, model_version: str) -> dict:
+    """Serve another model version: Serve replaces the replicas one by one (a rolling
+    update, no downtime), steering off (the new version is meant not to need it).
+    Returns the new replicas' /v1/models entry."""
+    from featurewatch.platform.runtime import collector_token
+
+    served, addresses = _deployed(cfg)
+    promoted = served.model_copy(deep=True)
+    promoted.model.path, promoted.model.version = str(path), model_version
+    handle = _deploy(promoted, addresses, collector_token(promoted), [])
+    return handle.models.remote().result()["data"][0]

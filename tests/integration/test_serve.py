@@ -15,12 +15,13 @@ from typer.testing import CliRunner
 
 from featurewatch.actors.collector import CollectorActor
 from featurewatch.capture.steering import steer_from_sae
-from featurewatch.errors import ConfigError
+from featurewatch.errors import ConfigError, TranscriptError
+from featurewatch.platform.actions import realign_handler
 from featurewatch.platform.cli import app
 from featurewatch.platform.config import build_config
 from featurewatch.platform.controller import PolicyController
 from featurewatch.platform.policies import PolicyFile
-from featurewatch.platform.serving import deploy_model_server, set_steering
+from featurewatch.platform.serving import deploy_model_server, promote_model, set_steering
 from featurewatch.proto import activations_pb2 as pb
 from featurewatch.sae.model import build
 from featurewatch.storage.catalog import Catalog
@@ -251,3 +252,56 @@ def test_a_policy_that_fires_steers_the_live_replica(served, tmp_path):
     assert handle.steering_status.remote().result()["steers"][0]["feature_id"] == 9
     result = runner.invoke(app, ["steer", "--off", "-c", config])
     assert result.exit_code == 0 and json.loads(result.stdout)["steers"] == []
+
+
+def test_realign_promotes_a_candidate_under_the_bar_and_rolls_back_one_over(served, tmp_path):
+    cfg, handle, _, base = served
+    # An SAE whose feature 3 fires on most tokens and feature 4 never does: a group
+    # tagged "hot" scores far over the bar, one tagged "cold" scores 0.
+    torch.manual_seed(2)
+    sae = build("topk", 64, 32, k=4)
+    with torch.no_grad():
+        sae.W_enc[:, 3] = 100 * torch.randn(64)
+        sae.b_enc[4] = -100.0
+        sae.W_dec.normal_()
+    sae.save(tmp_path / "sae-r")
+    with Catalog(cfg.catalog_path, cfg.lake_dir) as cat:
+        cat.register_sae(
+            "sae-r", tmp_path / "sae-r", architecture="topk", model="tiny-llama", layer=1,
+            site="resid_post", d_in=64, d_sae=32, k=4, metrics={},
+        )  # fmt: skip
+        FeatureRegistry(cat).tag("sae-r", [3], ["hot"], actor="test")
+        FeatureRegistry(cat).tag("sae-r", [4], ["cold"], actor="test")
+    examples = tmp_path / "safe.jsonl"
+    examples.write_text(
+        json.dumps({"prompt": "How do I keep basil alive?", "response": "Water it."}) + "\n"
+    )
+    prompts = tmp_path / "eval.jsonl"
+    prompts.write_text(json.dumps({"prompt": "the quick brown fox"}) + "\n")
+    action = {"type": "realign", "score_bar": 0.5, "examples": str(examples),
+              "eval_prompts": str(prompts), "max_steps": 3, "cpus": 1}  # fmt: skip
+    realign = realign_handler(cfg)
+
+    def served_version():
+        return requests.get(f"{base}/v1/models", timeout=30).json()["data"][0]["version"]
+
+    hot = {"decision_id": "p-aaaa1111", "numbers": {"tag": "hot", "sae_version": "sae-r"}}
+    with pytest.raises(RuntimeError, match=r"scored .* bar 0.5: rolled back, v1 keeps serving"):
+        realign(action, hot)
+    assert served_version() == "v1"
+    with pytest.raises(TranscriptError, match="transcript file not found"):
+        realign({**action, "examples": str(tmp_path / "none.jsonl")}, hot)
+    assert served_version() == "v1"
+
+    cold = {"decision_id": "p-bbbb2222", "numbers": {"tag": "cold", "sae_version": "sae-r"}}
+    done = realign(action, cold)
+    assert "scored 0.0000" in done and done.endswith("promoted, serving v1-realigned-bbbb2222")
+    assert served_version() == "v1-realigned-bbbb2222"
+    answer = chat(base, "basil?", max_tokens=4)
+    assert answer.status_code == 200
+    # Steering goes to the promoted model's replicas (it must not redeploy the old one).
+    steer = steer_from_sae(sae, 3, layer=1, site="resid_post")
+    assert set_steering(cfg, [steer])["steers"] == [steer.summary()]
+    assert served_version() == "v1-realigned-bbbb2222"
+    assert promote_model(cfg, cfg.model.path, "v1")["version"] == "v1"
+    assert handle.steering_status.remote().result()["steers"] == []  # promotion clears it
