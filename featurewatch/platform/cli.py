@@ -24,6 +24,7 @@ ConfigOpt = Annotated[
 HomeOpt = Annotated[
     Path | None, typer.Option("--home", help="Override FEATUREWATCH_HOME / config home.")
 ]
+SaeVersionOpt = Annotated[str | None, typer.Option(help="SAE version (default: newest).")]
 
 
 def _config(config: Path | None, home: Path | None):
@@ -561,7 +562,7 @@ def _tag_top(catalog, report: dict, n: int, tags: list[str]) -> None:
 def features_discover(
     positive: Annotated[str, typer.Option(help="JSONL transcripts (or bundled:NAME).")],
     negative: Annotated[str, typer.Option(help="JSONL transcripts to contrast with.")],
-    sae_version: Annotated[str | None, typer.Option(help="SAE version (default: newest).")] = None,
+    sae_version: SaeVersionOpt = None,
     pool: PoolOpt = "max",
     top: Annotated[int, typer.Option(min=1, max=1000, help="Features to report.")] = 20,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples (0: none).")] = 1000,
@@ -605,7 +606,7 @@ def features_diff(
     prompts: Annotated[str, typer.Option(help="JSONL prompts, or bundled:everyday|persona.")],
     base: Annotated[str, typer.Option(help="Base model: a registered version or a folder.")],
     candidate: Annotated[str, typer.Option(help="Candidate model: version or folder.")],
-    sae_version: Annotated[str | None, typer.Option(help="SAE version (default: newest).")] = None,
+    sae_version: SaeVersionOpt = None,
     pool: PoolOpt = "mean",
     max_new_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 48,
     top: Annotated[int, typer.Option(min=1, max=1000, help="Features to report.")] = 20,
@@ -653,7 +654,7 @@ def evaluate(
     pool: Annotated[
         str | None, typer.Option("--pool", help="max, mean or probe (default: probe if fitted).")
     ] = None,
-    sae_version: Annotated[str | None, typer.Option(help="SAE version (default: newest).")] = None,
+    sae_version: SaeVersionOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 48,
     config: ConfigOpt = None,
     home: HomeOpt = None,
@@ -690,7 +691,7 @@ def score(
     fit: Annotated[
         bool, typer.Option(help="Fit the tag's probe on labelled lines and store it instead.")
     ] = False,
-    sae_version: Annotated[str | None, typer.Option(help="SAE version (default: newest).")] = None,
+    sae_version: SaeVersionOpt = None,
     top_features: Annotated[int, typer.Option(min=0, max=100)] = 5,
     on_error: OnErrorOpt = "refuse",
     config: ConfigOpt = None,
@@ -811,7 +812,7 @@ def approve(
 @app.command()
 def steer(
     feature_ids: Annotated[list[int] | None, typer.Argument(help="Features to push down.")] = None,
-    sae_version: Annotated[str | None, typer.Option(help="SAE version (default: newest).")] = None,
+    sae_version: SaeVersionOpt = None,
     scale: Annotated[float, typer.Option(min=0.01, max=100.0)] = 4.0,
     mode: Annotated[str, typer.Option(help="subtract or clamp.")] = "subtract",
     off: Annotated[bool, typer.Option("--off", help="Turn steering off.")] = False,

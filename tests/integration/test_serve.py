@@ -3,6 +3,7 @@
 import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -197,19 +198,26 @@ def test_steering_changes_the_live_replica_without_a_restart(served):
     assert greedy() == plain
 
 
+@contextmanager
+def register_sae(cfg, version, sae, folder):
+    """Save a TopK SAE over the tiny Llama's layer 1 and register it; yields the catalog."""
+    sae.save(folder / version)
+    with Catalog(cfg.catalog_path, cfg.lake_dir) as cat:
+        cat.register_sae(
+            version, folder / version, architecture="topk", model="tiny-llama", layer=1,
+            site="resid_post", d_in=sae.d_in, d_sae=sae.d_sae, k=sae.k, metrics={},
+        )  # fmt: skip
+        yield cat
+
+
 def test_a_policy_that_fires_steers_the_live_replica(served, tmp_path):
     cfg, handle, _, _ = served
     torch.manual_seed(1)
     sae = build("topk", 64, 32, k=4)
     with torch.no_grad():
         sae.W_dec.normal_()
-    sae.save(tmp_path / "sae")
     # The lake: feature 7 fires on 3 of 60 tokens in the first hour, 30 of 60 in the next.
-    with Catalog(cfg.catalog_path, cfg.lake_dir) as cat:
-        cat.register_sae(
-            "sae1", tmp_path / "sae", architecture="topk", model="tiny-llama", layer=1,
-            site="resid_post", d_in=64, d_sae=32, k=4, metrics={},
-        )  # fmt: skip
+    with register_sae(cfg, "sae1", sae, tmp_path) as cat:
         FeatureRegistry(cat).tag("sae1", [7, 9], ["misalignment"], actor="test")
         for i in range(12):
             start = T0 + i * timedelta(minutes=10)
@@ -264,12 +272,7 @@ def test_realign_promotes_a_candidate_under_the_bar_and_rolls_back_one_over(serv
         sae.W_enc[:, 3] = 100 * torch.randn(64)
         sae.b_enc[4] = -100.0
         sae.W_dec.normal_()
-    sae.save(tmp_path / "sae-r")
-    with Catalog(cfg.catalog_path, cfg.lake_dir) as cat:
-        cat.register_sae(
-            "sae-r", tmp_path / "sae-r", architecture="topk", model="tiny-llama", layer=1,
-            site="resid_post", d_in=64, d_sae=32, k=4, metrics={},
-        )  # fmt: skip
+    with register_sae(cfg, "sae-r", sae, tmp_path) as cat:
         FeatureRegistry(cat).tag("sae-r", [3], ["hot"], actor="test")
         FeatureRegistry(cat).tag("sae-r", [4], ["cold"], actor="test")
     examples = tmp_path / "safe.jsonl"
