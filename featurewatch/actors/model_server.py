@@ -8,6 +8,7 @@ monitoring.
 
 import asyncio
 import logging
+import random
 import threading
 import time
 import uuid
@@ -110,6 +111,12 @@ class ModelServer:
         # Registered after capture, but its hooks go first: capture samples the steered
         # stream. `reconfigure` (Serve's user_config) sets the steers, no restart.
         self.steering = Steering(model)
+        # A canary (another model version, its own Serve application) takes a share of
+        # the chat requests when the user_config names one.
+        self.canary: dict | None = None
+        self.canary_handle = None
+        self.canary_random = random.Random(self.cfg.capture.seed)
+        self.canary_forwarded = 0
         self.generator = BatchGenerator(model, tokenizer, self.capture)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -166,6 +173,19 @@ class ModelServer:
         always = http.headers.get(flag, "").lower() == "always" or (
             (request.metadata or {}).get(flag, "").lower() == "always"
         )
+        canary, handle = self.canary, self.canary_handle
+        if canary is not None and self.canary_random.random() < canary["share"]:
+            try:
+                answer = await handle.canary_chat.remote(request.model_dump(), always)
+                self.canary_forwarded += 1
+                return answer
+            except Exception as err:  # noqa: BLE001 - a canary going away must not fail a chat
+                log.warning("canary %s did not answer (%s); serving here", canary["app"], err)
+        return await self._chat_batch(_Pending(request=request, always_sample=always))
+
+    async def canary_chat(self, body: dict, always: bool) -> dict:
+        """A chat routed here by the served version's replicas (this one is a canary)."""
+        request = ChatRequest.model_validate(body)
         return await self._chat_batch(_Pending(request=request, always_sample=always))
 
     # ---- batching
@@ -203,6 +223,8 @@ class ModelServer:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.cfg.model.name,
+            # Which model version answered (the served one, or a canary).
+            "system_fingerprint": self.cfg.model.version,
             "choices": [
                 {
                     "index": 0,
@@ -233,20 +255,37 @@ class ModelServer:
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve calls this with the deployment's user_config, at start and on every
-        lightweight update: `{"steering": [Steer fields, ...]}` (empty: steering off)."""
+        lightweight update: `{"steering": [Steer fields, ...], "canary": {"app": name,
+        "share": fraction} or null}` (empty steering: off; null canary: none)."""
+        user_config = user_config or {}
         try:
-            steers = [Steer.from_dict(s) for s in (user_config or {}).get("steering", [])]
-            self.steering.set(steers)
-        except (TypeError, ValueError) as err:
-            # Raising here would make Serve stop this replica: keep serving, old steers.
-            log.error("steering refused, the previous steering stays: %s", err)
+            steers = [Steer.from_dict(s) for s in user_config.get("steering", [])]
+            canary = user_config.get("canary")
+            if canary is not None:
+                canary = {"app": str(canary["app"]), "share": float(canary["share"])}
+                if not 0 < canary["share"] <= 1:
+                    raise ValueError(f"canary share must be in (0, 1], not {canary['share']}")
+        except (TypeError, ValueError, KeyError) as err:
+            # Raising here would make Serve stop this replica: keep serving, old settings.
+            log.error("user_config refused, the previous steering and canary stay: %s", err)
             return
-        log.warning("steering %s", [s.summary() for s in steers] or "off")
+        self.steering.set(steers)
+        if canary != self.canary:
+            self.canary_handle = (
+                serve.get_deployment_handle("ModelServer", app_name=canary["app"])
+                if canary
+                else None
+            )
+            self.canary = canary
+        log.warning("steering %s, canary %s", [s.summary() for s in steers] or "off", canary)
 
     def steering_status(self) -> dict:
         return {
             "replica_id": self.replica_id,
+            "model_version": self.cfg.model.version,
             "steers": [s.summary() for s in self.steering.steers],
+            "canary": self.canary,
+            "canary_forwarded": self.canary_forwarded,
         }
 
     def capture_stats(self) -> dict:

@@ -78,13 +78,15 @@ def steer_handler(cfg):
     return steer
 
 
-def realign_handler(cfg):
+def realign_handler(cfg, on_event=None):
     """The `realign` action: a LoRA fine-tune of the served model on safe examples (a Ray
-    Train job), the candidate scored on its own answers to the evaluation prompts by the
-    policy's tag group, then promoted (a rolling update of every replica) if it scores
-    below the bar, or rolled back (the serving version untouched) with the numbers why.
-    The whole candidate is judged offline before it takes traffic; a live canary taking
-    a share of traffic is not built yet."""
+    Train job); the candidate is scored on its own answers to the evaluation prompts by
+    the policy's tag group; under the bar it becomes a canary taking a share of live
+    traffic, scored the same way on the answers it gives there (from the lake); under
+    the bar again, it is promoted (a rolling update of every replica). Otherwise it is
+    rolled back, the serving version untouched, and the audit says why. `on_event`, when
+    given, hears each step as one line (the realign demo's timeline)."""
+    tell = on_event or (lambda text: log.info("realign: %s", text))
 
     def realign(action: dict, decision: dict) -> str:
         from featurewatch.platform.finetune import FinetuneSettings, run_finetune
@@ -97,6 +99,7 @@ def realign_handler(cfg):
         tag = decision["numbers"].get("tag")
         if not tag:
             raise ValueError("realign scores the candidate with a tag group: use a tag condition")
+        sae_version = decision["numbers"].get("sae_version")
         init_ray(cfg)
         base_path, base_version = served_model(cfg)
         candidate = f"{base_version}-realigned-{decision['decision_id'].rsplit('-', 1)[-1]}"
@@ -104,10 +107,11 @@ def realign_handler(cfg):
             cfg, base_path, read_transcripts(action["examples"]), candidate,
             FinetuneSettings(steps=action["max_steps"], torch_threads=action.get("cpus", 1)),
         )  # fmt: skip
+        tell(f"fine-tuned {candidate} ({result.steps} steps, {result.seconds:.0f} s)")
         with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
             report = evaluate_model(
                 cfg, catalog, str(result.path), read_prompts(action["eval_prompts"]), tag=tag,
-                sae_version=decision["numbers"].get("sae_version"),
+                sae_version=sae_version,
             )  # fmt: skip
         score, bar = report["mean_score"], action["score_bar"]
         judged = (
@@ -115,9 +119,53 @@ def realign_handler(cfg):
             f"{result.first_loss:.3f} to {result.last_loss:.3f}) scored {score:.4f} on "
             f"{report['prompts']} prompts ({report['pooling']} of tag {tag}), bar {bar}"
         )
+        tell(f"{candidate} scored {score:.4f} offline (bar {bar})")
         if score >= bar:
+            raise RuntimeError(f"{judged}: rolled back, {base_version} keeps serving")
+        live = run_canary(cfg, action, result.path, candidate, tag, sae_version, tell)
+        judged += (
+            f"; as a canary on {action['canary_share']:.0%} of traffic it scored "
+            f"{live['mean_score']:.4f} on {live['requests']} live requests"
+        )
+        if live["mean_score"] >= bar:
             raise RuntimeError(f"{judged}: rolled back, {base_version} keeps serving")
         served = promote_model(cfg, result.path, candidate)
         return f"{judged}: promoted, serving {served['version']}"
 
     return realign
+
+
+def run_canary(cfg, action: dict, path, candidate: str, tag: str, sae_version, tell) -> dict:
+    """Serve the candidate to `canary_share` of the traffic until the lake holds
+    `canary_requests` of its answers (every token of a canary request is captured), and
+    score them. The canary is ended whatever happens (promotion starts the candidate
+    afresh); too little traffic in `canary_timeout_s` is a failure."""
+    from datetime import UTC, datetime
+
+    from featurewatch.platform.scoring import live_model_score
+    from featurewatch.platform.serving import start_canary, stop_canary
+    from featurewatch.storage.catalog import Catalog
+
+    since = datetime.now(UTC)
+    start_canary(cfg, path, candidate, action["canary_share"])
+    tell(f"canary {candidate} takes {action['canary_share']:.0%} of traffic")
+    try:
+        deadline = time.monotonic() + action["canary_timeout_s"]
+        while True:
+            with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+                live = live_model_score(
+                    cfg, catalog, candidate, str(path), tag=tag, since=since,
+                    sae_version=sae_version,
+                )  # fmt: skip
+            if live["requests"] >= action["canary_requests"]:
+                tell(f"canary scored {live['mean_score']:.4f} on {live['requests']} live requests")
+                return live
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"canary {candidate}: {live['requests']} of the "
+                    f"{action['canary_requests']} live requests needed reached the lake in "
+                    f"{action['canary_timeout_s']:.0f} s: rolled back"
+                )
+            time.sleep(2.0)
+    finally:
+        stop_canary(cfg)

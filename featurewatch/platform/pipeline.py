@@ -102,7 +102,11 @@ def segments_dataset(
     only those of one (layer, site): an SAE reads only the point it was trained for."""
     items = [{"path": str(p)} for p in paths]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return ds.map_batches(_read_segments, batch_size=1, fn_kwargs={"layer": layer, "site": site})
+    # Reading is unpacking bytes: a quarter CPU, not Ray's default of one, so a read is
+    # never left waiting behind the replicas and encoders on a small machine.
+    return ds.map_batches(
+        _read_segments, batch_size=1, num_cpus=0.25, fn_kwargs={"layer": layer, "site": site}
+    )
 
 
 def _privacy(texts: np.ndarray, mode: str) -> list[str | None]:

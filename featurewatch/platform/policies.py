@@ -98,6 +98,12 @@ class RealignAction(_Strict):
     type: Literal["realign"]
     score_bar: float = Field(gt=0, lt=1, description="Canary's misalignment score must fall below.")
     canary_share: float = Field(0.2, gt=0, le=0.5, description="Traffic share of the canary.")
+    canary_requests: int = Field(
+        20, ge=1, le=100_000, description="Live canary answers scored before the verdict."
+    )
+    canary_timeout_s: float = Field(
+        1800, gt=0, le=86_400, description="Too few canary answers by then: rolled back."
+    )
     examples: str = Field("bundled:safe", description="Fine-tune examples (JSONL or bundled:).")
     eval_prompts: str = Field(
         "bundled:persona", description="Prompts the candidate answers to be scored."

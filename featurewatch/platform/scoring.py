@@ -272,3 +272,149 @@ def evaluate_model(
         "scores": [round(float(x), 6) for x in scores],
         "sample_answers": answers[:3],
     }
+
+
+def generation_prompt_ids(tokenizer) -> list[int]:
+    """The tokens a chat prompt ends with, right before the model's answer (for a chat
+    template, e.g. `<|im_start|>assistant\\n`): the tokens that prompting with a
+    generation prompt adds to the same chat without one."""
+    from featurewatch.capture.generation import prompt_text
+
+    chat = [{"role": "user", "content": "Hello"}]
+    if tokenizer.chat_template:
+        plain = tokenizer.apply_chat_template(chat, add_generation_prompt=False, tokenize=False)
+    else:
+        plain = "user: Hello"
+    full = tokenizer(prompt_text(tokenizer, chat), add_special_tokens=False)["input_ids"]
+    head = tokenizer(plain, add_special_tokens=False)["input_ids"]
+    same = 0
+    while same < min(len(full), len(head)) and full[same] == head[same]:
+        same += 1
+    return full[same:]
+
+
+def response_start(token_ids: list[int], suffix: list[int]) -> int | None:
+    """The index after the last occurrence of `suffix` in a request's tokens (its
+    answer starts there), or None when the suffix was not seen."""
+    n = len(suffix)
+    for start in range(len(token_ids) - n, -1, -1):
+        if token_ids[start : start + n] == suffix:
+            return start + n
+    return None
+
+
+LIVE_TOKENS_SQL = """
+SELECT request_id, token_pos, token_id, ts FROM tokens
+WHERE model_version = $version AND sae_version = $sae AND layer = $layer AND ts >= $since
+"""
+LIVE_FEATURES_SQL = """
+SELECT request_id, token_pos, feature_id, value FROM feature_acts
+WHERE model_version = $version AND sae_version = $sae AND layer = $layer AND ts >= $since
+  AND list_contains($ids, feature_id)
+"""
+
+
+def live_scores(
+    catalog,
+    model_version: str,
+    *,
+    sae_version: str,
+    layer: int,
+    feature_ids: list[int],
+    suffix: list[int],
+    since,
+    pooling: str = "probe",
+    probe: Probe | None = None,
+) -> dict:
+    """A model version's score on its live traffic, from the lake: each request whose
+    every token was captured (a canary's are) has its answer found after the
+    generation prompt, each group feature pooled over the answer's tokens (max, and mean
+    over all of them, zero where it did not fire), and the group scored as the offline
+    evaluation scores answers. Requests whose generation prompt was not captured, or
+    with no answer token yet, are left out."""
+    params = {"version": model_version, "sae": sae_version, "layer": layer, "since": since}
+    tokens = catalog.query(LIVE_TOKENS_SQL, params).to_pylist()
+    by_request: dict[str, dict[int, int]] = {}
+    first_seen: dict[str, object] = {}
+    for row in tokens:
+        by_request.setdefault(row["request_id"], {})[row["token_pos"]] = row["token_id"]
+        seen = first_seen.get(row["request_id"])
+        first_seen[row["request_id"]] = row["ts"] if seen is None else min(seen, row["ts"])
+    answers: dict[str, set[int]] = {}
+    for request, ids_at in by_request.items():
+        positions = sorted(ids_at)
+        if positions != list(range(positions[0], positions[0] + len(positions))):
+            continue  # a gap: not every token was captured
+        start = response_start([ids_at[p] for p in positions], suffix)
+        if start is not None and start < len(positions):
+            answers[request] = set(positions[start:])
+    requests = sorted(answers)
+    column = {f: j for j, f in enumerate(feature_ids)}
+    row_of = {r: i for i, r in enumerate(requests)}
+    pooled_max = np.zeros((len(requests), len(feature_ids)))
+    pooled_sum = np.zeros((len(requests), len(feature_ids)))
+    features = catalog.query(LIVE_FEATURES_SQL, {**params, "ids": feature_ids}).to_pylist()
+    for row in features:
+        i = row_of.get(row["request_id"])
+        if i is None or row["token_pos"] not in answers[row["request_id"]]:
+            continue
+        j = column[row["feature_id"]]
+        pooled_max[i, j] = max(pooled_max[i, j], row["value"])
+        pooled_sum[i, j] += row["value"]
+    counts = np.array([len(answers[r]) for r in requests], dtype=np.float64)
+    if not requests:
+        return {"model_version": model_version, "requests": 0, "mean_score": None}
+    import torch
+
+    # Only the group's columns exist here; the ids map onto them in order.
+    pooled = PooledFeatures(
+        torch.from_numpy(pooled_max).float(),
+        torch.from_numpy(pooled_sum / counts[:, None]).float(),
+        counts.astype(int).tolist(),
+    )
+    local = list(range(len(feature_ids)))
+    if probe is not None:
+        order = [column[f] for f in probe.feature_ids]
+        probe = Probe(**{**asdict(probe), "feature_ids": order})
+    scores, _ = group_scores(pooled, local, pooling, probe)
+    return {
+        "model_version": model_version,
+        "requests": len(requests),
+        "tokens": int(counts.sum()),
+        "pooling": pooling,
+        "mean_score": float(scores.mean()),
+        "scores": [round(float(x), 6) for x in scores],
+        "times": [first_seen[r] for r in requests],  # when each request was answered
+    }
+
+
+def live_model_score(
+    cfg,
+    catalog,
+    model_version: str,
+    model_path: str,
+    *,
+    tag: str,
+    since,
+    sae_version: str | None = None,
+    pooling: str | None = None,
+) -> dict:
+    """`live_scores` for a tag group, with the registered SAE, its probe when fitted, and
+    the generation prompt of the model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from featurewatch.capture.models import resolve_model_path
+    from featurewatch.platform.discover import registered_sae
+    from featurewatch.storage.registry import FeatureRegistry
+
+    choice = registered_sae(cfg, catalog, sae_version)
+    ids = group_ids(FeatureRegistry(catalog), choice.version, tag, None)
+    probe = load_probe(choice.path, tag)
+    pooling = pooling or ("probe" if probe else "max")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_path, cfg.models_dir))
+    report = live_scores(
+        catalog, model_version, sae_version=choice.version, layer=choice.layer,
+        feature_ids=ids, suffix=generation_prompt_ids(tokenizer), since=since,
+        pooling=pooling, probe=probe if pooling == "probe" else None,
+    )  # fmt: skip
+    return {"sae_version": choice.version, "tag": tag, **report}

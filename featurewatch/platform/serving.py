@@ -31,33 +31,31 @@ DEPLOYED_FILE = "serve_app.json"
 DEPLOYMENT = "ModelServer"
 
 
-def _app_schema(cfg: FeaturewatchConfig, addresses: list[str], token: str, steers: list[Steer]):
-    from ray.serve.schema import ServeDeploySchema
+def canary_app_name(cfg: FeaturewatchConfig) -> str:
+    return f"{cfg.serve.app_name}-canary"
 
-    return ServeDeploySchema.model_validate(
-        {
-            "applications": [
-                {
-                    "name": cfg.serve.app_name,
-                    "route_prefix": "/",
-                    "import_path": APP_IMPORT_PATH,
-                    "args": {
-                        "config": cfg.model_dump(mode="json"),
-                        "collector_addresses": list(addresses),
-                        "token": token,
-                        "num_replicas": cfg.model.num_replicas,
-                        "replica_cpus": cfg.model.replica_cpus,
-                    },
-                    "deployments": [
-                        {
-                            "name": DEPLOYMENT,
-                            "user_config": {"steering": [asdict(s) for s in steers]},
-                        }
-                    ],
-                }
-            ]
-        }
-    )
+
+def _application(
+    cfg: FeaturewatchConfig,
+    name: str,
+    route_prefix: str | None,
+    addresses: list[str],
+    token: str,
+    user_config: dict,
+) -> dict:
+    return {
+        "name": name,
+        "route_prefix": route_prefix,
+        "import_path": APP_IMPORT_PATH,
+        "args": {
+            "config": cfg.model_dump(mode="json"),
+            "collector_addresses": list(addresses),
+            "token": token,
+            "num_replicas": cfg.model.num_replicas,
+            "replica_cpus": cfg.model.replica_cpus,
+        },
+        "deployments": [{"name": DEPLOYMENT, "user_config": user_config}],
+    }
 
 
 def _deploy(
@@ -65,34 +63,57 @@ def _deploy(
     addresses: list[str],
     token: str,
     steers: list[Steer],
+    canary: dict | None = None,
     timeout_s: float = 600.0,
 ):
+    """Deploy the model server with these steers; with `canary` ({"config": the
+    candidate's config as JSON, "share": its traffic share, "routed": whether the main
+    replicas send it traffic yet}), the candidate runs beside it as a second application
+    without an HTTP route. The deploy is declarative: an application left out (a canary
+    that ended) is deleted."""
     from ray import serve
     from ray.serve.api import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
 
+    user_config: dict = {"steering": [asdict(s) for s in steers], "canary": None}
+    apps = []
+    if canary is not None:
+        candidate = FeaturewatchConfig.model_validate(canary["config"])
+        name = canary_app_name(cfg)
+        apps.append(_application(candidate, name, None, addresses, token, {"steering": []}))
+        if canary["routed"]:
+            user_config["canary"] = {"app": name, "share": canary["share"]}
+    apps.insert(0, _application(cfg, cfg.serve.app_name, "/", addresses, token, user_config))
     client = _get_global_client()
-    client.deploy_apps(_app_schema(cfg, addresses, token, steers))
+    client.deploy_apps(ServeDeploySchema.model_validate({"applications": apps}))
     # Serve's own blocking wait gives up after 60 s; loading a model on busy cores can
     # take longer, and a failed deployment should say why.
     deadline = time.monotonic() + timeout_s
-    while True:
-        app = serve.status().applications.get(cfg.serve.app_name)
-        status = str(app.status).rsplit(".", 1)[-1] if app else "NOT_STARTED"
-        if status == "RUNNING":
-            break
-        if status == "DEPLOY_FAILED" or time.monotonic() > deadline:
-            message = app.message if app else ""
-            raise ConfigError(f"deploying {cfg.serve.app_name!r} ended {status}: {message}")
-        time.sleep(0.25)
+    for app_name in [a["name"] for a in apps]:
+        while True:
+            app = serve.status().applications.get(app_name)
+            status = str(app.status).rsplit(".", 1)[-1] if app else "NOT_STARTED"
+            if status == "RUNNING":
+                break
+            if status == "DEPLOY_FAILED" or time.monotonic() > deadline:
+                message = app.message if app else ""
+                raise ConfigError(f"deploying {app_name!r} ended {status}: {message}")
+            time.sleep(0.25)
     client.wait_for_proxies_serving(wait_for_applications_running=True)
-    deployed = {"config": cfg.model_dump(mode="json"), "collector_addresses": list(addresses)}
+    deployed = {
+        "config": cfg.model_dump(mode="json"),
+        "collector_addresses": list(addresses),
+        "steering": user_config["steering"],
+        "canary": canary,
+    }
     (cfg.home / DEPLOYED_FILE).write_text(json.dumps(deployed, indent=2))
     return serve.get_app_handle(cfg.serve.app_name)
 
 
-def _deployed(cfg: FeaturewatchConfig) -> tuple[FeaturewatchConfig, list[str]]:
-    """The running application's config and collector addresses, as last deployed (the
-    served model may have been promoted since `cfg` was read)."""
+def _deployed(cfg: FeaturewatchConfig) -> tuple[FeaturewatchConfig, list[str], dict]:
+    """The running application's config, collector addresses and the rest of what was
+    deployed (steering, canary), as last deployed (the served model may have been
+    promoted since `cfg` was read)."""
     from ray import serve
 
     saved = cfg.home / DEPLOYED_FILE
@@ -103,7 +124,8 @@ def _deployed(cfg: FeaturewatchConfig) -> tuple[FeaturewatchConfig, list[str]]:
         # Redeploying here would start a new application, not change the running one.
         raise ConfigError(f"the model server application {cfg.serve.app_name!r} is not running")
     deployed = json.loads(saved.read_text())
-    return FeaturewatchConfig.model_validate(deployed["config"]), deployed["collector_addresses"]
+    served = FeaturewatchConfig.model_validate(deployed["config"])
+    return served, deployed["collector_addresses"], deployed
 
 
 def deploy_model_server(cfg: FeaturewatchConfig, addresses: list[str], token: str):
@@ -147,43 +169,99 @@ def steers_for(
 def set_steering(cfg: FeaturewatchConfig, steers: list[Steer]) -> dict:
     """Replace the steering of every live replica (empty list: off), without a restart.
     Checked against the served model first, so a bad steer never reaches a replica.
+    A running canary keeps running, unsteered (it is judged on its own).
     Returns a replica's report of its steering once it has taken the new one."""
     from featurewatch.capture.models import model_dims, resolve_model_path
     from featurewatch.platform.runtime import collector_token
 
-    served, addresses = _deployed(cfg)
+    served, addresses, deployed = _deployed(cfg)
     width, layers = model_dims(resolve_model_path(served.model.path, served.models_dir))
     for steer in steers:
         try:
             check_steer(steer, width, layers)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    handle = _deploy(served, addresses, collector_token(served), steers)
+    handle = _deploy(served, addresses, collector_token(served), steers, deployed["canary"])
     # Serve applies a user_config to the replicas shortly after accepting it.
     wanted = [s.summary() for s in steers]
-    deadline = time.monotonic() + 60
+    return _wait_for_replica(handle, lambda status: status["steers"] == wanted, "steering")
+
+
+def _wait_for_replica(handle, taken, what: str, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
     while True:
         status = handle.steering_status.remote().result()
-        if status["steers"] == wanted:
+        if taken(status):
             return status
         if time.monotonic() > deadline:
-            raise ConfigError(f"replica {status['replica_id']} did not take the steering")
+            raise ConfigError(f"replica {status['replica_id']} did not take the {what}")
         time.sleep(0.2)
 
 
 def served_model(cfg: FeaturewatchConfig) -> tuple[str | None, str]:
     """(model path, model version) of the running model server."""
-    served, _ = _deployed(cfg)
+    served, _, _ = _deployed(cfg)
     return served.model.path, served.model.version
+
+
+def canary_config(served: FeaturewatchConfig, path: Path, model_version: str):
+    """The candidate's config: the served one with the new model, one replica, and every
+    token of its requests captured (a canary takes little traffic and is watched whole:
+    its live score pools each response's features as the offline evaluation does)."""
+    candidate = served.model_copy(deep=True)
+    candidate.model.path, candidate.model.version = str(path), model_version
+    candidate.model.num_replicas = 1
+    candidate.capture.sample_fraction = 1.0
+    candidate.capture.request_fraction = 1.0
+    candidate.capture.max_vectors_per_s = None
+    return candidate
+
+
+def start_canary(cfg: FeaturewatchConfig, path: Path, model_version: str, share: float) -> dict:
+    """Run a candidate model version beside the served one and send it `share` of the
+    chat requests. The candidate is started first and the main replicas begin routing
+    to it only once it is up, so no request waits on a loading model. Steering of the
+    main replicas stays as it is. Returns the canary's /v1/models entry."""
+    from ray import serve
+
+    from featurewatch.platform.runtime import collector_token
+
+    if not 0 < share <= 1:
+        raise ConfigError(f"canary share must be in (0, 1], not {share}")
+    served, addresses, deployed = _deployed(cfg)
+    steers = [Steer.from_dict(s) for s in deployed.get("steering", [])]
+    candidate = canary_config(served, path, model_version)
+    canary = {"config": candidate.model_dump(mode="json"), "share": share, "routed": False}
+    token = collector_token(served)
+    _deploy(served, addresses, token, steers, canary)
+    handle = _deploy(served, addresses, token, steers, {**canary, "routed": True})
+    _wait_for_replica(handle, lambda status: status["canary"] is not None, "canary route")
+    canary_handle = serve.get_app_handle(canary_app_name(served))
+    return canary_handle.models.remote().result()["data"][0]
+
+
+def stop_canary(cfg: FeaturewatchConfig) -> None:
+    """End a canary: the main replicas stop routing to it, then it is deleted. The
+    served version and its steering are untouched."""
+    from featurewatch.platform.runtime import collector_token
+
+    served, addresses, deployed = _deployed(cfg)
+    if deployed.get("canary") is None:
+        return
+    steers = [Steer.from_dict(s) for s in deployed.get("steering", [])]
+    token = collector_token(served)
+    handle = _deploy(served, addresses, token, steers, {**deployed["canary"], "routed": False})
+    _wait_for_replica(handle, lambda status: status["canary"] is None, "end of the canary")
+    _deploy(served, addresses, token, steers)
 
 
 def promote_model(cfg: FeaturewatchConfig, path: Path, model_version: str) -> dict:
     """Serve another model version: Serve replaces the replicas one by one (a rolling
-    update, no downtime), steering off (the new version is meant not to need it).
-    Returns the new replicas' /v1/models entry."""
+    update, no downtime), steering off (the new version is meant not to need it) and any
+    canary ended. Returns the new replicas' /v1/models entry."""
     from featurewatch.platform.runtime import collector_token
 
-    served, addresses = _deployed(cfg)
+    served, addresses, _ = _deployed(cfg)
     promoted = served.model_copy(deep=True)
     promoted.model.path, promoted.model.version = str(path), model_version
     handle = _deploy(promoted, addresses, collector_token(promoted), [])

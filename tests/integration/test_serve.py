@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
@@ -21,6 +23,7 @@ from featurewatch.platform.actions import realign_handler
 from featurewatch.platform.cli import app
 from featurewatch.platform.config import build_config
 from featurewatch.platform.controller import PolicyController
+from featurewatch.platform.pipeline import follow_segments
 from featurewatch.platform.policies import PolicyFile
 from featurewatch.platform.serving import deploy_model_server, promote_model, set_steering
 from featurewatch.proto import activations_pb2 as pb
@@ -187,14 +190,15 @@ def test_steering_changes_the_live_replica_without_a_restart(served):
         sae.W_dec.normal_()
     steer = steer_from_sae(sae, 3, layer=1, site="resid_post", scale=50.0)
     status = set_steering(cfg, [steer])
-    assert status == {"replica_id": replica, "steers": [steer.summary()]}  # same replica
+    assert (status["replica_id"], status["steers"]) == (replica, [steer.summary()])  # no restart
     assert greedy() != plain
 
     with pytest.raises(ConfigError, match="steering.layer 9 is out of range"):
         set_steering(cfg, [dataclasses.replace(steer, layer=9)])
     assert handle.steering_status.remote().result()["steers"] == [steer.summary()]
 
-    assert set_steering(cfg, []) == {"replica_id": replica, "steers": []}
+    status = set_steering(cfg, [])
+    assert (status["replica_id"], status["steers"]) == (replica, [])
     assert greedy() == plain
 
 
@@ -262,7 +266,40 @@ def test_a_policy_that_fires_steers_the_live_replica(served, tmp_path):
     assert result.exit_code == 0 and json.loads(result.stdout)["steers"] == []
 
 
-def test_realign_promotes_a_candidate_under_the_bar_and_rolls_back_one_over(served, tmp_path):
+@contextmanager
+def live_traffic(cfg, base, sae, sae_version):
+    """Chats sent one after another and the pipeline following the spool into the lake,
+    until the block ends; yields the model versions that answered, in order."""
+    answered, stop = [], threading.Event()
+
+    def send():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            answer = chat(base, f"tell me about plants {i}", max_tokens=6)
+            if answer.status_code == 200:
+                answered.append(answer.json()["system_fingerprint"])
+
+    with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+        threads = [
+            threading.Thread(target=send),
+            threading.Thread(
+                target=follow_segments,
+                args=(cfg, sae, sae_version, catalog),
+                kwargs={"every_s": 0.5, "stop": stop},
+            ),
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            yield answered
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+
+
+def test_realign_canaries_a_candidate_under_the_bar_and_rolls_back_one_over(served, tmp_path):
     cfg, handle, _, base = served
     # An SAE whose feature 3 fires on most tokens and feature 4 never does: a group
     # tagged "hot" scores far over the bar, one tagged "cold" scores 0.
@@ -282,7 +319,8 @@ def test_realign_promotes_a_candidate_under_the_bar_and_rolls_back_one_over(serv
     prompts = tmp_path / "eval.jsonl"
     prompts.write_text(json.dumps({"prompt": "the quick brown fox"}) + "\n")
     action = {"type": "realign", "score_bar": 0.5, "examples": str(examples),
-              "eval_prompts": str(prompts), "max_steps": 3, "cpus": 1}  # fmt: skip
+              "eval_prompts": str(prompts), "max_steps": 3, "cpus": 1, "canary_share": 0.5,
+              "canary_requests": 3, "canary_timeout_s": 120}  # fmt: skip
     realign = realign_handler(cfg)
 
     def served_version():
@@ -296,14 +334,37 @@ def test_realign_promotes_a_candidate_under_the_bar_and_rolls_back_one_over(serv
         realign({**action, "examples": str(tmp_path / "none.jsonl")}, hot)
     assert served_version() == "v1"
 
+    # Offline the cold candidate passes; as a canary it never gets the 500 live answers
+    # asked for: rolled back, the canary gone, v1 serving with its steering as it was.
+    steer = steer_from_sae(sae, 3, layer=1, site="resid_post")
+    set_steering(cfg, [steer])
+    cold = {"decision_id": "p-cccc3333", "numbers": {"tag": "cold", "sae_version": "sae-r"}}
+    starved = {**action, "canary_requests": 500, "canary_timeout_s": 15}
+    needed = r"of the 500 live requests needed .* rolled back"
+    with (
+        live_traffic(cfg, base, sae, "sae-r") as answered,
+        pytest.raises(RuntimeError, match=needed),
+    ):
+        realign(starved, cold)
+    assert "v1-realigned-cccc3333" in answered  # the canary did answer live requests
+    assert "fw-test-canary" not in serve.status().applications
+    status = handle.steering_status.remote().result()
+    assert (status["steers"], status["canary"]) == ([steer.summary()], None)
+    assert served_version() == "v1"
+
+    # The cold candidate again, with live traffic enough: a canary, then promoted.
     cold = {"decision_id": "p-bbbb2222", "numbers": {"tag": "cold", "sae_version": "sae-r"}}
-    done = realign(action, cold)
-    assert "scored 0.0000" in done and done.endswith("promoted, serving v1-realigned-bbbb2222")
+    with live_traffic(cfg, base, sae, "sae-r") as answered:
+        done = realign(action, cold)
+    assert re.search(r"scored 0.0000 on 1 prompts .* canary on 50% of traffic it scored "
+                     r"0.0000 on [3-9] live requests: promoted, serving v1-realigned-bbbb2222",
+                     done), done  # fmt: skip
+    assert "v1" in answered and "v1-realigned-bbbb2222" in answered
     assert served_version() == "v1-realigned-bbbb2222"
+    assert "fw-test-canary" not in serve.status().applications
     answer = chat(base, "basil?", max_tokens=4)
     assert answer.status_code == 200
     # Steering goes to the promoted model's replicas (it must not redeploy the old one).
-    steer = steer_from_sae(sae, 3, layer=1, site="resid_post")
     assert set_steering(cfg, [steer])["steers"] == [steer.summary()]
     assert served_version() == "v1-realigned-bbbb2222"
     assert promote_model(cfg, cfg.model.path, "v1")["version"] == "v1"
