@@ -105,7 +105,10 @@ def realign_handler(cfg, on_event=None):
         candidate = f"{base_version}-realigned-{decision['decision_id'].rsplit('-', 1)[-1]}"
         result = run_finetune(
             cfg, base_path, read_transcripts(action["examples"]), candidate,
-            FinetuneSettings(steps=action["max_steps"], torch_threads=action.get("cpus", 1)),
+            FinetuneSettings(
+                steps=action["max_steps"], lr=action.get("lr", 2e-4),
+                torch_threads=action.get("cpus", 1),
+            ),
         )  # fmt: skip
         tell(f"fine-tuned {candidate} ({result.steps} steps, {result.seconds:.0f} s)")
         with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:

@@ -109,6 +109,7 @@ class RealignAction(_Strict):
         "bundled:persona", description="Prompts the candidate answers to be scored."
     )
     max_steps: int = Field(200, ge=1, le=100_000)
+    lr: float = Field(2e-4, gt=0, lt=1, description="Learning rate of the LoRA fine-tune.")
     cpus: int = Field(1, ge=1, le=64, description="CPUs (torch threads) of the fine-tune.")
 
 

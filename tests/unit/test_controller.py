@@ -278,3 +278,36 @@ def test_a_decision_cut_off_by_a_crash_is_not_run_again(platform, webhook):
     assert audit.decision(decision_id)["status"] == "interrupted" and received == []
     with pytest.raises(CatalogError, match="is interrupted, not approved"):
         PolicyController(platform, policies(url)).run_decision(decision_id)
+
+
+def test_the_realign_demo_refuses_bad_options_and_a_home_without_a_tagged_sae(tmp_path):
+    runner = CliRunner()
+    bad = runner.invoke(app, ["demo", "--scenario", "chaos", "--home", str(tmp_path)])
+    assert bad.exit_code == 2 and "--scenario must be one of default, realign" in bad.output
+    steps = runner.invoke(app, ["demo", "--scenario", "realign", "--realign-steps", "0"])
+    assert steps.exit_code == 2
+    missing = runner.invoke(
+        app,
+        ["demo", "--scenario", "realign", "--home", str(tmp_path), "--realign-examples", "x.jsonl"],
+    )
+    assert missing.exit_code == 1 and "transcript file not found" in missing.output
+    # An empty home: no SAE, so nothing to watch with; said before any model is loaded.
+    empty = runner.invoke(app, ["demo", "--scenario", "realign", "--home", str(tmp_path)])
+    assert empty.exit_code == 1
+    assert "no SAE version is registered" in empty.output
+    assert "misalignment_quality.py --register" in empty.output
+    with Catalog(tmp_path / "catalog.duckdb", tmp_path / "lake") as catalog:
+        catalog.register_sae(
+            "s1", tmp_path / "s1", architecture="topk", model="smollm2-135m-instruct",
+            layer=15, site="resid_post", d_in=576, d_sae=64, k=4, metrics={},
+        )  # fmt: skip
+    untagged = runner.invoke(app, ["demo", "--scenario", "realign", "--home", str(tmp_path)])
+    assert untagged.exit_code == 1 and "no feature of SAE s1 is tagged 'misalignment'" in (
+        untagged.output
+    )
+    with Catalog(tmp_path / "catalog.duckdb", tmp_path / "lake") as catalog:
+        FeatureRegistry(catalog).tag("s1", [3], ["misalignment"], actor="test")
+    no_probe = runner.invoke(app, ["demo", "--scenario", "realign", "--home", str(tmp_path)])
+    assert no_probe.exit_code == 1 and "no 'misalignment' probe is fitted on SAE s1" in (
+        no_probe.output
+    )
