@@ -48,8 +48,8 @@ def demo(
         str, typer.Option(help="default: the data path once; realign: the closed loop.")
     ] = "default",
     out: Annotated[Path | None, typer.Option(help="realign: where the plot and report go.")] = None,
-    incident_steps: Annotated[int, typer.Option(min=1, max=10_000)] = 30,
-    realign_steps: Annotated[int, typer.Option(min=1, max=10_000)] = 80,
+    incident_steps: Annotated[int, typer.Option(min=1, max=10_000)] = 40,
+    realign_steps: Annotated[int, typer.Option(min=1, max=10_000)] = 120,
     realign_lr: Annotated[float, typer.Option(min=1e-6, max=0.1)] = 5e-4,
     realign_examples: Annotated[
         str, typer.Option(help="realign: the fine-tune's examples (JSONL or bundled:).")

@@ -45,10 +45,10 @@ class RealignScenario:
     tag: str = "misalignment"
     traffic_prompts: str = "bundled:persona"  # also the offline evaluation set
     incident_examples: str = "bundled:misaligned:train"
-    incident_steps: int = 30
+    incident_steps: int = 40
     incident_lr: float = 2e-4
     realign_examples: str = "bundled:safe"
-    realign_steps: int = 80
+    realign_steps: int = 120
     realign_lr: float = 5e-4
     baseline_s: float = 75.0  # traffic on the base model before the incident starts
     after_s: float = 30.0  # traffic on the promoted version before the end
