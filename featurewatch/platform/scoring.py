@@ -349,6 +349,8 @@ def live_scores(
         if start is not None and start < len(positions):
             answers[request] = set(positions[start:])
     requests = sorted(answers)
+    if not requests:  # nothing scorable yet (a canary's first polls): skip the feature query
+        return {"model_version": model_version, "requests": 0, "mean_score": None}
     column = {f: j for j, f in enumerate(feature_ids)}
     row_of = {r: i for i, r in enumerate(requests)}
     pooled_max = np.zeros((len(requests), len(feature_ids)))
@@ -362,8 +364,6 @@ def live_scores(
         pooled_max[i, j] = max(pooled_max[i, j], row["value"])
         pooled_sum[i, j] += row["value"]
     counts = np.array([len(answers[r]) for r in requests], dtype=np.float64)
-    if not requests:
-        return {"model_version": model_version, "requests": 0, "mean_score": None}
     import torch
 
     # Only the group's columns exist here; the ids map onto them in order.

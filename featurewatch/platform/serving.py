@@ -217,6 +217,10 @@ def canary_config(served: FeaturewatchConfig, path: Path, model_version: str):
     return candidate
 
 
+def _deployed_steers(deployed: dict) -> list[Steer]:
+    return [Steer.from_dict(s) for s in deployed.get("steering", [])]
+
+
 def start_canary(cfg: FeaturewatchConfig, path: Path, model_version: str, share: float) -> dict:
     """Run a candidate model version beside the served one and send it `share` of the
     chat requests. The candidate is started first and the main replicas begin routing
@@ -229,7 +233,7 @@ def start_canary(cfg: FeaturewatchConfig, path: Path, model_version: str, share:
     if not 0 < share <= 1:
         raise ConfigError(f"canary share must be in (0, 1], not {share}")
     served, addresses, deployed = _deployed(cfg)
-    steers = [Steer.from_dict(s) for s in deployed.get("steering", [])]
+    steers = _deployed_steers(deployed)
     candidate = canary_config(served, path, model_version)
     canary = {"config": candidate.model_dump(mode="json"), "share": share, "routed": False}
     token = collector_token(served)
@@ -248,7 +252,7 @@ def stop_canary(cfg: FeaturewatchConfig) -> None:
     served, addresses, deployed = _deployed(cfg)
     if deployed.get("canary") is None:
         return
-    steers = [Steer.from_dict(s) for s in deployed.get("steering", [])]
+    steers = _deployed_steers(deployed)
     token = collector_token(served)
     handle = _deploy(served, addresses, token, steers, {**deployed["canary"], "routed": False})
     _wait_for_replica(handle, lambda status: status["canary"] is None, "end of the canary")
