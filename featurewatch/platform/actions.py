@@ -78,15 +78,44 @@ def steer_handler(cfg):
     return steer
 
 
-def realign_handler(cfg, on_event=None):
+def refresh_sae_handler(cfg):
+    """The `refresh_sae` action: measure the SAE in use on the newest spool segments of
+    the action's window and, past the FVU threshold, train a child from it there (a Ray
+    Train job) that replaces it in the pipeline only if it is not worse
+    (`platform/refresh_sae.py`). A worse child fails the action, the parent kept."""
+
+    def refresh(action: dict, decision: dict) -> str:
+        from datetime import timedelta
+
+        from pydantic import TypeAdapter
+
+        from featurewatch.platform.refresh_sae import refresh_sae
+
+        result = refresh_sae(
+            cfg, decision["numbers"]["sae_version"],
+            window=TypeAdapter(timedelta).validate_python(action["data_window"]),
+            fvu_threshold=action["fvu_threshold"], epochs=action.get("epochs", 3),
+        )  # fmt: skip
+        if result.refreshed and not result.kept:
+            raise RuntimeError(result.summary())
+        return result.summary()
+
+    return refresh
+
+
+def realign_handler(cfg, on_event=None, around_finetune=None):
     """The `realign` action: a LoRA fine-tune of the served model on safe examples (a Ray
     Train job); the candidate is scored on its own answers to the evaluation prompts by
     the policy's tag group; under the bar it becomes a canary taking a share of live
     traffic, scored the same way on the answers it gives there (from the lake); under
     the bar again, it is promoted (a rolling update of every replica). Otherwise it is
     rolled back, the serving version untouched, and the audit says why. `on_event`, when
-    given, hears each step as one line (the realign demo's timeline)."""
+    given, hears each step as one line (the realign demo's timeline); `around_finetune`,
+    when given, makes the context the fine-tune runs in (the demo pauses its traffic)."""
+    from contextlib import nullcontext
+
     tell = on_event or (lambda text: log.info("realign: %s", text))
+    around_finetune = around_finetune or nullcontext
 
     def realign(action: dict, decision: dict) -> str:
         from featurewatch.platform.finetune import FinetuneSettings, run_finetune
@@ -95,6 +124,7 @@ def realign_handler(cfg, on_event=None):
         from featurewatch.platform.serving import promote_model, served_model
         from featurewatch.platform.transcripts import read_prompts, read_transcripts
         from featurewatch.storage.catalog import Catalog
+        from featurewatch.storage.inbox import ModelVersionRegistration, submit
 
         tag = decision["numbers"].get("tag")
         if not tag:
@@ -103,13 +133,15 @@ def realign_handler(cfg, on_event=None):
         init_ray(cfg)
         base_path, base_version = served_model(cfg)
         candidate = f"{base_version}-realigned-{decision['decision_id'].rsplit('-', 1)[-1]}"
-        result = run_finetune(
-            cfg, base_path, read_transcripts(action["examples"]), candidate,
-            FinetuneSettings(
-                steps=action["max_steps"], lr=action.get("lr", 2e-4),
-                torch_threads=action.get("cpus", 1),
-            ),
-        )  # fmt: skip
+        tell(f"fine-tuning {candidate} from {base_version} on {action['examples']}")
+        with around_finetune():
+            result = run_finetune(
+                cfg, base_path, read_transcripts(action["examples"]), candidate,
+                FinetuneSettings(
+                    steps=action["max_steps"], lr=action.get("lr", 2e-4),
+                    torch_threads=action.get("cpus", 1),
+                ),
+            )  # fmt: skip
         tell(f"fine-tuned {candidate} ({result.steps} steps, {result.seconds:.0f} s)")
         with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
             report = evaluate_model(
@@ -125,6 +157,13 @@ def realign_handler(cfg, on_event=None):
         tell(f"{candidate} scored {score:.4f} offline (bar {bar})")
         if score >= bar:
             raise RuntimeError(f"{judged}: rolled back, {base_version} keeps serving")
+        # Live traffic is about to carry its version: the catalog's writer registers it.
+        submit(
+            cfg.home,
+            ModelVersionRegistration(
+                model=cfg.model.name, model_version=candidate, path=str(result.path)
+            ),
+        )
         live = run_canary(cfg, action, result.path, candidate, tag, sae_version, tell)
         judged += (
             f"; as a canary on {action['canary_share']:.0%} of traffic it scored "

@@ -57,6 +57,13 @@ def demo(
     baseline_s: Annotated[
         float, typer.Option(min=30, max=3600, help="realign: seconds of baseline traffic.")
     ] = 75.0,
+    pause_traffic: Annotated[
+        bool,
+        typer.Option(
+            "--pause-traffic/--keep-traffic",
+            help="realign: pause the clients while a fine-tune trains (2 cores are shared).",
+        ),
+    ] = True,
     config: ConfigOpt = None,
     home: HomeOpt = None,
 ) -> None:
@@ -78,7 +85,10 @@ def demo(
             realign_lr=realign_lr,
             realign_examples=realign_examples,
             baseline_s=baseline_s,
+            pause_traffic_for_finetunes=pause_traffic,
         )
+        if not pause_traffic:  # two threads each would spin against the replica's
+            settings.finetune_threads = 1
         report = run_realign_demo(cfg, settings, out)
     except FeaturewatchError as err:
         _fail(str(err))
@@ -446,6 +456,46 @@ def sae_eval(
         _print_json(evaluate_sae(cfg, sae, eval_spool=eval_spool, ce_chunks=ce_chunks))
     except FeaturewatchError as err:
         _fail(str(err))
+
+
+@sae_app.command("refresh")
+def sae_refresh(
+    parent: Annotated[
+        str | None, typer.Option(help="The SAE version to refresh (default: the newest).")
+    ] = None,
+    window: Annotated[
+        str, typer.Option(help="Recent data: the spool segments sealed within this span.")
+    ] = "24h",
+    fvu_threshold: Annotated[
+        float,
+        typer.Option(min=0.0, max=10.0, help="Refresh only past this FVU on the newest segments."),
+    ] = 0.0,
+    epochs: Annotated[int, typer.Option(min=1, max=100)] = 3,
+    version: Annotated[str | None, typer.Option(help="The child's version id.")] = None,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Refresh an SAE on recent traffic, as the `refresh_sae` action does: the child is
+    trained from the parent's weights and kept only if its FVU on the newest segments is
+    not worse; the pipeline (or the next `featurewatch pipeline`) registers it and
+    encodes with it from then on."""
+    from dataclasses import asdict
+
+    from featurewatch.platform.refresh_sae import refresh_sae
+
+    span = _parse_duration(window, "--window")
+    if version is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,127}", version):
+        _fail(f"--version {version!r} may hold only letters, digits, '_', '.' and '-'", 2)
+    try:
+        cfg = _config(config, home)
+        result = refresh_sae(
+            cfg, parent, window=span, fvu_threshold=fvu_threshold, epochs=epochs,
+            version=version,
+        )  # fmt: skip
+    except FeaturewatchError as err:
+        _fail(str(err))
+    typer.echo(result.summary(), err=True)
+    _print_json(asdict(result))
 
 
 def _with_sae_overrides(cfg, overrides: dict):
@@ -908,11 +958,15 @@ def pipeline(
     from featurewatch.platform.runtime import init_ray
     from featurewatch.sae import load
     from featurewatch.storage.catalog import Catalog
+    from featurewatch.storage.inbox import apply_registrations
 
     interval = _parse_duration(every, "--every")
     try:
         cfg = _config(config, home)
         with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+            # Versions that jobs registered while no pipeline ran (this is the writer).
+            for request in apply_registrations(catalog, cfg.home):
+                typer.echo(f"registered {request.kind} {request}", err=True)
             choice = registered_sae(cfg, catalog, sae_version)
             if (choice.layer, choice.site) != (cfg.capture.layer, cfg.capture.site):
                 _fail(

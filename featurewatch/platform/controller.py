@@ -189,7 +189,12 @@ class PolicyController:
         audit: AuditLog | None = None,
         handlers: dict[str, Handler] | None = None,
     ):
-        from featurewatch.platform.actions import realign_handler, send_alert, steer_handler
+        from featurewatch.platform.actions import (
+            realign_handler,
+            refresh_sae_handler,
+            send_alert,
+            steer_handler,
+        )
 
         self.cfg = cfg
         self.policies = policies
@@ -198,6 +203,7 @@ class PolicyController:
             handlers = {
                 "alert": send_alert,
                 "steer": steer_handler(cfg),
+                "refresh_sae": refresh_sae_handler(cfg),
                 "realign": realign_handler(cfg),
             }
         self.handlers = handlers

@@ -209,10 +209,13 @@ def encode_segments(
     sae_version: str,
     catalog: Catalog,
     paths: list[Path] | None = None,
+    since: float | None = None,
 ) -> EncodeReport:
     """Encode every sealed segment (of every collector's spool, by default) not yet
-    committed for `sae_version`."""
+    committed for `sae_version`; with `since` (a Unix time), only those sealed since."""
     all_paths = spool_segments(cfg) if paths is None else list(paths)
+    if since is not None:
+        all_paths = [p for p in all_paths if p.stat().st_mtime >= since]
     done = catalog.committed_segments(sae_version)
     todo = [p for p in all_paths if segment_id(p) not in done]
     report = EncodeReport(0, len(all_paths) - len(todo), 0, 0)
@@ -247,6 +250,18 @@ def encode_segments(
     return report
 
 
+def successor(cfg: FeaturewatchConfig, request, sae_version: str) -> bool:
+    """Whether a registration just applied is a refreshed child of the SAE in use (same
+    model and hook point): the pipeline then encodes with it."""
+    return (
+        request.kind == "sae"
+        and request.parent_version == sae_version
+        and request.model == cfg.model.name
+        and request.layer == cfg.capture.layer
+        and (request.site or "resid_post") == cfg.capture.site
+    )
+
+
 def follow_segments(
     cfg: FeaturewatchConfig,
     sae: SparseAutoencoder,
@@ -256,13 +271,28 @@ def follow_segments(
     every_s: float,
     stop: threading.Event,
     on_report=None,
+    on_switch=None,
 ) -> None:
     """Encode new sealed segments as they appear, until `stop` is set: the pipeline as a
-    service. A failing round is logged and retried next round (segments are committed
-    exactly once, so a retry never doubles a row)."""
+    service. Between rounds it applies pending registration requests (it is the
+    catalog's one writer) and switches to a refreshed child of its SAE when one is
+    accepted; the child then also encodes the segments of its own training window, so
+    drift over it has a baseline. A failing round is logged and retried next round
+    (segments are committed exactly once, so a retry never doubles a row)."""
+    from featurewatch.sae import load
+    from featurewatch.storage.inbox import apply_registrations
+
+    since = None
     while not stop.is_set():
         try:
-            report = encode_segments(cfg, sae, sae_version, catalog)
+            for request in apply_registrations(catalog, cfg.home):
+                if successor(cfg, request, sae_version):
+                    log.warning("pipeline: %s replaces %s", request.sae_version, sae_version)
+                    sae, sae_version = load(Path(request.path)), request.sae_version
+                    since = request.data_window[0].timestamp() if request.data_window else None
+                    if on_switch is not None:
+                        on_switch(sae_version)
+            report = encode_segments(cfg, sae, sae_version, catalog, since=since)
             if on_report is not None and report.segments_committed:
                 on_report(report)
         except Exception:  # noqa: BLE001 - the service outlives one bad round

@@ -92,6 +92,7 @@ class RefreshSAEAction(_Strict):
     type: Literal["refresh_sae"]
     fvu_threshold: float = Field(gt=0, lt=10, description="Refresh when fresh FVU exceeds it.")
     data_window: Duration = Field(parse_duration("24h"), description="Recent data trained on.")
+    epochs: int = Field(3, ge=1, le=100, description="Passes of the child over that data.")
 
 
 class RealignAction(_Strict):

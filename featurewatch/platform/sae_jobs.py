@@ -49,12 +49,20 @@ def _segments(spool: Path, what: str) -> list[Path]:
 
 def spool_vectors(spool: Path, limit: int, layer: int, site: str) -> torch.Tensor:
     """Up to `limit` vectors of one (layer, site) from a spool, as float32."""
+    return segment_vectors(_segments(spool, "--eval-spool"), limit, layer, site, str(spool))
+
+
+def segment_vectors(
+    paths: list[Path], limit: int, layer: int, site: str, where: str = "the segments"
+) -> torch.Tensor:
+    """Up to `limit` vectors of one (layer, site) from sealed segments, as float32,
+    without the outlier rows training drops (so FVU is measured as training sees it)."""
     from featurewatch.proto import activations_pb2 as pb
     from featurewatch.proto.codec import unpack_vectors
     from featurewatch.sae.train import typical_rows
 
     parts, total = [], 0
-    for path in _segments(spool, "--eval-spool"):
+    for path in paths:
         for payload in read_segment(path):
             batch = pb.ActivationBatch.FromString(payload)
             if batch.layer != layer or batch.site != site:
@@ -66,7 +74,7 @@ def spool_vectors(spool: Path, limit: int, layer: int, site: str) -> torch.Tenso
             if total >= limit:
                 return torch.cat(parts)[:limit]
     if not parts:
-        raise ConfigError(f"{spool} holds no vectors of layer {layer}, site {site}")
+        raise ConfigError(f"{where} hold no vectors of layer {layer}, site {site}")
     return torch.cat(parts)
 
 

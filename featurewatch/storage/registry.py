@@ -129,6 +129,33 @@ class FeatureRegistry:
                         changed += 1
         return changed
 
+    def inherit(self, child: str, parent: str, *, actor: str) -> int:
+        """Copy the parent version's labels and tags to `child` (an SAE trained from the
+        parent's weights, whose feature ids keep their meaning), recording each copy in
+        the history. Runs inside the caller's transaction; returns the features copied."""
+        con = self.con
+        con.execute(
+            "INSERT OR IGNORE INTO feature_labels (sae_version, feature_id, label, "
+            "description, owner, updated_at) SELECT ?, feature_id, label, description, "
+            "owner, now() FROM feature_labels WHERE sae_version = ?",
+            [child, parent],
+        )
+        con.execute(
+            "INSERT OR IGNORE INTO feature_tags SELECT ?, feature_id, tag FROM feature_tags "
+            "WHERE sae_version = ?",
+            [child, parent],
+        )
+        ids = [
+            r[0]
+            for r in con.execute(
+                "SELECT feature_id FROM features WHERE sae_version = ? ORDER BY feature_id",
+                [parent],
+            ).fetchall()
+        ]
+        for feature_id in ids:
+            self._record(child, feature_id, actor, "inherited", None, parent)
+        return len(ids)
+
     def entries(self, sae_version: str | None = None, tag: str | None = None) -> pa.Table:
         """Registered features, optionally of one SAE version and/or with one tag."""
         sql = "SELECT * FROM features WHERE true"

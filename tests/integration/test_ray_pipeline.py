@@ -24,12 +24,13 @@ from tests.unit.test_codec import batch_of
 WIDTH = 16
 
 
-def fill_spool(spool_dir, segments=3, batches=4, rows=64):
-    """Structured activations (sparse codes over a few directions) in several segments."""
-    gen = torch.Generator().manual_seed(0)
+def fill_spool(spool_dir, segments=3, batches=4, rows=64, seed=0, first_seq=0):
+    """Structured activations (sparse codes over a few directions, chosen by `seed`) in
+    several segments; batch sequence numbers follow `first_seq`."""
+    gen = torch.Generator().manual_seed(seed)
     basis = torch.randn(12, WIDTH, generator=gen)
     spool = Spool(spool_dir)
-    seq = 0
+    seq = first_seq
     for _ in range(segments):
         for _ in range(batches):
             seq += 1

@@ -150,6 +150,10 @@ def test_the_realign_loop_closes_on_a_tiny_model(ray_cluster, tiny_llama_dir, tm
     assert scores["promoted"]["requests"] > 0
     assert scores["promoted"]["mean_score"] <= report.bar
     assert report.figures["promoted_over_baseline"] <= 1.2
+    # The pipeline, the catalog's writer, registered the version the canary served.
+    with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as reader:
+        served = reader.query("SELECT model_version FROM model_versions").column(0)
+    assert report.promoted_version in served.to_pylist()
     for key in ("incident_to_fired_s", "incident_to_alert_s", "incident_to_steer_s"):
         assert 0 < report.figures[key] <= report.figures["incident_to_realign_s"]
     with open(report.plot, "rb") as png:

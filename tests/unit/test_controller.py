@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from featurewatch.errors import CatalogError
+from featurewatch.platform.actions import send_alert
 from featurewatch.platform.cli import app
 from featurewatch.platform.config import build_config
 from featurewatch.platform.controller import PolicyController
@@ -221,7 +222,8 @@ def test_policies_that_cannot_be_evaluated_are_audited_and_skipped(platform, web
     assert "feature 32 is not in SAE 'sae1'" in rows[1]["detail"]
     # An action type with no handler in this deployment is recorded, not dropped.
     refresh = policies(url, id="refresh", actions=[{"type": "refresh_sae", "fvu_threshold": 0.3}])
-    decision_id = PolicyController(platform, refresh).tick(NOW)[0]["decision"]
+    alerts_only = PolicyController(platform, refresh, handlers={"alert": send_alert})
+    decision_id = alerts_only.tick(NOW)[0]["decision"]
     audit = AuditLog(platform.home / "audit.duckdb")
     assert audit.decision(decision_id)["status"] == "done"
     last = audit.table("action_results", policy_id="refresh").to_pylist()

@@ -1,0 +1,194 @@
+"""Refreshing a stale SAE dictionary on recent traffic.
+
+A dictionary trained last month reconstructs this month's activations worse as the
+traffic (or the served model) drifts. The refresh job:
+
+1. takes the sealed spool segments of the recent window (every collector's spool) and
+   holds the newest tenth out: the freshest traffic is what the child must explain;
+2. measures the serving version's (the parent's) FVU there; at or under the threshold the
+   dictionary is still fresh and nothing is trained;
+3. trains a child from the parent's weights on the rest (a Ray Train job, the parent's
+   architecture and size, a few epochs), so the child's feature ids keep their meaning;
+4. keeps the child only if its FVU on the held-out segments is not worse than the
+   parent's, and then hands it to the catalog's writer as a registration request
+   (`storage/inbox.py`) that takes over the parent's labels, tags and probes; the
+   pipeline applies it between rounds and encodes with the child from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from featurewatch.errors import ConfigError
+from featurewatch.platform.config import FeaturewatchConfig
+from featurewatch.storage.inbox import SAERegistration, submit
+
+log = logging.getLogger(__name__)
+
+# How a saved SAE's architecture maps back to the training setting that makes it.
+TRAINED_AS = {"topk": "topk", "jumprelu": "batchtopk", "standard": "relu"}
+
+
+@dataclass
+class RefreshResult:
+    parent: str
+    parent_fvu: float
+    threshold: float
+    train_segments: int
+    held_out_segments: int
+    held_out_tokens: int
+    refreshed: bool  # a child was trained
+    child: str | None = None
+    child_fvu: float | None = None
+    kept: bool = False  # the child was handed to the pipeline
+    decoder_cosine: float | None = None  # mean, child's decoder rows vs the parent's
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        fresh = (
+            f"{self.parent} FVU {self.parent_fvu:.4f} on {self.held_out_tokens} fresh tokens "
+            f"({self.held_out_segments} newest of {self.train_segments + self.held_out_segments}"
+            f" segments), threshold {self.threshold}"
+        )
+        if not self.refreshed:
+            return f"{fresh}: the dictionary is fresh, not refreshed"
+        verdict = "kept: registration requested" if self.kept else "worse: discarded"
+        return (
+            f"{fresh}; child {self.child} trained on {self.train_segments} segments scored FVU "
+            f"{self.child_fvu:.4f} (decoder cosine to the parent {self.decoder_cosine:.3f}): "
+            f"{verdict}"
+        )
+
+
+def recent_segments(cfg: FeaturewatchConfig, window: timedelta, now: float | None = None):
+    """Sealed segments of every collector's spool sealed within `window`, oldest first."""
+    from featurewatch.platform.runtime import spool_segments
+
+    since = (now or time.time()) - window.total_seconds()
+    stamped = [(p.stat().st_mtime, p) for p in spool_segments(cfg)]
+    return [p for mtime, p in sorted(stamped) if mtime >= since]
+
+
+def split_held_out(segments: list[Path], fraction: float = 0.1) -> tuple[list, list]:
+    """(training, held out): the newest `fraction` of the segments, at least one, held out."""
+    if len(segments) < 2:
+        raise ConfigError(
+            f"a refresh needs at least 2 sealed segments in the window, found {len(segments)}"
+        )
+    held = max(1, math.ceil(len(segments) * fraction))
+    return segments[:-held], segments[-held:]
+
+
+def decoder_cosine(parent, child) -> float:
+    """Mean cosine between each latent's decoder direction in parent and child: how far
+    the refresh moved the features (1.0: not at all)."""
+    a, b = parent.W_dec.detach().float(), child.W_dec.detach().float()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
+
+
+def judge(parent_fvu: float, child, held_out: torch.Tensor) -> tuple[float, bool]:
+    """(child's FVU on the held-out vectors, keep it): kept when it is not worse than
+    the parent's on the same vectors."""
+    from featurewatch.sae.train import evaluate
+
+    child_fvu = evaluate(child, held_out)["fvu"]
+    return child_fvu, child_fvu <= parent_fvu
+
+
+def refresh_sae(
+    cfg: FeaturewatchConfig,
+    parent_version: str | None,
+    *,
+    window: timedelta,
+    fvu_threshold: float,
+    epochs: int = 3,
+    version: str | None = None,
+    max_held_out_tokens: int = 65_536,
+) -> RefreshResult:
+    """Check an SAE (by default the newest for the model) on recent traffic and refresh
+    it if it has gone stale."""
+    from featurewatch.platform.discover import registered_sae
+    from featurewatch.platform.pipeline import segments_dataset
+    from featurewatch.platform.runtime import init_ray
+    from featurewatch.platform.sae_jobs import segment_vectors
+    from featurewatch.platform.train_sae import train_sae
+    from featurewatch.sae import load
+    from featurewatch.sae.train import evaluate
+    from featurewatch.storage.catalog import Catalog
+
+    started = time.time()
+    with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+        choice = registered_sae(cfg, catalog, parent_version)
+    parent_version = choice.version
+    parent = load(choice.path)
+    layer, site = choice.layer, choice.site
+    train_paths, held_paths = split_held_out(recent_segments(cfg, window))
+    held_out = segment_vectors(held_paths, max_held_out_tokens, layer, site, "the newest segments")
+    parent_fvu = evaluate(parent, held_out)["fvu"]
+    result = RefreshResult(
+        parent=parent_version, parent_fvu=parent_fvu, threshold=fvu_threshold,
+        train_segments=len(train_paths), held_out_segments=len(held_paths),
+        held_out_tokens=len(held_out), refreshed=False,
+    )  # fmt: skip
+    if parent_fvu <= fvu_threshold:
+        result.seconds = time.time() - started
+        return result
+
+    # The child has the parent's shape: its architecture, size and k, whatever the config says.
+    sae_settings = cfg.sae.model_copy(
+        update={
+            "architecture": TRAINED_AS[parent.architecture],
+            "d_sae": parent.d_sae,
+            "k": getattr(parent, "k", None) or cfg.sae.k,
+            "epochs": epochs,
+        }
+    )
+    child_cfg = cfg.model_copy(
+        update={"sae": sae_settings, "capture": cfg.capture.model_copy(update={"layer": layer})}
+    )
+    version = version or f"{parent_version}-r{time.strftime('%Y%m%d%H%M%S')}"
+    init_ray(cfg)
+    trained = train_sae(
+        child_cfg, segments_dataset(train_paths, layer, site), parent.d_in, version=version,
+        eval_data=segments_dataset(held_paths, layer, site), parent_version=parent_version,
+        init_from=choice.path,
+    )  # fmt: skip
+    child_fvu, keep = judge(parent_fvu, trained.sae, held_out)
+    result.refreshed, result.child, result.child_fvu, result.kept = True, version, child_fvu, keep
+    result.decoder_cosine = decoder_cosine(parent, trained.sae)
+    if not keep:
+        shutil.rmtree(trained.path, ignore_errors=True)  # never registered, never served
+        result.seconds = time.time() - started
+        return result
+    _copy_probes(choice.path, trained.path)
+    metrics = {**trained.metrics, "fvu_fresh": child_fvu, "parent_fvu_fresh": parent_fvu}
+    metrics["decoder_cosine_to_parent"] = result.decoder_cosine
+    submit(
+        cfg.home,
+        SAERegistration(
+            sae_version=version, path=str(trained.path), architecture=trained.sae.architecture,
+            model=cfg.model.name, layer=layer, d_in=parent.d_in, d_sae=parent.d_sae,
+            k=getattr(parent, "k", None), metrics=metrics, model_version=cfg.model.version,
+            site=site, parent_version=parent_version,
+            data_window=trained.lineage.get("data_window"),
+            lineage={**trained.lineage, "refresh": result.summary()}, inherit_registry=True,
+        ),
+    )  # fmt: skip
+    result.seconds = time.time() - started
+    return result
+
+
+def _copy_probes(parent_path: Path, child_path: Path) -> None:
+    """The parent's tag probes go with its features (fitted on the parent's activations:
+    refit them on the child to be exact)."""
+    probes = Path(parent_path) / "probes"
+    if probes.is_dir():
+        shutil.copytree(probes, Path(child_path) / "probes", dirs_exist_ok=True)
