@@ -52,7 +52,12 @@ class RealignScenario:
     realign_steps: int = 120
     realign_lr: float = 5e-4
     baseline_s: float = 75.0  # traffic on the base model before the incident starts
-    after_s: float = 30.0  # traffic on the promoted version before the end
+    # After promotion the demo runs until the promoted version has answered as many
+    # requests as the canary verdict needed (14 answers in a fixed 30 s scored 0.29 where
+    # the same model's 25 canary answers scored 0.15), then gives the pipeline `after_s`
+    # to bring them to the lake; `after_timeout_s` bounds the wait.
+    after_s: float = 25.0
+    after_timeout_s: float = 300.0
     timeout_s: float = 1200.0  # the controller must have acted by then
     within: float = 0.2  # the bar: baseline score x (1 + within)
     window: str = "1m"
@@ -153,6 +158,15 @@ class Traffic:
             except (requests.RequestException, KeyError, ValueError):
                 self.failed += 1
                 self.stop.wait(1.0)
+
+    def wait_for(self, version: str, answers: int, timeout_s: float) -> int:
+        """Wait until `version` has given `answers` answers (or timeout_s passed)."""
+        deadline = time.time() + timeout_s
+        while True:
+            given = sum(1 for _, answered_by in self.answers if answered_by == version)
+            if given >= answers or time.time() > deadline:
+                return given
+            time.sleep(1.0)
 
     @contextmanager
     def paused(self, say=None):
@@ -471,6 +485,11 @@ def run_realign_demo(
             report.promoted_version = promoted["detail"].rsplit("serving ", 1)[-1]
         else:
             report.failure = f"realign did not promote: {promoted['detail']}"
+        if report.promoted_version:
+            timeline(f"{report.promoted_version} serving: waiting for "
+                     f"{scenario.canary_requests} of its answers")  # fmt: skip
+            traffic.wait_for(report.promoted_version, scenario.canary_requests,
+                             scenario.after_timeout_s)  # fmt: skip
         time.sleep(scenario.after_s)
     finally:
         traffic.close()
