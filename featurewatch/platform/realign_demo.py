@@ -159,11 +159,12 @@ class Traffic:
                 self.failed += 1
                 self.stop.wait(1.0)
 
-    def wait_for(self, version: str, answers: int, timeout_s: float) -> int:
-        """Wait until `version` has given `answers` answers (or timeout_s passed)."""
+    def wait_for(self, version: str, answers: int, timeout_s: float, since: float = 0) -> int:
+        """Wait until `version` has given `answers` answers after `since` (a Unix time),
+        or timeout_s passed; returns how many it gave."""
         deadline = time.time() + timeout_s
         while True:
-            given = sum(1 for _, answered_by in self.answers if answered_by == version)
+            given = sum(1 for t, by in self.answers if by == version and t >= since)
             if given >= answers or time.time() > deadline:
                 return given
             time.sleep(1.0)
@@ -488,8 +489,9 @@ def run_realign_demo(
         if report.promoted_version:
             timeline(f"{report.promoted_version} serving: waiting for "
                      f"{scenario.canary_requests} of its answers")  # fmt: skip
+            # (its canary answers carry the same version: count those after promotion)
             traffic.wait_for(report.promoted_version, scenario.canary_requests,
-                             scenario.after_timeout_s)  # fmt: skip
+                             scenario.after_timeout_s, since=promoted_at)  # fmt: skip
         time.sleep(scenario.after_s)
     finally:
         traffic.close()

@@ -38,6 +38,8 @@ def test_traffic_pauses_and_resumes():
         traffic.start()
         assert traffic.wait_for("v1", 3, timeout_s=30) >= 3
         assert traffic.wait_for("v2", 1, timeout_s=0.5) == 0  # nobody answers as v2
+        later = time.time() + 60
+        assert traffic.wait_for("v1", 1, timeout_s=0.5, since=later) == 0
         time.sleep(0.5)
         assert len(received) > 5 and {p for _, p in received} == {"a", "b", "c"}
         with traffic.paused(said.append):
