@@ -257,6 +257,19 @@ def stop_canary(cfg: FeaturewatchConfig) -> None:
     handle = _deploy(served, addresses, token, steers, {**deployed["canary"], "routed": False})
     _wait_for_replica(handle, lambda status: status["canary"] is None, "end of the canary")
     _deploy(served, addresses, token, steers)
+    _wait_until_deleted(canary_app_name(served))
+
+
+def _wait_until_deleted(app: str, timeout_s: float = 120.0) -> None:
+    """Serve deletes an application in the background: wait for it, so that a rollback
+    is over when it returns and the next canary never meets the last one."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while app in serve.status().applications:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Serve application {app} still exists {timeout_s:.0f} s on")
+        time.sleep(0.5)
 
 
 def promote_model(cfg: FeaturewatchConfig, path: Path, model_version: str) -> dict:
