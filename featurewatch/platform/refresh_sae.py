@@ -33,9 +33,6 @@ from featurewatch.storage.inbox import SAERegistration, submit
 
 log = logging.getLogger(__name__)
 
-# How a saved SAE's architecture maps back to the training setting that makes it.
-TRAINED_AS = {"topk": "topk", "jumprelu": "batchtopk", "standard": "relu"}
-
 
 @dataclass
 class RefreshResult:
@@ -119,7 +116,7 @@ def refresh_sae(
     from featurewatch.platform.pipeline import segments_dataset
     from featurewatch.platform.runtime import init_ray
     from featurewatch.platform.sae_jobs import segment_vectors
-    from featurewatch.platform.train_sae import train_sae
+    from featurewatch.platform.train_sae import SAVED_AS, train_sae
     from featurewatch.sae import load
     from featurewatch.sae.train import evaluate
     from featurewatch.storage.catalog import Catalog
@@ -145,7 +142,9 @@ def refresh_sae(
     # The child has the parent's shape: its architecture, size and k, whatever the config says.
     sae_settings = cfg.sae.model_copy(
         update={
-            "architecture": TRAINED_AS[parent.architecture],
+            "architecture": {saved: trained for trained, saved in SAVED_AS.items()}[
+                parent.architecture
+            ],
             "d_sae": parent.d_sae,
             "k": getattr(parent, "k", None) or cfg.sae.k,
             "epochs": epochs,

@@ -171,6 +171,11 @@ def _sample(data: ray.data.Dataset, rows: int) -> np.ndarray:
     return np.stack([row["vector"] for row in data.take(rows)]).astype(np.float32)
 
 
+# The architecture a trained SAE is saved as, per training setting (BatchTopK is served
+# as a JumpReLU with the learned threshold, ReLU as SAELens' "standard").
+SAVED_AS = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard"}
+
+
 def train_sae(
     cfg: FeaturewatchConfig,
     data: ray.data.Dataset,
@@ -189,9 +194,8 @@ def train_sae(
     """
     if init_from is not None:
         parent = load(init_from, expected_d_in=d_in)
-        saved_as = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard"}
         if (parent.architecture, parent.d_sae) != (
-            saved_as[cfg.sae.architecture],
+            SAVED_AS[cfg.sae.architecture],
             cfg.sae.d_sae,
         ):
             raise SAEFormatError(
