@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -169,6 +168,8 @@ class Catalog:
         self.path = Path(path)
         self.lake_dir = Path(lake_dir)
         self.sandboxed = sandboxed
+        self._in_transaction = False
+        self._copy_fd: int | None = None
         self.read_only = read_only = read_only or sandboxed
         if read_only and not self.path.exists():
             raise CatalogError(f"no catalog at {self.path}: run the pipeline (or the demo) first")
@@ -256,26 +257,51 @@ class Catalog:
         if not self.read_only:
             self.publish()
         self.con.close()
+        if self._copy_fd is not None:
+            os.close(self._copy_fd)  # only now: see publish()
+            self._copy_fd = None
 
     def publish(self) -> None:
         """Checkpoint, then copy the catalog to `readers_path` under a temporary name
         and rename it over the last copy: readers never block this writer, and never
-        see a half-written copy."""
+        see a half-written copy.
+
+        The copy reads through one descriptor opened once and closed after DuckDB: the
+        writer's lock is a POSIX record lock, which the process loses the moment it
+        closes *any* descriptor of the file (shutil.copyfile did, and another process
+        could then open the catalog for writing beside this one)."""
         self.con.execute("CHECKPOINT")
+        if self._copy_fd is None:
+            self._copy_fd = os.open(self.path, os.O_RDONLY)
         target = readers_path(self.path)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.copyfile(self.path, tmp)
+        size = os.fstat(self._copy_fd).st_size
+        with open(tmp, "wb") as out:
+            copied = 0
+            while copied < size:
+                sent = os.sendfile(out.fileno(), self._copy_fd, copied, size - copied)
+                if sent == 0:
+                    break
+                copied += sent
         os.replace(tmp, target)
 
     @contextmanager
     def transaction(self):
-        """One DuckDB transaction: committed when the block ends, rolled back if it raises."""
+        """One DuckDB transaction: committed when the block ends, rolled back if it raises.
+        A block inside another joins the outer transaction (DuckDB has no nesting), so
+        several registry edits can commit as one."""
+        if self._in_transaction:
+            yield self.con
+            return
         self.con.execute("BEGIN TRANSACTION")
+        self._in_transaction = True
         try:
             yield self.con
         except BaseException:
             self.con.execute("ROLLBACK")
             raise
+        finally:
+            self._in_transaction = False
         self.con.execute("COMMIT")
 
     # ---- manifest

@@ -201,3 +201,35 @@ def test_readers_never_block_the_writer_and_see_one_state(tmp_path):
         assert reader.wait(timeout=60) == 0
     with Catalog.for_analyst(path, lake) as fresh:
         assert fresh.query("SELECT count(*) AS n FROM tokens").to_pylist() == [{"n": 20}]
+
+
+HOLD_WRITER = """
+import sys, time
+from featurewatch.storage.catalog import Catalog
+with Catalog(sys.argv[1], sys.argv[2]) as cat:
+    cat.publish()  # copies the file: the lock must survive it
+    print("holding", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_the_writer_keeps_its_lock_after_publishing(tmp_path):
+    """One process writes a catalog. Publishing the readers' copy reads the file, and
+    a POSIX record lock is lost when its process closes any descriptor of the file:
+    a second writer must still be refused while the first one runs."""
+    import subprocess
+    import sys
+
+    lake, path = tmp_path / "lake", tmp_path / "c.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WRITER, str(path), str(lake)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(CatalogError, match="lock"):
+            Catalog(path, lake)
+    finally:
+        holder.kill()
+        holder.wait()
+    with Catalog(path, lake) as cat:  # free again once the writer is gone
+        assert cat.query("SELECT count(*) AS n FROM segments").to_pylist() == [{"n": 0}]
