@@ -28,6 +28,7 @@ from featurewatch.capture.sender import REJECTED_SEQ_KEY
 from featurewatch.errors import BatchValidationError, SpoolError
 from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto.codec import validate_batch
+from featurewatch.storage.heartbeats import Heartbeat
 from featurewatch.storage.spool import Spool, read_segment, sealed_segments
 
 log = logging.getLogger(__name__)
@@ -314,9 +315,33 @@ class CollectorServer:
 class CollectorActor:
     """Hosts a CollectorServer inside Ray; the same code as `featurewatch collect`."""
 
-    def __init__(self, spool_dir: str, token: str, **kwargs):
+    def __init__(
+        self,
+        spool_dir: str,
+        token: str,
+        metrics_every_s: float = 2.0,
+        home: str | None = None,
+        **kwargs,
+    ):
+        from featurewatch.actors.metrics import Exporter, collector_metrics
+
         logging.basicConfig(level=logging.INFO)
         self.server = CollectorServer(Path(spool_dir), token, **kwargs).start()
+        # The service already counts under its lock; a background thread turns the
+        # totals into counter deltas every few seconds, so the gRPC hot path never
+        # calls into Ray's metrics and CollectorServer stays free of Ray.
+        self.metrics = collector_metrics(self.server.address)
+        # With a home, the same totals also go to a heartbeat file there, for
+        # `featurewatch status` and the dashboard.
+        self.heartbeat = Heartbeat(home, "collector", self.server.address) if home else None
+        self.exporter = Exporter(metrics_every_s, self._export, "collector")
+
+    def _export(self) -> None:
+        stats = self.server.stats()
+        self.metrics.export(stats)
+        if self.heartbeat is not None:
+            counters = {k: stats[k] for k in self.metrics.counters}
+            self.heartbeat.beat({"spool": str(self.server.spool.directory)}, counters)
 
     def address(self) -> str:
         return self.server.address
@@ -329,6 +354,7 @@ class CollectorActor:
 
     def stop(self) -> None:
         self.server.stop()
+        self.exporter.close()
 
 
 def start_collector_process(

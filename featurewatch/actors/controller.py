@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import ray
 
+from featurewatch.actors.metrics import ControllerMetrics
 from featurewatch.platform.config import FeaturewatchConfig
 from featurewatch.platform.controller import PolicyController, run_forever
 from featurewatch.platform.policies import Policy
@@ -23,7 +24,8 @@ from featurewatch.platform.policies import Policy
 class ControllerActor:
     def __init__(self, cfg: FeaturewatchConfig, policies: list[Policy], every_s: float = 60.0):
         logging.basicConfig(level=logging.WARNING)
-        self.controller = PolicyController(cfg, policies)
+        # Only here, inside Ray, does the controller record metrics (see actors/metrics.py).
+        self.controller = PolicyController(cfg, policies, metrics=ControllerMetrics())
         self.stop_event = threading.Event()
         self.thread = threading.Thread(
             target=run_forever,

@@ -9,7 +9,6 @@ monitoring.
 import asyncio
 import logging
 import random
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +19,7 @@ from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from featurewatch.actors.metrics import CaptureMetrics, Exporter
 from featurewatch.capture.generation import BatchGenerator, GenerationResult
 from featurewatch.capture.hooks import ActivationCapture
 from featurewatch.capture.models import load_model, resolve_model_path
@@ -28,6 +28,7 @@ from featurewatch.capture.sampler import SamplingPolicy
 from featurewatch.capture.sender import ActivationSender
 from featurewatch.capture.steering import Steer, Steering
 from featurewatch.platform.config import build_config
+from featurewatch.storage.heartbeats import Heartbeat
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="featurewatch model server")
@@ -52,42 +53,6 @@ class ChatRequest(BaseModel):
 class _Pending(BaseModel):
     request: ChatRequest
     always_sample: bool = False
-
-
-class _CaptureMetrics:
-    """Exports the sender's counters as Ray metrics (ray.util.metrics) every few seconds."""
-
-    def __init__(self, model: str, replica: str, period_s: float = 2.0):
-        from ray.util.metrics import Counter, Gauge
-
-        tags = ("model", "replica")
-        self._tags = {"model": model, "replica": replica}
-        self._counters = {
-            name: Counter(f"featurewatch_capture_{name}", description=desc, tag_keys=tags)
-            for name, desc in (
-                ("acked_vectors", "Captured vectors acked as durable by a collector."),
-                ("acked_bytes", "Vector payload bytes acked by a collector."),
-                ("dropped_vectors", "Vectors dropped because the send buffer was full."),
-                ("dropped_batches", "Batches dropped because the send buffer was full."),
-                ("rejected_batches", "Batches a collector refused as invalid."),
-                ("budget_dropped_vectors", "Vectors skipped by the vectors/s budget."),
-            )
-        }
-        self._queue = Gauge(
-            "featurewatch_capture_queue_depth",
-            description="Batches waiting in the send buffer.",
-            tag_keys=tags,
-        )
-        self._last: dict[str, int] = dict.fromkeys(self._counters, 0)
-        self.period_s = period_s
-
-    def export(self, stats: dict) -> None:
-        for name, counter in self._counters.items():
-            delta = stats[name] - self._last[name]
-            if delta > 0:
-                counter.inc(delta, tags=self._tags)
-            self._last[name] = stats[name]
-        self._queue.set(stats["queue_depth"], tags=self._tags)
 
 
 @serve.deployment(name="ModelServer", max_ongoing_requests=64)
@@ -133,16 +98,26 @@ class ModelServer:
         self._chat_batch.set_max_batch_size(self.cfg.model.max_batch_size)
         self._chat_batch.set_batch_wait_timeout_s(self.cfg.model.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
-        self.metrics = _CaptureMetrics(self.cfg.model.name, self.replica_id)
-        threading.Thread(target=self._export_metrics, name="fw-metrics", daemon=True).start()
+        self.metrics = CaptureMetrics(self.cfg.model.name, self.replica_id)
+        # The same figures as a file in the home, for `featurewatch status` and the
+        # dashboard, which read them without joining the Ray cluster.
+        self.heartbeat = Heartbeat(self.cfg.home, "replica", self.replica_id)
+        Exporter(2.0, self._export_capture_stats, "capture")
 
-    def _export_metrics(self) -> None:
-        while True:
-            time.sleep(self.metrics.period_s)
-            try:
-                self.metrics.export(self.capture_stats())
-            except Exception:  # metrics must never take the replica down
-                log.exception("exporting capture metrics failed")
+    def _export_capture_stats(self) -> None:
+        stats = self.capture_stats()
+        self.metrics.export(stats)
+        capture = self.cfg.capture
+        self.heartbeat.beat(
+            {
+                "model": self.cfg.model.name,
+                "model_version": self.cfg.model.version,
+                "sample_fraction": capture.sample_fraction,
+                "request_fraction": capture.request_fraction,
+                "queue_depth": stats["queue_depth"],
+            },
+            {name: stats[name] for name in CaptureMetrics.COUNTERS},
+        )
 
     # ---- HTTP API
 

@@ -17,6 +17,7 @@ with no handler in this deployment is recorded as skipped, never silently droppe
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -188,6 +189,7 @@ class PolicyController:
         *,
         audit: AuditLog | None = None,
         handlers: dict[str, Handler] | None = None,
+        metrics=None,
     ):
         from featurewatch.platform.actions import (
             realign_handler,
@@ -207,6 +209,9 @@ class PolicyController:
                 "realign": realign_handler(cfg),
             }
         self.handlers = handlers
+        # The Ray actor passes ControllerMetrics (featurewatch/actors/metrics.py); this
+        # module stays free of Ray, so `featurewatch policy run` records none.
+        self.metrics = metrics
         self.last_evaluated: dict[str, datetime] = {}
         for decision_id in self.audit.decisions_with_status("running"):
             # Cut off by a crash mid-action: recorded, not run again.
@@ -237,9 +242,11 @@ class PolicyController:
 
     def _evaluate_one(self, catalog: Catalog, policy: Policy, now: datetime) -> dict:
         c = policy.condition
+        started = time.perf_counter()
         try:
             result = evaluate(catalog, policy, now)
         except FeaturewatchError as err:
+            self._count_evaluation(policy, "error", time.perf_counter() - started)
             # A tag with no features yet, no data at all, a bad feature id: audited.
             log.warning("policy %s: %s", policy.id, err)
             self.audit.record_evaluation(
@@ -248,6 +255,7 @@ class PolicyController:
                 detail=str(err), at=now,
             )  # fmt: skip
             return {"policy": policy.id, "outcome": "error", "detail": str(err)}
+        seconds = time.perf_counter() - started  # the drift queries, not the audit writes
         outcome, decision_id = "not_met", None
         if result["no_data"]:
             outcome = "no_data"
@@ -258,12 +266,17 @@ class PolicyController:
             else:
                 outcome = "fired"
                 decision_id = self._fire(policy, result, now)
+        self._count_evaluation(policy, outcome, seconds)
         self.audit.record_evaluation(
             policy.id, sae_version=result["sae_version"], statistic=c.statistic,
             threshold=c.threshold, values=result["values"], met=result["met"],
             outcome=outcome, detail=decision_id, at=now,
         )  # fmt: skip
         return {"policy": policy.id, "outcome": outcome, "decision": decision_id, **result}
+
+    def _count_evaluation(self, policy: Policy, outcome: str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.evaluated(policy.id, policy.condition.statistic, outcome, seconds)
 
     def _fire(self, policy: Policy, result: dict, now: datetime) -> str:
         if policy.dry_run:
@@ -282,6 +295,8 @@ class PolicyController:
             at=now,
         )
         log.warning("policy %s fired (%s): %s", policy.id, status, reason)
+        if self.metrics is not None:
+            self.metrics.fired(policy.id, status)
         return decision_id
 
     def run_decision(self, decision_id: str) -> str:
@@ -303,6 +318,8 @@ class PolicyController:
                     status, detail, failed = "failed", f"{type(err).__name__}: {err}", True
             log.warning("decision %s: %s %s: %s", decision_id, action["type"], status, detail)
             self.audit.record_action(decision_id, index, action["type"], status, detail)
+            if self.metrics is not None:
+                self.metrics.action(decision["policy_id"], action["type"], status)
         final = "failed" if failed else "done"
         self.audit.set_status(decision_id, final)
         return final

@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import ray
+from tqdm import tqdm
 
+from featurewatch.actors.metrics import PipelineMetrics
 from featurewatch.actors.sae_encoder import padded_2d, sharded_encode
 from featurewatch.platform.config import FeaturewatchConfig
 from featurewatch.platform.runtime import spool_segments
@@ -203,6 +206,24 @@ def _commit_segment(cfg, catalog, sae_version, seg, parts, seen, report) -> None
         report.segments_skipped += 1
 
 
+def waiting_segments(
+    cfg, sae_version, catalog, paths=None, since=None
+) -> tuple[list[Path], list[Path]]:
+    """(the sealed segments considered, those of them not yet committed for sae_version)."""
+    all_paths = spool_segments(cfg) if paths is None else list(paths)
+    if since is not None:
+        all_paths = [p for p in all_paths if p.stat().st_mtime >= since]
+    done = catalog.committed_segments(sae_version)
+    return all_paths, [p for p in all_paths if segment_id(p) not in done]
+
+
+def oldest_waiting(cfg, sae_version, catalog, since=None) -> float | None:
+    """When the oldest sealed segment not yet committed for sae_version was sealed (its
+    last write, as a Unix time); None when every segment is in the lake."""
+    _, todo = waiting_segments(cfg, sae_version, catalog, since=since)
+    return min((p.stat().st_mtime for p in todo), default=None)
+
+
 def encode_segments(
     cfg: FeaturewatchConfig,
     sae: SparseAutoencoder,
@@ -210,14 +231,12 @@ def encode_segments(
     catalog: Catalog,
     paths: list[Path] | None = None,
     since: float | None = None,
+    progress: bool = False,
 ) -> EncodeReport:
     """Encode every sealed segment (of every collector's spool, by default) not yet
-    committed for `sae_version`; with `since` (a Unix time), only those sealed since."""
-    all_paths = spool_segments(cfg) if paths is None else list(paths)
-    if since is not None:
-        all_paths = [p for p in all_paths if p.stat().st_mtime >= since]
-    done = catalog.committed_segments(sae_version)
-    todo = [p for p in all_paths if segment_id(p) not in done]
+    committed for `sae_version`; with `since` (a Unix time), only those sealed since.
+    `progress` draws a bar of segments committed (a backfill from the command line)."""
+    all_paths, todo = waiting_segments(cfg, sae_version, catalog, paths, since)
     report = EncodeReport(0, len(all_paths) - len(todo), 0, 0)
     if not todo:
         return report
@@ -235,18 +254,22 @@ def encode_segments(
     # however many are waiting.
     ds.context.execution_options.preserve_order = True
     seen = catalog.ingested_batches(sae_version)
+    bar = tqdm(total=len(todo), unit="segment", desc="encode", disable=not progress)
     current, parts = None, []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         seg_ids = batch["segment_id"]
         for seg in unique_in_order(seg_ids):
             if seg != current and parts:
                 _commit_segment(cfg, catalog, sae_version, current, parts, seen, report)
+                bar.update(1)
                 parts = []
             current = seg
             mask = seg_ids == seg
             parts.append({k: v[mask] for k, v in batch.items()})
     if parts:
         _commit_segment(cfg, catalog, sae_version, current, parts, seen, report)
+        bar.update(1)
+    bar.close()
     return report
 
 
@@ -283,7 +306,11 @@ def follow_segments(
     from featurewatch.storage.inbox import apply_registrations
 
     since = None
+    # Rounds run in this (driver) process, whose metrics Ray's metrics agent exports too.
+    metrics = PipelineMetrics(cfg.model.name)
+    metrics.measure_lag(oldest_waiting, cfg, sae_version, catalog, since)
     while not stop.is_set():
+        started, report, ok = time.monotonic(), None, False
         try:
             for request in apply_registrations(catalog, cfg.home):
                 if successor(cfg, request, sae_version):
@@ -295,6 +322,10 @@ def follow_segments(
             report = encode_segments(cfg, sae, sae_version, catalog, since=since)
             if on_report is not None and report.segments_committed:
                 on_report(report)
+            ok = True
         except Exception:  # noqa: BLE001 - the service outlives one bad round
             log.exception("pipeline round failed; retrying")
+        metrics.record_round(report, ok, sae_version, time.monotonic() - started)
+        metrics.measure_lag(oldest_waiting, cfg, sae_version, catalog, since)
         stop.wait(every_s)
+    metrics.close()

@@ -75,6 +75,7 @@ def start_collectors(cfg: FeaturewatchConfig, token: str, width: int) -> list:
         CollectorActor.remote(
             str(collector_spool_dir(cfg, i)),
             token,
+            home=str(cfg.home),
             host=cc.host,
             port=cc.port if cc.count == 1 else 0,
             expected_width=width,

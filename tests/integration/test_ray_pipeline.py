@@ -214,6 +214,7 @@ def test_pipeline_command_and_the_pipeline_as_a_service(trained, tmp_path):
     first = runner.invoke(app, ["pipeline", "-c", str(config)])
     assert first.exit_code == 0, first.output
     assert json.loads(first.stdout)["segments_committed"] == 3
+    assert "encode: 100%" in first.stderr and "3/3" in first.stderr  # the backfill's bar
     again = json.loads(runner.invoke(app, ["pipeline", "-c", str(config)]).stdout)
     assert (again["segments_committed"], again["segments_skipped"]) == (0, 3)
     unknown = runner.invoke(app, ["pipeline", "--sae-version", "nope", "-c", str(config)])

@@ -33,6 +33,7 @@ from featurewatch.storage.lake import write_segment
 from featurewatch.storage.registry import FeatureRegistry
 from featurewatch.storage.spool import read_segment, sealed_segments
 from tests.conftest import free_port
+from tests.integration.test_metrics import metric, wait_for_metrics
 from tests.unit.lake_helpers import T0, segment
 
 TOKEN = "serve-test-token"
@@ -163,16 +164,21 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(served, body, sta
     assert chat(base, "still there?", max_tokens=2).status_code == 200
 
 
-def test_capture_metrics_export_counts_deltas(ray_cluster):
-    from featurewatch.actors.model_server import _CaptureMetrics
-
-    metrics = _CaptureMetrics("tiny-llama", "replica-x")
-    stats = {name: 0 for name in metrics._counters} | {"queue_depth": 3}
-    stats["acked_vectors"] = 10
-    metrics.export(stats)
-    stats["acked_vectors"] = 25
-    metrics.export(stats)
-    assert metrics._last["acked_vectors"] == 25
+def test_replica_capture_counters_reach_prometheus(served):
+    _, handle, _, base = served
+    assert chat(base, "count me", headers=ALWAYS, max_tokens=2).status_code == 200
+    assert handle.flush_capture.remote().result()
+    stats = handle.capture_stats.remote().result()
+    replica = {"replica": stats["replica_id"], "model": "tiny-llama"}
+    assert stats["acked_vectors"] > 0
+    wait_for_metrics(
+        {
+            metric("capture_acked_vectors_total", **replica): stats["acked_vectors"],
+            metric("capture_acked_bytes_total", **replica): stats["acked_bytes"],
+            metric("capture_queue_depth", **replica): 0,
+        },
+        at_least={},
+    )
 
 
 def test_steering_changes_the_live_replica_without_a_restart(served):
