@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+BROWSER_STAMP := $(VENV)/.browser
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install install-dev demo test lint format proto clean
 
@@ -23,6 +25,13 @@ $(DEV_STAMP): $(STAMP)
 	$(PIP) install --quiet -e '.[dev]'
 	touch $@
 
+# The dashboard's browser test drives Debian's chromium through Playwright (Playwright's
+# own browser download comes from a CDN that CI machines cannot reach).
+$(BROWSER_STAMP): $(PY)
+	command -v chromium >/dev/null || $(SUDO) apt-get install -y -qq chromium \
+		|| ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
+	touch $@
+
 install: $(STAMP)
 
 install-dev: $(DEV_STAMP)
@@ -30,7 +39,7 @@ install-dev: $(DEV_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/featurewatch demo
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) $(BROWSER_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q

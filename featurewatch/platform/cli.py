@@ -976,7 +976,8 @@ def pipeline(
             sae = load(choice.path)
             init_ray(cfg)
             if not follow:
-                _print_json(asdict(encode_segments(cfg, sae, choice.version, catalog)))
+                report = encode_segments(cfg, sae, choice.version, catalog, progress=True)
+                _print_json(asdict(report))
                 return
             with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops the service
                 follow_segments(
@@ -1145,6 +1146,125 @@ def lake_upkeep(
             time.sleep(interval.total_seconds())
     except FeaturewatchError as err:
         _fail(str(err))
+
+
+@app.command()
+def status(
+    window: Annotated[str, typer.Option(help="Lake window for sampled tokens per replica.")] = "5m",
+    fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """The fleet overview: deployed model, replicas (from their heartbeats), sampled
+    tokens in the lake, ingest rate, drops and the pipeline's lag."""
+    from featurewatch.platform.fleet import fleet_overview, format_overview
+
+    _check_choice(fmt, "--format", ("text", "json"))
+    span = _parse_duration(window, "--window")
+    with _open_catalog(config, home) as catalog:
+        overview = fleet_overview(_config(config, home), catalog, span)
+    if fmt == "json":
+        _print_json(overview)
+    else:
+        typer.echo(format_overview(overview))
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
+    window: Annotated[str, typer.Option(help="The window, ending at the newest data.")] = "1h",
+    baseline: Annotated[str, typer.Option(help="The baseline just before it.")] = "24h",
+    sae_version: SaeVersionOpt = None,
+    tag: Annotated[str | None, typer.Option(help="Only features with this tag.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=200, help="Top movers to show.")] = 20,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Write a self-contained drift report (top movers, trends, examples, the
+    controller's recent events) as one HTML file that opens without a network."""
+    from featurewatch.dashboard.report import write_report
+
+    if out.exists() and out.is_dir():
+        _fail(f"--out {out} is a folder: give a file name", 2)
+    try:
+        drift = write_report(
+            _config(config, home), out, sae_version=sae_version, tag=tag, window=window,
+            baseline=baseline, limit=limit,
+        )  # fmt: skip
+    except FeaturewatchError as err:
+        _fail(str(err))
+    typer.echo(f"wrote {out} ({len(drift['movers'])} movers, SAE {drift['sae_version']})")
+
+
+@app.command()
+def dashboard(
+    listen: Annotated[str, typer.Option(help="HOST:PORT to serve on.")] = "127.0.0.1:8470",
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Serve the web dashboard (fleet, drift, features, trigger timeline, SQL console).
+    Every page needs a token: `featurewatch token create NAME --role viewer|operator`,
+    or the platform's own token (<home>/collector.token)."""
+    import uvicorn
+
+    from featurewatch.dashboard.app import create_app
+
+    host, port = _parse_listen(listen)
+    cfg = _config(config, home)
+    token_file = cfg.home / "collector.token"
+    platform_token = cfg.collector.token or (
+        token_file.read_text().strip() if token_file.is_file() else None
+    )
+    typer.echo(f"featurewatch dashboard on http://{host}:{port}/ (home {cfg.home})", err=True)
+    uvicorn.run(create_app(cfg, platform_token), host=host, port=port, log_level="warning")
+
+
+token_app = typer.Typer(help="Dashboard login tokens and their roles.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="Who the token is for.")],
+    role: Annotated[str, typer.Option(help="viewer (read) or operator (edit, approve).")],
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Make a token; it is printed once and stored only hashed."""
+    from featurewatch.dashboard.auth import TokenStore
+
+    try:
+        token = TokenStore(_config(config, home).home).create(name, role)
+    except FeaturewatchError as err:
+        _fail(str(err), 2)
+    typer.echo(token)
+
+
+@token_app.command("list")
+def token_list(config: ConfigOpt = None, home: HomeOpt = None) -> None:
+    """Names, roles and creation times (never the tokens)."""
+    from featurewatch.dashboard.auth import TokenStore
+
+    try:
+        _print_json({"tokens": TokenStore(_config(config, home).home).entries()})
+    except FeaturewatchError as err:
+        _fail(str(err))
+
+
+@token_app.command("revoke")
+def token_revoke(
+    name: Annotated[str, typer.Argument(help="The token's name.")],
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Revoke a token at once: the next request that carries it is refused."""
+    from featurewatch.dashboard.auth import TokenStore
+
+    try:
+        TokenStore(_config(config, home).home).revoke(name)
+    except FeaturewatchError as err:
+        _fail(str(err), 2)
+    typer.echo(f"revoked {name}")
 
 
 @app.command()

@@ -1,5 +1,5 @@
 """Registration requests: how a process that may not write the catalog hands it a new
-SAE version or model version.
+SAE version or model version, or an edit of a feature's label and tags.
 
 DuckDB lets one process write a catalog file, and while the pipeline runs, that process
 is the pipeline. A refresh job or the controller's realign action therefore writes a
@@ -64,7 +64,24 @@ class ModelVersionRegistration(_Request):
     path: str
 
 
-Registration = Annotated[SAERegistration | ModelVersionRegistration, Field(discriminator="kind")]
+class FeatureEdit(_Request):
+    """A registry edit made while another process writes the catalog (the dashboard's
+    label and tag form while the pipeline runs)."""
+
+    kind: Literal["feature_edit"] = "feature_edit"
+    sae_version: str = Field(pattern=NAME)
+    feature_id: int = Field(ge=0)
+    actor: str = Field(min_length=1, max_length=128)
+    label: str | None = None
+    description: str | None = None
+    owner: str | None = None
+    add_tags: list[str] = []
+    remove_tags: list[str] = []
+
+
+Registration = Annotated[
+    SAERegistration | ModelVersionRegistration | FeatureEdit, Field(discriminator="kind")
+]
 
 
 class _Envelope(BaseModel):
@@ -75,11 +92,11 @@ def inbox_dir(home: Path) -> Path:
     return Path(home) / "registrations"
 
 
-def submit(home: Path, request: SAERegistration | ModelVersionRegistration) -> Path:
+def submit(home: Path, request: SAERegistration | ModelVersionRegistration | FeatureEdit) -> Path:
     """Queue a request for the catalog's writer; returns the request file."""
     folder = inbox_dir(home)
     folder.mkdir(parents=True, exist_ok=True)
-    name = request.sae_version if request.kind == "sae" else request.model_version
+    name = request.model_version if request.kind == "model_version" else request.sae_version
     path = folder / f"{time.time_ns():020d}-{request.kind}-{name}.json"
     tmp = folder / f".{path.name}.tmp"
     tmp.write_text(request.model_dump_json(indent=2))
@@ -92,7 +109,7 @@ def pending(home: Path) -> list[Path]:
     return sorted(folder.glob("*.json")) if folder.is_dir() else []
 
 
-def _parse(path: Path) -> SAERegistration | ModelVersionRegistration:
+def _parse(path: Path) -> SAERegistration | ModelVersionRegistration | FeatureEdit:
     try:
         data = json.loads(path.read_text())
         return _Envelope.model_validate({"request": data}).request
@@ -100,7 +117,26 @@ def _parse(path: Path) -> SAERegistration | ModelVersionRegistration:
         raise CatalogError(f"not a registration request: {err}") from None
 
 
+def apply_feature_edit(catalog: Catalog, edit: FeatureEdit) -> None:
+    """Apply one edit to the writer's registry, all of it or (on an error) none."""
+    registry = FeatureRegistry(catalog)
+    texts = {"label": edit.label, "description": edit.description, "owner": edit.owner}
+    if not any(v is not None for v in texts.values()) and not (edit.add_tags or edit.remove_tags):
+        raise CatalogError("nothing to change: give a label, description, owner or tags")
+    with catalog.transaction():
+        if any(v is not None for v in texts.values()):
+            registry.label(edit.sae_version, edit.feature_id, actor=edit.actor, **texts)
+        for tags, remove in ((edit.add_tags, False), (edit.remove_tags, True)):
+            if tags:
+                registry.tag(
+                    edit.sae_version, [edit.feature_id], tags, actor=edit.actor, remove=remove
+                )
+
+
 def _apply_one(catalog: Catalog, request) -> None:
+    if request.kind == "feature_edit":
+        apply_feature_edit(catalog, request)
+        return
     if request.kind == "model_version":
         if not Path(request.path).is_dir():
             raise CatalogError(f"model folder {request.path} does not exist")

@@ -1,44 +1,15 @@
 """The demo path end to end on SmolLM2-135M-Instruct, reduced in size, through the CLI."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
-
-CLI = [sys.executable, "-m", "featurewatch.platform.cli"]
-
-
-def run(args, **kwargs):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(CLI + args, capture_output=True, text=True, env=env, **kwargs)
+from tests.e2e.conftest import run
 
 
 @pytest.mark.slow
-def test_demo_on_smollm2_then_sql_after_exit(tmp_path):
-    home = tmp_path / "home"
-    config = tmp_path / "demo.yaml"
-    config.write_text(
-        f"home: {home}\n"
-        f"serve: {{port: {free_port()}}}\n"
-        "demo: {requests_per_phase: 8, max_tokens: 16, top_movers: 5}\n"
-        "sae: {d_sae: 256, k: 8, epochs: 4}\n"
-    )
-    # Reuse a SmolLM2 copy converted by an earlier run if one exists (saves ~15 s).
-    cached = Path(os.environ.get("FEATUREWATCH_HOME", "~/.featurewatch")).expanduser()
-    cached = cached / "models" / "smollm2-135m-instruct"
-    if (cached / "config.json").is_file():
-        shutil.copytree(cached, home / "models" / "smollm2-135m-instruct")
-
-    demo = run(["demo", "--config", str(config)], timeout=900)
-    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-    assert "[9/9] Done" in demo.stdout
-    report = json.loads((home / "demo_report.json").read_text())
+def test_demo_on_smollm2_then_sql_after_exit(demo_home):
+    home, report = demo_home
     assert report["requests_sent"] == 16 and report["requests_failed"] == 0
     assert max(report["batch_sizes"]) > 1
     assert report["vectors_acked"] > 0 and report["vectors_dropped"] == 0

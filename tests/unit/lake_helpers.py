@@ -13,17 +13,17 @@ T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
 
 
-def segment(start, n_tokens, fires, model_version="v1", request=None):
+def segment(start, n_tokens, fires, model_version="v1", request=None, replica="rep", texts=None):
     """n_tokens sampled tokens one second apart from `start` (n_tokens <= 60 keeps them
     in one minute), all of one request; `fires` maps feature id -> the values it fired
-    with, on the first tokens in order."""
+    with, on the first tokens in order. `texts`: the tokens' texts (default 'tok')."""
     request = request or f"{model_version}-{start:%H%M}"
     ts = [start + timedelta(seconds=i) for i in range(n_tokens)]
     common = {
         "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
         "model": ["tiny"] * n_tokens,
         "model_version": [model_version] * n_tokens,
-        "replica": ["rep"] * n_tokens,
+        "replica": [replica] * n_tokens,
         "request_id": [request] * n_tokens,
         "token_pos": pa.array(range(n_tokens), pa.int32()),
         "layer": pa.array([1] * n_tokens, pa.int16()),
@@ -33,7 +33,7 @@ def segment(start, n_tokens, fires, model_version="v1", request=None):
         {
             **common,
             "token_id": pa.array([7] * n_tokens, pa.int32()),
-            "token_text": ["tok"] * n_tokens,
+            "token_text": list(texts) if texts else ["tok"] * n_tokens,
             "recon_error": pa.array([0.1] * n_tokens, pa.float32()),
             "segment_id": ["s"] * n_tokens,
         }
@@ -66,3 +66,24 @@ def lake(tmp_path):
 
     yield cat, commit
     cat.close()
+
+
+def fill_home(cfg, sae_path):
+    """A home whose lake holds four hours from T0 (model 'tiny', version v1): feature 7
+    fires on 3 of each 60 tokens in hours 0-1 and on 30 of 60 in hours 2-3; feature 9 on
+    1 of 60 throughout; feature 11 never. 7, 9 and 11 are tagged `misalignment`."""
+    from featurewatch.storage.registry import FeatureRegistry
+
+    with Catalog(cfg.catalog_path, cfg.lake_dir) as cat:
+        cat.register_sae(
+            "sae1", sae_path, architecture="topk", model="tiny", layer=1, d_in=8,
+            d_sae=32, k=4, metrics={},
+        )  # fmt: skip
+        FeatureRegistry(cat).tag("sae1", [7, 9, 11], ["misalignment"], actor="test")
+        for i in range(24):  # one 60-token segment every 10 minutes
+            start = T0 + i * timedelta(minutes=10)
+            fires = {7: [1.0] * (3 if i < 12 else 30), 9: [0.5]}
+            tokens, features = segment(start, 60, fires)
+            files = write_segment(cat.lake_dir, tokens, features, f"seg{i}__sae1")
+            cat.commit_segment(f"seg{i}", "sae1", files, tokens=60, feature_rows=len(features))
+    return cfg

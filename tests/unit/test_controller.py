@@ -19,9 +19,8 @@ from featurewatch.platform.controller import PolicyController
 from featurewatch.platform.policies import Condition, PolicyFile
 from featurewatch.storage.audit import AuditLog
 from featurewatch.storage.catalog import Catalog
-from featurewatch.storage.lake import write_segment
 from featurewatch.storage.registry import FeatureRegistry
-from tests.unit.lake_helpers import T0, segment
+from tests.unit.lake_helpers import T0, fill_home
 
 HOUR = timedelta(hours=1)
 NOW = T0 + 4 * HOUR
@@ -33,23 +32,8 @@ def ratio(w_f, w_n, b_f, b_n):
 
 @pytest.fixture
 def platform(tmp_path):
-    """A home whose lake holds four hours: feature 7 fires on 3 of each 60 tokens in
-    hours 0-1 and on 30 of 60 in hours 2-3; feature 9 on 1 of 60 throughout; feature 11
-    never. 7, 9 and 11 are tagged `misalignment`."""
-    cfg = build_config({"home": str(tmp_path / "home")})
-    with Catalog(cfg.catalog_path, cfg.lake_dir) as cat:
-        cat.register_sae(
-            "sae1", tmp_path / "s", architecture="topk", model="tiny", layer=1, d_in=8,
-            d_sae=32, k=4, metrics={},
-        )  # fmt: skip
-        FeatureRegistry(cat).tag("sae1", [7, 9, 11], ["misalignment"], actor="test")
-        for i in range(24):  # one 60-token segment every 10 minutes
-            start = T0 + i * timedelta(minutes=10)
-            fires = {7: [1.0] * (3 if i < 12 else 30), 9: [0.5]}
-            tokens, features = segment(start, 60, fires)
-            files = write_segment(cat.lake_dir, tokens, features, f"seg{i}__sae1")
-            cat.commit_segment(f"seg{i}", "sae1", files, tokens=60, feature_rows=len(features))
-    return cfg
+    """lake_helpers.fill_home: feature 7 rises tenfold after two hours; 9 is flat."""
+    return fill_home(build_config({"home": str(tmp_path / "home")}), tmp_path / "s")
 
 
 @pytest.fixture
