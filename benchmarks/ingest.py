@@ -117,10 +117,14 @@ def raw_client(address: str, seconds: float, replica: str, out: mp.Queue) -> Non
         out.put((acked * ROWS, time.perf_counter() - start))
 
 
-def measure(address: str, streams: int, seconds: float) -> float:
+def measure(addresses: str | list[str], streams: int, seconds: float) -> float:
+    """Vectors/s acked over `streams` client processes; stream i goes to addresses[i]
+    when given a list (one collector per stream), else all to the one address."""
+    if isinstance(addresses, str):
+        addresses = [addresses] * streams
     out: mp.Queue = mp.Queue()
     procs = [
-        mp.Process(target=raw_client, args=(address, seconds, f"bench-{streams}-{i}", out))
+        mp.Process(target=raw_client, args=(addresses[i], seconds, f"bench-{streams}-{i}", out))
         for i in range(streams)
     ]
     for p in procs:
@@ -248,13 +252,21 @@ def main() -> None:
             results[("collector", streams)] = measure(address, streams, args.seconds)
             collector.terminate()
             collector.wait(30)
+        # Two streams as `collector.count: 2` deploys them: a collector process (and
+        # spool) per stream, against the echo ceiling of the same two streams.
+        pair = [start_collector(Path(tmp) / f"spool-pair-{i}", token_file) for i in range(2)]
+        results[("collector pair", 2)] = measure([a for _, a in pair], 2, args.seconds)
+        for collector, _ in pair:
+            collector.terminate()
+            collector.wait(30)
     echo.terminate()
     print(f"fp16 width {WIDTH}, {ROWS} vectors per message, {os.cpu_count()} cores")
-    for streams in (1, 2):
-        e, c = results[("echo", streams)], results[("collector", streams)]
+    for streams, kind in ((1, "collector"), (2, "collector"), (2, "collector pair")):
+        e, c = results[("echo", streams)], results[(kind, streams)]
+        label = "one collector per stream" if kind == "collector pair" else "one collector"
         print(
-            f"{streams} stream(s): echo ceiling {e:,.0f} vectors/s, collector (fsync) "
-            f"{c:,.0f} vectors/s, ratio {c / e:.2f}"
+            f"{streams} stream(s), {label}: echo ceiling {e:,.0f} vectors/s, collector "
+            f"(fsync) {c:,.0f} vectors/s, ratio {c / e:.2f}"
         )
 
 
