@@ -55,6 +55,12 @@ class RayConfig(_Strict):
     object_store_memory_mb: int = Field(
         1024, ge=128, description="Object store size for a local cluster, in MiB."
     )
+    metrics_export_port: int | None = Field(
+        None,
+        ge=1024,
+        le=65535,
+        description="Port of a local cluster's Prometheus endpoint (None: a free one).",
+    )
 
 
 class ModelConfig(_Strict):

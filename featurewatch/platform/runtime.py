@@ -31,12 +31,16 @@ def init_ray(cfg: FeaturewatchConfig, *, log_to_driver: bool = False) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=log_to_driver)
         return
+    # A fixed metrics port lets Prometheus scrape a local cluster (a private argument of
+    # ray.init; `ray start --metrics-export-port` is the public one for clusters).
+    port = {"_metrics_export_port": cfg.ray.metrics_export_port}
     ray.init(
         address="local",
         num_cpus=cfg.ray.num_cpus,
         object_store_memory=cfg.ray.object_store_memory_mb * 1024 * 1024,
         include_dashboard=False,
         log_to_driver=log_to_driver,
+        **(port if cfg.ray.metrics_export_port else {}),
     )
 
 

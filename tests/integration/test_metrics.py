@@ -191,3 +191,37 @@ def test_collector_pipeline_and_controller_metrics_are_scraped(
     print(f"metrics scraped {time.monotonic() - started:.1f}s after the work: {got}")
     ray.kill(controller)
     ray.kill(collector)
+
+
+FIXED_PORT = """
+import sys, time, ray, requests
+from ray.util.metrics import Counter
+from featurewatch.platform.config import build_config
+from featurewatch.platform.runtime import init_ray
+
+port = int(sys.argv[1])
+init_ray(build_config({"home": sys.argv[2], "ray": {"metrics_export_port": port}}))
+Counter("featurewatch_port_probe", description="probe").inc(3)
+url = f"http://{ray.nodes()[0]['NodeManagerAddress']}:{port}/metrics"
+for _ in range(60):
+    if "ray_featurewatch_port_probe_total" in requests.get(url, timeout=5).text:
+        print("scraped", flush=True)
+        break
+    time.sleep(1)
+"""
+
+
+def test_a_local_cluster_serves_metrics_on_the_configured_port(tmp_path):
+    """`ray.metrics_export_port` fixes the port of a cluster featurewatch starts (its own
+    process: this session's cluster is already up)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    done = subprocess.run(
+        [sys.executable, "-c", FIXED_PORT, str(port), str(tmp_path / "home")],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert "scraped" in done.stdout, done.stderr[-2000:]
