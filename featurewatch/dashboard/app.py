@@ -9,10 +9,15 @@ takes CPU from the model replicas. Every page and API call needs a token (auth.p
 from __future__ import annotations
 
 import html
+import math
 import re
+import threading
 import time
-from datetime import datetime
+from datetime import date, datetime
+from datetime import time as clock_time
+from decimal import Decimal
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -25,6 +30,7 @@ from featurewatch.errors import FeaturewatchError
 from featurewatch.platform.config import FeaturewatchConfig
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.inbox import FeatureEdit, apply_feature_edit, submit
+from featurewatch.storage.registry import FeatureRegistry, check_tag
 
 COOKIE = "fw_token"
 HERE = Path(__file__).parent
@@ -63,6 +69,24 @@ def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> Fa
         token = header[7:].strip() if header.lower().startswith("bearer ") else None
         return tokens.identify(token or request.cookies.get(COOKIE))
 
+    def quiet_identity(request: Request) -> Identity | None:
+        try:
+            return identity(request)
+        except FeaturewatchError:  # e.g. a broken token file: the page says why
+            return None
+
+    @app.middleware("http")
+    async def same_origin_posts(request: Request, call_next):
+        # The login cookie goes with any request from this host, any port: a POST
+        # that a browser marks as coming from another origin is refused.
+        if request.method == "POST":
+            origin = request.headers.get("origin")
+            fetch_site = request.headers.get("sec-fetch-site")
+            ours = f"{request.url.scheme}://{request.url.netloc}"
+            if (origin and origin != ours) or fetch_site in ("cross-site", "same-site"):
+                return JSONResponse({"error": "cross-origin POST refused"}, status_code=403)
+        return await call_next(request)
+
     def viewer(request: Request) -> Identity:
         who = identity(request)
         if who is None:
@@ -80,14 +104,15 @@ def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> Fa
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": exc.message}, status_code=exc.status)
         if exc.status == 401:
-            return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
         return _page(request, "error.html", None, {"message": exc.message}, exc.status)
 
     @app.exception_handler(FeaturewatchError)
     async def bad_input(request: Request, exc: FeaturewatchError):
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": str(exc)}, status_code=400)
-        return _page(request, "error.html", identity(request), {"message": str(exc)}, 400)
+        return _page(request, "error.html", quiet_identity(request), {"message": str(exc)}, 400)
 
     def _page(request, name, who, context, status=200):
         context = {"who": who, "path": request.url.path, **context}
@@ -105,7 +130,9 @@ def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> Fa
         if who is None:
             context = {"next": next, "message": "unknown token"}
             return _page(request, "login.html", None, context, 401)
-        target = next if next.startswith("/") and not next.startswith("//") else "/"
+        parts = urlsplit(next)
+        local = next.startswith("/") and not next.startswith("//") and not parts.netloc
+        target = next if local and "\\" not in next else "/"
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(COOKIE, token.strip(), httponly=True, samesite="strict")
         return response
@@ -273,19 +300,27 @@ def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> Fa
             raise _Refused(400, "the body must be JSON with a string field 'sql'")
         return JSONResponse(_jsonable(data.sql(body["sql"])))
 
+    edit_lock = threading.Lock()  # one writer connection in this process at a time
+
     def _apply_edit(edit: FeatureEdit) -> str:
-        """Straight into the catalog when no other process writes it; otherwise queued
-        for the writer (the pipeline applies it within a round)."""
-        try:
-            catalog = Catalog(cfg.catalog_path, cfg.lake_dir)
-        except FeaturewatchError as err:
-            if "lock" not in str(err).lower():
-                raise
-            submit(cfg.home, edit)
-            return "queued"
-        with catalog:
-            apply_feature_edit(catalog, edit)
-        return "applied"
+        """Straight into the catalog when no other process writes it; otherwise checked
+        against the readers' copy and queued for the writer (the pipeline applies it
+        within a round)."""
+        with edit_lock:
+            try:
+                catalog = Catalog(cfg.catalog_path, cfg.lake_dir)
+            except FeaturewatchError as err:
+                if "lock" not in str(err).lower():
+                    raise
+                for tag in edit.add_tags + edit.remove_tags:
+                    check_tag(tag)
+                with data.catalog() as readers:
+                    FeatureRegistry(readers).check_feature(edit.sae_version, edit.feature_id)
+                submit(cfg.home, edit)
+                return "queued"
+            with catalog:
+                apply_feature_edit(catalog, edit)
+            return "applied"
 
     return app
 
@@ -319,10 +354,20 @@ async def _json_body(request: Request) -> dict:
 
 
 def _jsonable(value):
+    """Query results as JSON: times as ISO text, decimals as numbers, bytes as hex, and
+    NaN or infinity (which JSON cannot hold) as null."""
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
-    if isinstance(value, datetime):
+    if isinstance(value, datetime | date | clock_time):
         return value.isoformat()
-    return value
+    if isinstance(value, Decimal):
+        value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, bytes):
+        return value.hex()
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)

@@ -102,7 +102,10 @@ class TokenStore:
         """Who holds `token`, or None. Compared in constant time."""
         if not token:
             return None
-        if self.platform_token and hmac.compare_digest(token, self.platform_token):
+        # compare_digest takes str only when ASCII: compare the bytes.
+        if self.platform_token and hmac.compare_digest(
+            token.encode(), self.platform_token.encode()
+        ):
             return Identity("platform", "operator")
         digest = _digest(token)
         for entry in self._load():

@@ -17,7 +17,8 @@ from featurewatch.storage.registry import FeatureRegistry
 
 SPARK_POINTS = 24
 SQL_ROW_CAP = 1000
-SQL_TIMEOUT_S = 30.0
+# Queries share one connection with the pages: a long one holds them up to this long.
+SQL_TIMEOUT_S = 15.0
 
 # Rows of one side ('b' baseline, 'w' window) of the rollups, filtered by SAE version
 # and optionally by model and model version ($model / $mv NULL: all).
@@ -129,6 +130,8 @@ class DashboardData:
         self._lock = threading.Lock()
         self._catalog: Catalog | None = None
         self._opened: tuple | None = None
+        # One process may not open the audit file read-only and read-write at once.
+        self._audit_lock = threading.Lock()
 
     def _published(self) -> tuple | None:
         for path in (readers_path(self.cfg.catalog_path), self.cfg.catalog_path):
@@ -192,11 +195,13 @@ class DashboardData:
         """The end of the newest minute with data for `sae_version`: windows end here,
         so a quiet lake still shows its last hour instead of an empty page."""
         row = catalog.con.execute(
-            "SELECT max(period_start) FROM token_rollups WHERE sae_version = ?", [sae_version]
-        ).fetchone()
+            "SELECT max(period_start + to_minutes(period_minutes)) FROM token_rollups "
+            "WHERE sae_version = ?",
+            [sae_version],
+        ).fetchone()  # a compacted hour row ends an hour after it starts
         if row is None or row[0] is None:
             raise CatalogError(f"SAE version {sae_version!r} has no data in the lake")
-        return row[0].astimezone(UTC) + timedelta(minutes=1)
+        return row[0].astimezone(UTC)
 
     def drift(
         self,
@@ -223,7 +228,12 @@ class DashboardData:
             raise CatalogError("the lake holds no encoded tokens yet: run the pipeline first")
         with self.catalog() as catalog:
             end = until or self.data_end(catalog, sae_version)
-            start = end - win - base
+            try:
+                start = end - win - base
+            except OverflowError:
+                raise CatalogError(
+                    f"end {end:%Y-%m-%d} minus the windows is before year 1"
+                ) from None
             params = {
                 "base_start": start,
                 "base_end": end - win,
@@ -311,23 +321,26 @@ class DashboardData:
         path = audit_path(self.cfg)
         if not path.exists():
             return {"events": [], "pending": [], "audit": False}
-        audit = AuditLog(path)
+        with self._audit_lock:
+            audit = AuditLog(path)
+            evaluations = audit.table("policy_evaluations", limit=limit).to_pylist()
+            decisions = audit.table("policy_decisions", limit=limit).to_pylist()
+            results = audit.table("action_results", limit=limit).to_pylist()
         events = []
-        for row in audit.table("policy_evaluations", limit=limit).to_pylist():
+        for row in evaluations:
             if everything or row["outcome"] != "not_met":
                 events.append(
                     {"at": row["evaluated_at"], "kind": "evaluation", "policy_id": row["policy_id"],
                      "status": row["outcome"], "detail": row["detail"] or "",
                      "values": row["window_values"], "id": None}
                 )  # fmt: skip
-        decisions = audit.table("policy_decisions", limit=limit).to_pylist()
         for row in decisions:
             events.append(
                 {"at": row["decided_at"], "kind": "decision", "policy_id": row["policy_id"],
                  "status": row["status"], "detail": row["reason"], "values": None,
                  "id": row["decision_id"]}
             )  # fmt: skip
-        for row in audit.table("action_results", limit=limit).to_pylist():
+        for row in results:
             events.append(
                 {"at": row["finished_at"], "kind": f"action: {row['action_type']}",
                  "policy_id": None, "status": row["status"], "detail": row["detail"],
@@ -338,9 +351,10 @@ class DashboardData:
         return {"events": events[:limit], "pending": pending, "audit": True}
 
     def approve(self, decision_id: str, actor: str) -> dict:
-        audit = AuditLog(audit_path(self.cfg))
-        audit.approve(decision_id, actor=actor)
-        return audit.decision(decision_id)
+        with self._audit_lock:
+            audit = AuditLog(audit_path(self.cfg))
+            audit.approve(decision_id, actor=actor)
+            return audit.decision(decision_id)
 
     def sql(self, text: str) -> dict:
         """A query in the analyst sandbox; at most SQL_ROW_CAP rows come back, and a
@@ -351,17 +365,19 @@ class DashboardData:
             timer = threading.Timer(SQL_TIMEOUT_S, catalog.con.interrupt)
             timer.start()
             try:
-                result = catalog.query(text)  # refuses anything but queries
+                # Refuses anything but queries; reads one row past the cap, never more.
+                shown = catalog.query(text, limit=SQL_ROW_CAP + 1)
             except CatalogError as err:
                 if timer.finished.is_set():
                     raise CatalogError(f"query stopped after {SQL_TIMEOUT_S:.0f} s") from None
                 raise err
             finally:
                 timer.cancel()
-        shown = result.slice(0, SQL_ROW_CAP)
+        truncated = shown.num_rows > SQL_ROW_CAP
+        shown = shown.slice(0, SQL_ROW_CAP)
         return {
             "columns": shown.column_names,
             "rows": [list(r.values()) for r in shown.to_pylist()],
-            "total_rows": result.num_rows,
-            "truncated": result.num_rows > SQL_ROW_CAP,
+            "shown_rows": shown.num_rows,
+            "truncated": truncated,
         }

@@ -188,11 +188,21 @@ class AuditLog:
             )
 
     def approve(self, decision_id: str, actor: str) -> None:
-        """Mark a pending decision approved; the controller runs it on its next tick."""
+        """Mark a pending decision approved; the controller runs it on its next tick.
+        The status is checked in the same UPDATE, so a late second approval never
+        moves a decision the controller already took back to `approved`."""
         status = self.decision(decision_id)["status"]
         if status != "pending":
             raise CatalogError(f"decision {decision_id} is {status}, not pending")
-        self.set_status(decision_id, "approved", actor=actor)
+        with self._connect() as con:
+            changed = con.execute(
+                "UPDATE policy_decisions SET status = 'approved', actor = ?, updated_at = ? "
+                "WHERE decision_id = ? AND status = 'pending' RETURNING decision_id",
+                [actor, utc_now(), decision_id],
+            ).fetchall()
+        if not changed:
+            now = self.decision(decision_id)["status"]
+            raise CatalogError(f"decision {decision_id} is {now}, not pending")
 
     def decisions_with_status(self, status: str) -> list[str]:
         with self._connect() as con:

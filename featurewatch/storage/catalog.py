@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,6 +160,33 @@ def readers_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.readers{path.suffix}")
 
 
+# One read descriptor per catalog file and process, shared by every writer object on it
+# (they share DuckDB's database too) and closed with the last: closing any descriptor
+# of the file drops the process's lock on it (see Catalog.publish).
+_COPY_FDS: dict[str, list[int]] = {}
+_COPY_FDS_LOCK = threading.Lock()
+
+
+def _acquire_copy_fd(path: Path) -> int:
+    key = str(Path(path).resolve())
+    with _COPY_FDS_LOCK:
+        if key not in _COPY_FDS:
+            _COPY_FDS[key] = [os.open(key, os.O_RDONLY), 0]
+        entry = _COPY_FDS[key]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release_copy_fd(path: Path) -> None:
+    key = str(Path(path).resolve())
+    with _COPY_FDS_LOCK:
+        entry = _COPY_FDS[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            os.close(entry[0])
+            del _COPY_FDS[key]
+
+
 class Catalog:
     """One DuckDB file over the lake. Use as a context manager to close the connection."""
 
@@ -258,7 +286,7 @@ class Catalog:
             self.publish()
         self.con.close()
         if self._copy_fd is not None:
-            os.close(self._copy_fd)  # only now: see publish()
+            _release_copy_fd(self.path)  # only now: see publish()
             self._copy_fd = None
 
     def publish(self) -> None:
@@ -272,9 +300,9 @@ class Catalog:
         could then open the catalog for writing beside this one)."""
         self.con.execute("CHECKPOINT")
         if self._copy_fd is None:
-            self._copy_fd = os.open(self.path, os.O_RDONLY)
+            self._copy_fd = _acquire_copy_fd(self.path)
         target = readers_path(self.path)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         size = os.fstat(self._copy_fd).st_size
         with open(tmp, "wb") as out:
             copied = 0
@@ -475,16 +503,28 @@ class Catalog:
 
     # ---- queries
 
-    def query(self, sql: str, params: list | dict | None = None) -> pa.Table:
-        """Run one statement and return its result as an Arrow table. On a sandboxed
-        connection the text may hold several queries; the last one's result returns."""
+    def query(
+        self, sql: str, params: list | dict | None = None, *, limit: int | None = None
+    ) -> pa.Table:
+        """Run one statement and return its result as an Arrow table (with `limit`, its
+        first rows only, without reading the rest). On a sandboxed connection the text
+        may hold several queries; the last one's result returns."""
         try:
             if self.sandboxed:
                 *before, last = self.check_analyst_sql(sql)
                 for statement in before:
                     self.con.execute(statement)
-                return fetch_arrow(self.con, last, params)
-            return fetch_arrow(self.con, sql, params)
+                sql = last
+            if limit is None:
+                return fetch_arrow(self.con, sql, params)
+            reader = self.con.sql(sql, params=params).to_arrow_reader(limit)
+            batches = []
+            while sum(b.num_rows for b in batches) < limit:
+                try:
+                    batches.append(reader.read_next_batch())
+                except StopIteration:
+                    break
+            return pa.Table.from_batches(batches, schema=reader.schema).slice(0, limit)
         except duckdb.Error as err:
             raise CatalogError(str(err)) from None
 

@@ -63,6 +63,8 @@ def read_heartbeats(home: Path, kind: str, now: float | None = None) -> list[dic
         try:
             record = json.loads(path.read_text())
             age = now - float(record["updated_at"])
+            if not (isinstance(record["counters"], dict) and isinstance(record["rates"], dict)):
+                continue
         except (OSError, ValueError, KeyError, TypeError):
             continue
         found.append({**record, "age_s": round(age, 1), "live": age <= STALE_S})

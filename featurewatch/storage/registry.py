@@ -20,7 +20,7 @@ TAG_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
 MAX_TEXT = {"label": 200, "description": 4000, "owner": 200}
 
 
-def _check_tag(tag: str) -> str:
+def check_tag(tag: str) -> str:
     if not TAG_PATTERN.fullmatch(tag):
         raise CatalogError(
             f"tag {tag!r}: use 1-48 lower-case letters, digits, '-' or '_', starting with "
@@ -102,7 +102,7 @@ class FeatureRegistry:
         """Add (or remove) tags on features; returns how many tags changed."""
         if not feature_ids or not tags:
             raise CatalogError("give at least one feature id and one tag")
-        tags = [_check_tag(t) for t in tags]
+        tags = [check_tag(t) for t in tags]
         for feature_id in feature_ids:
             self.check_feature(sae_version, feature_id)
         changed = 0
@@ -165,7 +165,7 @@ class FeatureRegistry:
             params.append(sae_version)
         if tag is not None:
             sql += " AND list_contains(tags, ?)"
-            params.append(_check_tag(tag))
+            params.append(check_tag(tag))
         return self.catalog.query(sql + " ORDER BY sae_version, feature_id", params)
 
     def ids_with_tag(self, sae_version: str, tag: str) -> list[int]:

@@ -127,7 +127,8 @@ def test_the_dashboard_in_a_browser_over_the_demo_home(demo_home, tmp_path):
             counted = page.request.post(
                 f"{base}/api/sql",
                 data=json.dumps({"sql": "SELECT count(*) FROM tokens WHERE ts >= '"
-                                 + api["window_start"] + "' AND ts < '" + api["end"] + "'"}),
+                                 + api["window_start"] + "' AND ts < '" + api["end"]
+                                 + "' AND sae_version = '" + api["sae_version"] + "'"}),
                 headers={"Content-Type": "application/json"},
             ).json()  # fmt: skip
             assert counted["rows"] == [[movers[0]["win_tokens"]]]

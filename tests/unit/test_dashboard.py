@@ -345,3 +345,53 @@ def test_report_and_token_commands(home, tmp_path):
         assert result.exit_code == 2 and message in result.output, argv
     assert runner.invoke(cli, ["token", "revoke", "ops-bot", *args]).exit_code == 0
     assert TokenStore(cfg.home).identify(made.output.strip()) is None
+
+
+def test_the_reviewers_cases(home):
+    """Inputs a review found answered with 500s or let through, and concurrent edits."""
+    import threading
+
+    cfg, client, tokens, decision = home
+    viewer, op = bearer(tokens["viewer"]), bearer(tokens["operator"])
+    latin = {"Authorization": "Bearer é".encode("latin-1")}
+    assert client.get("/api/overview", headers=latin).status_code == 401
+    assert client.post("/login", data={"token": "é"}).status_code == 401
+    odd = client.post("/api/sql", headers=viewer, json={"sql": (
+        "SELECT DATE '2020-01-01' AS d, 1.5::DECIMAL(4,2) AS m, 'a'::BLOB AS b, "
+        "'nan'::DOUBLE AS n, INTERVAL 1 HOUR AS i")})  # fmt: skip
+    assert odd.status_code == 200
+    # (an interval comes as months, days, nanoseconds)
+    assert odd.json()["rows"] == [["2020-01-01", 1.5, "61", None, [0, 0, 3_600_000_000_000]]]
+    capped = client.post(
+        "/api/sql", headers=viewer, json={"sql": "SELECT * FROM range(5000)"}
+    ).json()
+    assert (capped["shown_rows"], capped["truncated"]) == (1000, True)
+    far = client.get("/api/drift?end=0001-01-01T00:00:00", headers=viewer)
+    assert far.status_code == 400 and "before year 1" in far.json()["error"]
+    # A POST from another origin (the cookie goes to every port of the host) is refused.
+    forged = client.post(
+        f"/api/decisions/{decision}/approve", headers={**op, "Origin": "http://evil.example"}
+    )
+    assert forged.status_code == 403
+    assert AuditLog(audit_path(cfg)).decision(decision)["status"] == "pending"
+    # After login, the filters asked for come back.
+    sent = client.get("/drift?window=2h&tag=misalignment", follow_redirects=False)
+    assert sent.headers["location"] == "/login?next=%2Fdrift%3Fwindow%3D2h%26tag%3Dmisalignment"
+    # Edits from many threads at once: each applied, none lost, the lock kept.
+    results = []
+
+    def edit(i):
+        body = {"label": f"label {i}", "add_tags": [f"t{i}"]}
+        results.append(client.post(f"/api/features/sae1/{i}", headers=op, json=body).status_code)
+
+    threads = [threading.Thread(target=edit, args=(i,)) for i in range(12, 18)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 6
+    with Catalog(cfg.catalog_path, cfg.lake_dir) as cat:
+        shown = FeatureRegistry(cat).entries("sae1").to_pylist()
+    assert {e["feature_id"]: e["label"] for e in shown if e["feature_id"] >= 12} == {
+        i: f"label {i}" for i in range(12, 18)
+    }
