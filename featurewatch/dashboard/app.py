@@ -17,9 +17,10 @@ from datetime import date, datetime
 from datetime import time as clock_time
 from decimal import Decimal
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import quote, urlsplit
 
-from fastapi import FastAPI, Form, Request
+from fastapi import Depends, FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -53,6 +54,23 @@ def _fmt(value) -> str:
     if isinstance(value, datetime):
         return f"{value:%Y-%m-%d %H:%M:%S}"
     return "" if value is None else str(value)
+
+
+def drift_query(
+    sae: str | None = None,
+    model: str | None = None,
+    version: str | None = None,
+    tag: str | None = None,
+    window: str = "1h",
+    baseline: str = "24h",
+    limit: int = 20,
+    end: str | None = None,
+    exact: bool = False,
+) -> dict:
+    """The drift page's and API's query parameters, as DashboardData.drift's arguments."""
+    return {"sae_version": sae, "model": model, "model_version": version, "tag": tag,
+            "window": window, "baseline": baseline, "limit": limit, "end": end,
+            "exact": exact}  # fmt: skip
 
 
 def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> FastAPI:
@@ -161,21 +179,9 @@ def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> Fa
         return _page(request, "fleet.html", who, {"o": data.overview()})
 
     @app.get("/drift", response_class=HTMLResponse)
-    def drift(
-        request: Request,
-        sae: str | None = None,
-        model: str | None = None,
-        version: str | None = None,
-        tag: str | None = None,
-        window: str = "1h",
-        baseline: str = "24h",
-        limit: int = 20,
-        end: str | None = None,
-        exact: bool = False,
-    ):
+    def drift(request: Request, query: Annotated[dict, Depends(drift_query)]):
         who = viewer(request)
-        result = data.drift(sae, model=model, model_version=version, tag=tag, window=window,
-                            baseline=baseline, limit=limit, end=end, exact=exact)  # fmt: skip
+        result = data.drift(**query)
         sparks = {
             m["feature_id"]: charts.sparkline(
                 f"spark-{m['feature_id']}", m["series"], result["window_start"]
@@ -248,21 +254,9 @@ def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> Fa
         return JSONResponse(_jsonable(data.overview()))
 
     @app.get("/api/drift")
-    def api_drift(
-        request: Request,
-        sae: str | None = None,
-        model: str | None = None,
-        version: str | None = None,
-        tag: str | None = None,
-        window: str = "1h",
-        baseline: str = "24h",
-        limit: int = 20,
-        end: str | None = None,
-        exact: bool = False,
-    ):
+    def api_drift(request: Request, query: Annotated[dict, Depends(drift_query)]):
         viewer(request)
-        result = data.drift(sae, model=model, model_version=version, tag=tag, window=window,
-                            baseline=baseline, limit=limit, end=end, exact=exact)  # fmt: skip
+        result = data.drift(**query)
         return JSONResponse(_jsonable(result))
 
     @app.get("/api/features/{sae_version}/{feature_id}")
