@@ -108,7 +108,7 @@ def encode_and_lake_per_core(cfg, sae, tmp: Path, tokens: int = 16384) -> tuple[
     with Catalog(tmp / "lake-bench.duckdb", tmp / "lake-bench") as catalog:
         start = time.perf_counter()
         tok, feats = _segment_tables(cols, VERSION, "full")
-        files = write_segment(catalog.lake_dir, tok, feats, f"bench__{VERSION}")
+        files = write_segment(catalog.lake, tok, feats, f"bench__{VERSION}")
         catalog.commit_segment("bench", VERSION, files, tokens=tokens,
                                feature_rows=feats.num_rows)  # fmt: skip
         lake_rate = tokens / (time.perf_counter() - start)

@@ -132,13 +132,13 @@ def build_lake(home: Path, rows: int) -> None:
             hour = START + timedelta(hours=h)
             tokens, features = hour_tables(hour, tokens_per_hour, weights, rng, h == hours - 1)
             seg = f"h{hour:%Y%m%d%H}"
-            files = write_segment(cat.lake_dir, tokens, features, f"{seg}__{SAE}")
+            files = write_segment(cat.lake, tokens, features, f"{seg}__{SAE}")
             cat.commit_segment(
                 seg, SAE, files, tokens=tokens.num_rows, feature_rows=features.num_rows
             )
             if h % 72 == 71:
                 print(f"  {h + 1}/{hours} hours written, {time.perf_counter() - started:.0f}s")
-        compact(cat, cat.lake_dir, closed_before=END - timedelta(hours=1))
+        compact(cat, cat.lake, closed_before=END - timedelta(hours=1))
         total = cat.query("SELECT count(*) AS n FROM feature_acts").to_pylist()[0]["n"]
         rollup_rows = cat.query("SELECT count(*) AS n FROM feature_rollups").to_pylist()[0]["n"]
     print(

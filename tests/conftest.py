@@ -1,9 +1,14 @@
-"""Shared fixtures: tiny random-weight models built locally, one Ray cluster per session."""
+"""Shared fixtures: tiny random-weight models built locally, one Ray cluster per session,
+a local S3-compatible server."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
+import uuid
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -112,3 +117,63 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class S3Server:
+    """A local S3-compatible endpoint (moto's server, a real HTTP S3 API)."""
+
+    bucket = "featurewatch-test"
+
+    def __init__(self, port: int):
+        self.port = port
+        self.endpoint = f"127.0.0.1:{port}"
+
+    def uri(self, name: str = "lake") -> str:
+        """A fresh prefix in the bucket, as a pyarrow filesystem URI."""
+        prefix = f"{name}-{uuid.uuid4().hex[:8]}"
+        return (
+            f"s3://{self.bucket}/{prefix}?endpoint_override={self.endpoint}"
+            "&scheme=http&region=us-east-1"
+        )
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    import pyarrow.fs as pafs
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("the local S3 server (moto) did not start") from None
+            time.sleep(0.2)
+    # Any credentials do for moto; pyarrow and every process the tests start read these.
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ["AWS_ACCESS_KEY_ID"] = "featurewatch"
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "featurewatch-secret"
+    server = S3Server(port)
+    fs = pafs.S3FileSystem(
+        endpoint_override=server.endpoint,
+        scheme="http",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
+    fs.create_dir(server.bucket)
+    yield server
+    proc.terminate()
+    proc.wait(timeout=10)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -302,7 +302,7 @@ def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> Fa
         within a round)."""
         with edit_lock:
             try:
-                catalog = Catalog(cfg.catalog_path, cfg.lake_dir)
+                catalog = Catalog(cfg.catalog_path, cfg.lake_location)
             except FeaturewatchError as err:
                 if "lock" not in str(err).lower():
                     raise

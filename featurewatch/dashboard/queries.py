@@ -152,7 +152,7 @@ class DashboardData:
                 )
             if current != self._opened:
                 self.close_unlocked()
-                self._catalog = Catalog.for_analyst(self.cfg.catalog_path, self.cfg.lake_dir)
+                self._catalog = Catalog.for_analyst(self.cfg.catalog_path, self.cfg.lake_location)
                 self._opened = current
             yield self._catalog
 

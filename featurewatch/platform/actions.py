@@ -64,7 +64,7 @@ def steer_handler(cfg):
         numbers = decision["numbers"]
         ids = numbers.get("crossing") or [f["feature_id"] for f in numbers["top_features"][:1]]
         init_ray(cfg)
-        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
             steers = steers_for(
                 cfg, catalog, ids, sae_version=numbers["sae_version"],
                 mode=action.get("mode", "subtract"), scale=action["scale"],
@@ -143,7 +143,7 @@ def realign_handler(cfg, on_event=None, around_finetune=None):
                 ),
             )  # fmt: skip
         tell(f"fine-tuned {candidate} ({result.steps} steps, {result.seconds:.0f} s)")
-        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
             report = evaluate_model(
                 cfg, catalog, str(result.path), read_prompts(action["eval_prompts"]), tag=tag,
                 sae_version=sae_version,
@@ -194,7 +194,7 @@ def run_canary(cfg, action: dict, path, candidate: str, tag: str, sae_version, t
     try:
         deadline = time.monotonic() + action["canary_timeout_s"]
         while True:
-            with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+            with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
                 live = live_model_score(
                     cfg, catalog, candidate, str(path), tag=tag, since=since,
                     sae_version=sae_version,

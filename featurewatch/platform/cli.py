@@ -123,7 +123,7 @@ def _open_catalog(config: Path | None, home: Path | None, *, analyst: bool = Tru
     try:
         cfg = _config(config, home)
         opener = Catalog.for_analyst if analyst else Catalog
-        with opener(cfg.catalog_path, cfg.lake_dir) as catalog:
+        with opener(cfg.catalog_path, cfg.lake_location) as catalog:
             yield catalog
     except FeaturewatchError as err:
         _fail(str(err))
@@ -165,7 +165,7 @@ def sql(
         _fail("empty query", 2)
     try:
         cfg = _config(config, home)
-        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
             if text is None:
                 _sql_shell(catalog)
                 return
@@ -926,7 +926,7 @@ def steer(
             cfg.ray.address = address
         steers = []
         if not off:
-            with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+            with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
                 steers = steers_for(
                     cfg, catalog, feature_ids, sae_version=sae_version, mode=mode, scale=scale
                 )
@@ -963,7 +963,7 @@ def pipeline(
     interval = _parse_duration(every, "--every")
     try:
         cfg = _config(config, home)
-        with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+        with Catalog(cfg.catalog_path, cfg.lake_location) as catalog:
             # Versions that jobs registered while no pipeline ran (this is the writer).
             for request in apply_registrations(catalog, cfg.home):
                 typer.echo(f"registered {request.kind} {request}", err=True)
@@ -1031,7 +1031,7 @@ def finetune(
         settings = FinetuneSettings(
             steps=steps, lr=lr, batch_size=batch_size, lora_rank=rank, bf16=bf16
         )
-        with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+        with Catalog(cfg.catalog_path, cfg.lake_location) as catalog:
             folder = model_folder(cfg, catalog, base) if base else cfg.model.path
             init_ray(cfg)
             result = run_finetune(cfg, folder, transcripts, version, settings, catalog=catalog)
@@ -1085,10 +1085,10 @@ def _run_upkeep(cfg, *, compact_only: bool = False, retain_only: bool = False) -
 
     lc = cfg.lake
     now = datetime.now(UTC)
-    with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+    with Catalog(cfg.catalog_path, cfg.lake_location) as catalog:
         if compact_only:
             report = compaction.compact(
-                catalog, cfg.lake_dir, now - timedelta(minutes=lc.compact_delay_minutes)
+                catalog, catalog.lake, now - timedelta(minutes=lc.compact_delay_minutes)
             )
         elif retain_only:
             report = compaction.retain(
@@ -1097,7 +1097,7 @@ def _run_upkeep(cfg, *, compact_only: bool = False, retain_only: bool = False) -
         else:
             report = compaction.upkeep(
                 catalog,
-                cfg.lake_dir,
+                catalog.lake,
                 now,
                 compact_delay=timedelta(minutes=lc.compact_delay_minutes),
                 raw_days=lc.raw_retention_days,

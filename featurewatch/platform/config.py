@@ -13,11 +13,19 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from featurewatch.errors import ConfigError
 
 SMOLLM2 = "smollm2-135m-instruct"
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")  # pyarrow's filesystems
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -36,6 +44,17 @@ def format_duration(span: timedelta) -> str:
         if seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def check_storage_uri(cls, uri: str | None) -> str | None:
+    """A folder or a URI of one of pyarrow's filesystems. Checked when the config loads
+    so a typo names its field; whether the store is reachable is checked on use."""
+    if uri is not None and "://" in uri and uri.split("://", 1)[0] not in STORAGE_SCHEMES:
+        raise ValueError(
+            "must be a folder or a pyarrow filesystem URI "
+            f"({', '.join(s + '://' for s in STORAGE_SCHEMES)}), not {uri!r}"
+        )
+    return uri
 
 
 def default_home() -> Path:
@@ -186,6 +205,14 @@ class SAEConfig(_Strict):
         ge=0,
         description="Worker failures Ray Train recovers from (resuming from the last checkpoint).",
     )
+    store_uri: str | None = Field(
+        None,
+        description="A shared SAE store for clusters (same forms as lake.uri): every trained "
+        "SAE is published there, and a node without a version's folder fetches it into "
+        "<home>/saes. None: SAEs stay in <home>/saes.",
+    )
+
+    _check_store_uri = field_validator("store_uri")(check_storage_uri)
 
 
 class PipelineConfig(_Strict):
@@ -204,6 +231,15 @@ class PipelineConfig(_Strict):
 
 
 class LakeConfig(_Strict):
+    uri: str | None = Field(
+        None,
+        description="Where the lake lives: None is <home>/lake on the local disk; else a "
+        "folder or a pyarrow filesystem URI such as s3://bucket/prefix (an S3-compatible endpoint: "
+        "?endpoint_override=host:port&scheme=http; credentials from AWS_* variables).",
+    )
+
+    _check_uri = field_validator("uri")(check_storage_uri)
+
     compact_delay_minutes: int = Field(
         15, ge=0, description="Compact an hour's files this long after the hour ends."
     )
@@ -270,6 +306,11 @@ class FeaturewatchConfig(_Strict):
     @property
     def lake_dir(self) -> Path:
         return self.home / "lake"
+
+    @property
+    def lake_location(self) -> str:
+        """The lake as storage.lake_store takes it: lake.uri, or the local folder."""
+        return self.lake.uri or str(self.lake_dir)
 
     @property
     def catalog_path(self) -> Path:

@@ -227,7 +227,7 @@ class PolicyController:
         if not self.cfg.catalog_path.exists():
             log.warning("no catalog at %s yet: nothing to evaluate", self.cfg.catalog_path)
             return report
-        with Catalog.for_analyst(self.cfg.catalog_path, self.cfg.lake_dir) as catalog:
+        with Catalog.for_analyst(self.cfg.catalog_path, self.cfg.lake_location) as catalog:
             for policy in self.policies:
                 last = self.last_evaluated.get(policy.id)
                 if last is not None and now - last < policy.every:

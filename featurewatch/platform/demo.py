@@ -164,7 +164,7 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
     )
 
     step("Encoding the spool with the Ray Data pipeline into the Parquet lake")
-    with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+    with Catalog(cfg.catalog_path, cfg.lake_location) as catalog:
         catalog.register_model_version(cfg.model.name, cfg.model.version, str(folder))
         catalog.register_sae(
             trained.version,
@@ -185,7 +185,7 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
         report.tokens_encoded, report.feature_rows = enc.tokens, enc.feature_rows
         print(
             f"  {enc.segments_committed} segments committed, {enc.tokens} tokens, "
-            f"{enc.feature_rows} feature rows -> {cfg.lake_dir}"
+            f"{enc.feature_rows} feature rows -> {cfg.lake_location}"
         )
 
         step("Drift by SQL: features whose firing rate moved most from phase 1 to phase 2")

@@ -24,6 +24,7 @@ from scipy.stats import rankdata
 from featurewatch.errors import ConfigError
 from featurewatch.platform.config import FeaturewatchConfig
 from featurewatch.platform.transcripts import Transcript
+from featurewatch.storage.sae_store import SAEStore, sae_folder
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
@@ -140,6 +141,13 @@ class SAEChoice:
     site: str
 
 
+def sae_store(cfg: FeaturewatchConfig) -> SAEStore | None:
+    """The shared SAE store of `sae.store_uri`, cached in <home>/saes (None: no store)."""
+    if cfg.sae.store_uri is None:
+        return None
+    return SAEStore(cfg.sae.store_uri, cfg.sae_dir)
+
+
 def registered_sae(cfg: FeaturewatchConfig, catalog, version: str | None = None) -> SAEChoice:
     """A registered SAE version, or by default the newest one for the configured model."""
     sql = "SELECT sae_version, path, layer, site FROM sae_versions WHERE "
@@ -154,9 +162,9 @@ def registered_sae(cfg: FeaturewatchConfig, catalog, version: str | None = None)
         if not rows:
             raise ConfigError(f"SAE version {version!r} is not in the catalog")
     row = rows[0]
-    return SAEChoice(
-        row["sae_version"], Path(row["path"]), row["layer"], row["site"] or "resid_post"
-    )
+    # On a node other than the one that trained it, the folder comes from the store.
+    path = sae_folder(sae_store(cfg), row["sae_version"], Path(row["path"]))
+    return SAEChoice(row["sae_version"], path, row["layer"], row["site"] or "resid_post")
 
 
 def model_folder(cfg: FeaturewatchConfig, catalog, ref: str) -> Path:

@@ -189,7 +189,7 @@ def _commit_segment(cfg, catalog, sae_version, seg, parts, seen, report) -> None
         report.duplicate_vectors += int((~fresh).sum())
         cols = {k: v[fresh] for k, v in cols.items()}
     tokens, features = _segment_tables(cols, sae_version, cfg.pipeline.token_text)
-    files = write_segment(cfg.lake_dir, tokens, features, f"{seg}__{sae_version}")
+    files = write_segment(cfg.lake_location, tokens, features, f"{seg}__{sae_version}")
     if catalog.commit_segment(
         seg,
         sae_version,
@@ -302,8 +302,10 @@ def follow_segments(
     accepted; the child then also encodes the segments of its own training window, so
     drift over it has a baseline. A failing round is logged and retried next round
     (segments are committed exactly once, so a retry never doubles a row)."""
+    from featurewatch.platform.discover import sae_store
     from featurewatch.sae import load
     from featurewatch.storage.inbox import apply_registrations
+    from featurewatch.storage.sae_store import sae_folder
 
     since = None
     # Rounds run in this (driver) process, whose metrics Ray's metrics agent exports too.
@@ -315,7 +317,8 @@ def follow_segments(
             for request in apply_registrations(catalog, cfg.home):
                 if successor(cfg, request, sae_version):
                     log.warning("pipeline: %s replaces %s", request.sae_version, sae_version)
-                    sae, sae_version = load(Path(request.path)), request.sae_version
+                    sae_version = request.sae_version
+                    sae = load(sae_folder(sae_store(cfg), sae_version, Path(request.path)))
                     since = request.data_window[0].timestamp() if request.data_window else None
                     if on_switch is not None:
                         on_switch(sae_version)

@@ -361,7 +361,7 @@ def run_realign_demo(
     incident_examples = read_transcripts(scenario.incident_examples)
     read_transcripts(scenario.realign_examples)  # a bad path fails now, not mid-run
 
-    with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+    with Catalog(cfg.catalog_path, cfg.lake_location) as catalog:
         choice = _check_ready(cfg, catalog, scenario.tag)
     base_path = resolve_model_path(cfg.model.path, cfg.models_dir)
     d_model, _ = model_dims(base_path)
@@ -379,7 +379,7 @@ def run_realign_demo(
     timeline(f"{cfg.model.name} {cfg.model.version} serving; collectors at {addresses}")
 
     stop = threading.Event()
-    writer = Catalog(cfg.catalog_path, cfg.lake_dir)
+    writer = Catalog(cfg.catalog_path, cfg.lake_location)
     pipeline = threading.Thread(
         target=follow_segments,
         args=(cfg, sae, choice.version, writer),
@@ -395,7 +395,7 @@ def run_realign_demo(
         traffic.start()
         timeline(f"baseline: {scenario.concurrency} clients chatting ({scenario.traffic_prompts})")
         time.sleep(scenario.baseline_s)
-        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as reader:
+        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as reader:
             base_live = _live(cfg, reader, cfg.model.version, base_path, scenario.tag, since)
         if not base_live["requests"]:
             raise RuntimeError("no baseline request reached the lake; see the log above")
@@ -514,7 +514,7 @@ def run_realign_demo(
     if report.candidate_version:
         folder = cfg.models_dir / f"{cfg.model.name}-{report.candidate_version}"
         versions.append((report.candidate_version, folder))
-    with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as reader:
+    with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as reader:
         lives = [_live(cfg, reader, v, p, scenario.tag, since) for v, p in versions]
     steered_at = next(
         (timeline.t0 + e["t"] for e in report.events if e.get("mark") == "steer"), promoted_at

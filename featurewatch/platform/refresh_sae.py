@@ -122,7 +122,7 @@ def refresh_sae(
     from featurewatch.storage.catalog import Catalog
 
     started = time.time()
-    with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as catalog:
+    with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
         choice = registered_sae(cfg, catalog, parent_version)
     parent_version = choice.version
     parent = load(choice.path)

@@ -15,6 +15,7 @@ import torch
 
 from featurewatch.errors import ConfigError, SAEFormatError
 from featurewatch.platform.config import FeaturewatchConfig
+from featurewatch.platform.discover import registered_sae, sae_store
 from featurewatch.storage.spool import read_segment, sealed_segments
 
 
@@ -97,13 +98,11 @@ def train(
     eval_segments = _segments(eval_spool, "--eval-spool") if eval_spool else None
     init_from = None
     if parent is not None:
-        with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
-            row = catalog.query(
-                "SELECT path FROM sae_versions WHERE sae_version = ?", [parent]
-            ).to_pylist()
-        if not row:
-            raise ConfigError(f"--parent {parent!r} is not an SAE version in the catalog")
-        init_from = Path(row[0]["path"])
+        with Catalog(cfg.catalog_path, cfg.lake_location) as catalog:
+            try:
+                init_from = registered_sae(cfg, catalog, parent).path
+            except ConfigError as err:
+                raise ConfigError(f"--parent: {err}") from None
     d_in, _ = model_dims(resolve_model_path(cfg.model.path, cfg.models_dir))
     init_ray(cfg, log_to_driver=True)  # the training progress bar
     layer, site = cfg.capture.layer, cfg.capture.site
@@ -116,7 +115,7 @@ def train(
         parent_version=parent,
         init_from=init_from,
     )
-    with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+    with Catalog(cfg.catalog_path, cfg.lake_location) as catalog:
         catalog.register_sae(
             trained.version,
             trained.path,
@@ -143,6 +142,9 @@ def _resolve_sae(cfg: FeaturewatchConfig, version_or_path: str) -> tuple[str | N
     candidate = cfg.sae_dir / version_or_path
     if candidate.is_dir():
         return version_or_path, candidate
+    store = sae_store(cfg)
+    if store is not None and store.has(version_or_path):
+        return version_or_path, store.fetch(version_or_path)
     raise SAEFormatError(
         f"{version_or_path!r} is neither an SAE folder nor a version under {cfg.sae_dir}"
     )
@@ -181,7 +183,7 @@ def evaluate_sae(
         block = site_module(find_decoder_layers(model)[layer], site)
         metrics.update(ce_loss_recovered(model, block, sae, batches))
     if version is not None and cfg.catalog_path.exists():
-        with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
+        with Catalog(cfg.catalog_path, cfg.lake_location) as catalog:
             catalog.update_sae_metrics(version, metrics)
     (path / "eval.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -29,6 +29,7 @@ from ray.train.torch import TorchTrainer
 
 from featurewatch.errors import SAEFormatError
 from featurewatch.platform.config import FeaturewatchConfig
+from featurewatch.platform.discover import sae_store
 from featurewatch.sae import build, load
 from featurewatch.sae.model import SparseAutoencoder
 from featurewatch.sae.train import (
@@ -295,4 +296,7 @@ def train_sae(
     (target / "lineage.json").write_text(
         json.dumps({"metrics": metrics, **lineage}, indent=2, default=str)
     )
+    store = sae_store(cfg)
+    if store is not None:
+        store.publish(target, version)  # where other nodes fetch it from
     return TrainedSAE(sae=sae, version=version, path=target, metrics=metrics, lineage=lineage)

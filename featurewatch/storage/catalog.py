@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from featurewatch.errors import CatalogError
 from featurewatch.storage.lake import PARTITION_COLUMNS, SCHEMAS
+from featurewatch.storage.lake_store import LakeStore, as_lake_store
 from featurewatch.storage.macros import MACROS_SQL, ROLLUPS_VIEW_SQL
 
 _SCHEMA_SQL = """
@@ -191,10 +192,15 @@ class Catalog:
     """One DuckDB file over the lake. Use as a context manager to close the connection."""
 
     def __init__(
-        self, path: Path, lake_dir: Path, *, read_only: bool = False, sandboxed: bool = False
+        self,
+        path: Path,
+        lake: LakeStore | str | Path,
+        *,
+        read_only: bool = False,
+        sandboxed: bool = False,
     ):
         self.path = Path(path)
-        self.lake_dir = Path(lake_dir)
+        self.lake = as_lake_store(lake)
         self.sandboxed = sandboxed
         self._in_transaction = False
         self._copy_fd: int | None = None
@@ -218,6 +224,7 @@ class Catalog:
             self.con = duckdb.connect(str(opened), read_only=read_only, config=config)
         except duckdb.Error as err:
             raise CatalogError(f"cannot open catalog {self.path}: {err}") from None
+        self.lake.register(self.con)  # the views read the lake's files through it
         if sandboxed:
             self._sandbox()
         if not read_only:
@@ -228,18 +235,16 @@ class Catalog:
             self.publish()
 
     @classmethod
-    def for_analyst(cls, path: Path, lake_dir: Path) -> Catalog:
+    def for_analyst(cls, path: Path, lake: LakeStore | str | Path) -> Catalog:
         """A connection for people's SQL: read-only; files readable only inside the lake;
         no extensions, ATTACH, COPY, EXPORT or settings changes."""
-        return cls(path, lake_dir, sandboxed=True)
+        return cls(path, lake, sandboxed=True)
 
     def _sandbox(self) -> None:
         # DuckDB itself enforces these even if a statement slipped past the allow-list:
         # file access only under the lake (the views read its Parquet), then the
         # configuration locked so no statement can undo it.
-        lake = str(self.lake_dir.resolve()).rstrip("/") + "/"
-        allowed = sorted({lake, str(self.lake_dir).rstrip("/") + "/"})
-        self.con.execute("SET allowed_directories = ?", [allowed])
+        self.con.execute("SET allowed_directories = ?", [self.lake.readable_prefixes()])
         self.con.execute("SET enable_external_access = false")
         # Repeated drift queries read the same footers: keep them in memory.
         self.con.execute("SET parquet_metadata_cache = true")
@@ -432,7 +437,7 @@ class Catalog:
                 "SELECT path FROM lake_files WHERE table_name = ? ORDER BY path", [table_name]
             ).fetchall()
             if rows:
-                files = ", ".join(_sql_str(str(self.lake_dir / r[0])) for r in rows)
+                files = ", ".join(_sql_str(self.lake.url(r[0])) for r in rows)
                 types = ", ".join(f"'{c}': {HIVE_TYPES[c]}" for c in PARTITION_COLUMNS[table_name])
                 body = (
                     f"SELECT * FROM read_parquet([{files}], hive_partitioning = true, "

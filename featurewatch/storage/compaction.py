@@ -17,7 +17,6 @@ them.
 
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,6 +27,7 @@ import pyarrow.parquet as pq
 
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.lake import SCHEMAS
+from featurewatch.storage.lake_store import LakeStore, as_lake_store
 from featurewatch.storage.rollups import fold_closed_hours, fold_day
 
 RAW_TABLES = ("feature_acts", "tokens")
@@ -92,14 +92,14 @@ def partitions(catalog: Catalog) -> list[Partition]:
     return list(grouped.values())
 
 
-def _write_table(lake_dir: Path, directory: str, sae_version: str, table_name: str, rows) -> str:
+def _write_table(lake: LakeStore, directory: str, sae_version: str, table_name: str, rows) -> str:
     """Write one compacted file (a table, or raw batches streamed from `rows` files)."""
     schema = SCHEMAS[table_name]
     rel = f"{directory}/{COMPACTED}-{uuid.uuid4().hex[:12]}__{sae_version}.parquet"
-    target = lake_dir / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+    with (
+        lake.writing(rel) as where,
+        pq.ParquetWriter(where, schema, compression="zstd", filesystem=lake.fs) as writer,
+    ):
         if isinstance(rows, pa.Table):
             # Rollups sorted by time in small row groups: a window that covers part of
             # the day reads only its hours' groups (Parquet min/max statistics).
@@ -117,16 +117,15 @@ def _write_table(lake_dir: Path, directory: str, sae_version: str, table_name: s
                         pending, held = [], 0
             if pending:
                 writer.write_table(pa.Table.from_batches(pending).cast(schema))
-    os.replace(tmp, target)
     return rel
 
 
-def _write_compacted(lake_dir: Path, part: Partition, closed_before: datetime) -> dict:
+def _write_compacted(lake: LakeStore, part: Partition, closed_before: datetime) -> dict:
     """The partition's rows in one new file: {table name: new path}. Rollups get their
     closed hours folded and, once the day has closed, a day row per key in the daily
     table, their hour rows marked `day_folded`."""
-    sources = [pq.ParquetFile(lake_dir / f) for f in part.files]
-    args = (lake_dir, part.directory, part.sae_version)
+    sources = [lake.parquet_file(f) for f in part.files]
+    args = (lake, part.directory, part.sae_version)
     if part.table_name not in ROLLUP_TABLES:
         return {part.table_name: _write_table(*args, part.table_name, sources)}
     # A day's rollups are a few rows per feature and hour: fold them in memory.
@@ -140,17 +139,18 @@ def _write_compacted(lake_dir: Path, part: Partition, closed_before: datetime) -
         daily = daily.append_column("day_folded", pa.repeat(True, daily.num_rows))
         daily_table = DAILY_TABLE[part.table_name]
         directory = part.directory.replace(part.table_name, daily_table, 1)
-        written[daily_table] = _write_table(
-            lake_dir, directory, part.sae_version, daily_table, daily
-        )
+        written[daily_table] = _write_table(lake, directory, part.sae_version, daily_table, daily)
     return written
 
 
-def compact(catalog: Catalog, lake_dir: Path, closed_before: datetime) -> UpkeepReport:
+def compact(
+    catalog: Catalog, lake: LakeStore | str | Path, closed_before: datetime
+) -> UpkeepReport:
     """Merge the files of every raw partition whose hour ended before `closed_before`,
     and fold the closed hours (and closed days) of every rollup partition; one catalog
     swap for all."""
     report = UpkeepReport()
+    lake = as_lake_store(lake)
     swaps = []
     all_parts = partitions(catalog)
     by_key = {(p.table_name, p.directory, p.sae_version): p for p in all_parts}
@@ -159,7 +159,7 @@ def compact(catalog: Catalog, lake_dir: Path, closed_before: datetime) -> Upkeep
             continue  # daily tables are rewritten with their rollups
         if not part.needs_compaction(closed_before):
             continue
-        for table_name, new in _write_compacted(Path(lake_dir), part, closed_before).items():
+        for table_name, new in _write_compacted(lake, part, closed_before).items():
             if table_name == part.table_name:
                 old = part.files
                 folded = min(part.end, closed_before) if table_name in ROLLUP_TABLES else None
@@ -187,17 +187,20 @@ def retain(catalog: Catalog, now: datetime, raw_days: int, rollup_days: int) -> 
     return report
 
 
-def delete_retired(catalog: Catalog, lake_dir: Path, now: datetime, grace: timedelta) -> int:
+def delete_retired(
+    catalog: Catalog, lake: LakeStore | str | Path, now: datetime, grace: timedelta
+) -> int:
     """Delete the files retired more than `grace` ago; returns how many."""
+    lake = as_lake_store(lake)
     paths = catalog.take_retired(now - grace)
     for rel in paths:
-        (Path(lake_dir) / rel).unlink(missing_ok=True)
+        lake.delete(rel)
     return len(paths)
 
 
 def upkeep(
     catalog: Catalog,
-    lake_dir: Path,
+    lake: LakeStore | str | Path,
     now: datetime,
     *,
     compact_delay: timedelta,
@@ -208,7 +211,7 @@ def upkeep(
     """Retention, then compaction of hours closed `compact_delay` ago, then deleting
     files retired more than `grace` ago: one pass of the scheduled upkeep."""
     dropped = retain(catalog, now, raw_days, rollup_days)
-    report = compact(catalog, lake_dir, now - compact_delay)
+    report = compact(catalog, lake, now - compact_delay)
     report.partitions_dropped = dropped.partitions_dropped
-    report.files_deleted = delete_retired(catalog, lake_dir, now, grace)
+    report.files_deleted = delete_retired(catalog, lake, now, grace)
     return report

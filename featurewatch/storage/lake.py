@@ -2,20 +2,20 @@
 
 Layout: <lake>/<table>/model=<m>/date=<YYYY-MM-DD>/hour=<HH>/<segment>__<sae>.parquet.
 `model`, `date` and `hour` live only in the path (hive style); DuckDB reads them back as
-columns. Files are written to a temporary name and renamed, so a reader never sees a
-partial file; a file becomes visible to SQL only when the catalog commits it.
+columns. The lake is a local folder or any pyarrow filesystem (`lake_store.LakeStore`);
+files appear whole (a temporary name and a rename on a local disk, one upload on an
+object store), and a file becomes visible to SQL only when the catalog commits it.
 """
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from featurewatch.storage.lake_store import LakeStore, as_lake_store
 from featurewatch.storage.rollups import feature_rollups, token_rollups
 
 TS = pa.timestamp("us", tz="UTC")
@@ -88,16 +88,17 @@ PARTITION_COLUMNS = {
 
 
 def write_partitioned(
-    lake_dir: Path, table_name: str, table: pa.Table, file_stem: str
+    lake: LakeStore | str | Path, table_name: str, table: pa.Table, file_stem: str
 ) -> list[str]:
     """Write `table` (its columns plus `model`) split into its hive partitions.
 
-    Returns the written paths relative to `lake_dir`. Re-writing the same stem replaces
+    Returns the written paths relative to the lake. Re-writing the same stem replaces
     the same files, so a retried segment never leaves two copies.
     """
     schema = SCHEMAS[table_name]
     if table.num_rows == 0:
         return []
+    lake = as_lake_store(lake)
     columns = PARTITION_COLUMNS[table_name]
     # Partition keys from integer hours since the epoch: formatting a date string per
     # row cost more than writing the file.
@@ -120,27 +121,24 @@ def write_partitioned(
             )
             part = table.filter(mask)
         part = part.select(schema.names).cast(schema)
-        rel = Path(table_name).joinpath(*(f"{c}={values[c]}" for c in columns))
-        rel = rel / f"{file_stem}.parquet"
-        target = Path(lake_dir) / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        pq.write_table(part, tmp, compression="zstd", row_group_size=1_000_000)
-        os.replace(tmp, target)
-        written.append(str(rel))
+        rel = "/".join([table_name, *(f"{c}={values[c]}" for c in columns)])
+        rel = f"{rel}/{file_stem}.parquet"
+        lake.write_table(rel, part, compression="zstd", row_group_size=1_000_000)
+        written.append(rel)
     return written
 
 
-def write_segment(lake_dir: Path, tokens: pa.Table, features: pa.Table, file_stem: str):
+def write_segment(
+    lake: LakeStore | str | Path, tokens: pa.Table, features: pa.Table, file_stem: str
+):
     """Every lake table of one encoded segment: its tokens, its sparse feature rows and
     their per-minute rollups. Returns {table name: written paths} for the catalog."""
+    lake = as_lake_store(lake)
     return {
-        "tokens": write_partitioned(lake_dir, "tokens", tokens, file_stem),
-        "feature_acts": write_partitioned(lake_dir, "feature_acts", features, file_stem),
+        "tokens": write_partitioned(lake, "tokens", tokens, file_stem),
+        "feature_acts": write_partitioned(lake, "feature_acts", features, file_stem),
         "feature_rollups": write_partitioned(
-            lake_dir, "feature_rollups", feature_rollups(features), file_stem
+            lake, "feature_rollups", feature_rollups(features), file_stem
         ),
-        "token_rollups": write_partitioned(
-            lake_dir, "token_rollups", token_rollups(tokens), file_stem
-        ),
+        "token_rollups": write_partitioned(lake, "token_rollups", token_rollups(tokens), file_stem),
     }

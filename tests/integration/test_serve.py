@@ -232,7 +232,7 @@ def test_a_policy_that_fires_steers_the_live_replica(served, tmp_path):
         for i in range(12):
             start = T0 + i * timedelta(minutes=10)
             tokens, features = segment(start, 60, {7: [1.0] * (3 if i < 6 else 30), 9: [0.5]})
-            files = write_segment(cat.lake_dir, tokens, features, f"seg{i}__sae1")
+            files = write_segment(cat.lake, tokens, features, f"seg{i}__sae1")
             cat.commit_segment(f"seg{i}", "sae1", files, tokens=60, feature_rows=len(features))
     policy = {
         "id": "steer-up",

@@ -50,16 +50,20 @@ def segment(start, n_tokens, fires, model_version="v1", request=None, replica="r
     return tokens, features
 
 
-@pytest.fixture
-def lake(tmp_path):
-    """commit(start, n_tokens, fires, model_version) -> an open catalog with the segment."""
-    cat = Catalog(tmp_path / "c.duckdb", tmp_path / "lake")
+@pytest.fixture(params=["local", "s3"])
+def lake(request, tmp_path):
+    """commit(start, n_tokens, fires, model_version) -> an open catalog with the segment.
+    Each test runs on a local folder and on an S3-compatible server (pyarrow's S3)."""
+    location = tmp_path / "lake"
+    if request.param == "s3":
+        location = request.getfixturevalue("s3_server").uri()
+    cat = Catalog(tmp_path / "c.duckdb", location)
     count = iter(range(1000))
 
     def commit(start, n_tokens, fires, model_version="v1"):
         seg = f"seg-{next(count)}"
         tokens, features = segment(start, n_tokens, fires, model_version)
-        files = write_segment(cat.lake_dir, tokens, features, f"{seg}__sae1")
+        files = write_segment(cat.lake, tokens, features, f"{seg}__sae1")
         cat.commit_segment(
             seg, "sae1", files, tokens=tokens.num_rows, feature_rows=features.num_rows
         )
@@ -84,6 +88,6 @@ def fill_home(cfg, sae_path):
             start = T0 + i * timedelta(minutes=10)
             fires = {7: [1.0] * (3 if i < 12 else 30), 9: [0.5]}
             tokens, features = segment(start, 60, fires)
-            files = write_segment(cat.lake_dir, tokens, features, f"seg{i}__sae1")
+            files = write_segment(cat.lake, tokens, features, f"seg{i}__sae1")
             cat.commit_segment(f"seg{i}", "sae1", files, tokens=60, feature_rows=len(features))
     return cfg

@@ -176,7 +176,7 @@ def drift_home(tmp_path):
             ]
         ):
             tokens, feats = segment(start, 20, fires)
-            files = write_segment(cat.lake_dir, tokens, feats, f"s{i}__sae1")
+            files = write_segment(cat.lake, tokens, feats, f"s{i}__sae1")
             cat.commit_segment(f"s{i}", "sae1", files, tokens=20, feature_rows=feats.num_rows)
     return home, T0 + timedelta(hours=5, minutes=30)
 

@@ -2,7 +2,6 @@
 answers, hourly rollups, old files kept for a grace period, ages enforced."""
 
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -41,7 +40,7 @@ def test_compaction_leaves_one_file_per_partition_and_the_same_answers(lake):
     windows = [T0, T0 + HOUR, T0 + HOUR, T0 + 2 * HOUR]
     before = cat.query("SELECT * FROM rate_change(?, ?, ?, ?) ORDER BY feature_id", windows)
     assert len(files_of(cat, "feature_acts")) == 4
-    report = compact(cat, cat.lake_dir, closed_before=T0 + 2 * HOUR)
+    report = compact(cat, cat.lake, closed_before=T0 + 2 * HOUR)
     # hour 0's raw tables merged from 3 files each; the day's two rollup tables from 4
     assert report.partitions_compacted == 4 and report.files_compacted == 14
     assert len(files_of(cat, "feature_acts")) == 2 and len(files_of(cat, "tokens")) == 2
@@ -57,17 +56,17 @@ def test_compaction_leaves_one_file_per_partition_and_the_same_answers(lake):
     assert (row["period_minutes"], row["tokens_seen"], row["fired"]) == (60, 40, 7)
     assert (row["sum_value"], row["sum_sq"], row["max_value"]) == (26, 114, 5.0)
     # a second pass finds nothing to do
-    assert compact(cat, cat.lake_dir, closed_before=T0 + 2 * HOUR).partitions_compacted == 0
+    assert compact(cat, cat.lake, closed_before=T0 + 2 * HOUR).partitions_compacted == 0
 
 
 def test_open_hours_wait_and_late_segments_are_merged_later(lake):
     cat, commit = lake
     fill(commit)
-    compact(cat, cat.lake_dir, closed_before=T0 + HOUR + 30 * MINUTE)  # hour 1 still open
+    compact(cat, cat.lake, closed_before=T0 + HOUR + 30 * MINUTE)  # hour 1 still open
     assert len(files_of(cat, "feature_acts")) == 2  # hour 0 compacted, hour 1 untouched
     commit(T0 + 45 * MINUTE, 10, {1: [2.0] * 3})  # a late segment for hour 0
     assert len(files_of(cat, "feature_acts")) == 3
-    compact(cat, cat.lake_dir, closed_before=T0 + HOUR)
+    compact(cat, cat.lake, closed_before=T0 + HOUR)
     assert len(files_of(cat, "feature_acts")) == 2
     (row,) = cat.query(
         "SELECT * FROM rollups WHERE feature_id = 1 AND period_start = ?", [T0]
@@ -78,17 +77,17 @@ def test_open_hours_wait_and_late_segments_are_merged_later(lake):
 def test_retired_files_stay_for_the_grace_period(lake):
     cat, commit = lake
     fill(commit)
-    old = [cat.lake_dir / p for p in files_of(cat, "feature_acts")]
-    compact(cat, cat.lake_dir, closed_before=T0 + 2 * HOUR)
+    old = files_of(cat, "feature_acts")
+    compact(cat, cat.lake, closed_before=T0 + 2 * HOUR)
     # a reader that resolved the old views can still read every old file
-    assert all(p.exists() for p in old)
+    assert all(cat.lake.exists(p) for p in old)
     from datetime import UTC, datetime
 
     now = datetime.now(UTC)
-    assert delete_retired(cat, cat.lake_dir, now - timedelta(minutes=10), timedelta(0)) == 0
-    deleted = delete_retired(cat, cat.lake_dir, now + timedelta(minutes=11), timedelta(minutes=10))
+    assert delete_retired(cat, cat.lake, now - timedelta(minutes=10), timedelta(0)) == 0
+    deleted = delete_retired(cat, cat.lake, now + timedelta(minutes=11), timedelta(minutes=10))
     assert deleted == 14
-    assert not any(p.exists() for p in old[:3])  # hour 0's three segment files
+    assert not any(cat.lake.exists(p) for p in old[:3])  # hour 0's three segment files
     assert count(cat, "SELECT count(*) AS n FROM feature_acts") == 11
 
 
@@ -97,8 +96,8 @@ def test_a_crash_before_the_swap_leaves_the_compacted_file_invisible(lake):
     fill(commit)
     (part,) = [p for p in partitions(cat) if p.table_name == "feature_acts" and len(p.files) == 3]
     # compaction writes its file, and then the process dies before the catalog swap
-    (written,) = _write_compacted(Path(cat.lake_dir), part, T0 + 2 * HOUR).values()
-    assert (cat.lake_dir / written).exists()
+    (written,) = _write_compacted(cat.lake, part, T0 + 2 * HOUR).values()
+    assert cat.lake.exists(written)
     assert count(cat, "SELECT count(*) AS n FROM feature_acts") == 11  # not 11 + 9
 
 
@@ -127,7 +126,7 @@ def test_upkeep_runs_all_three(lake):
     fill(commit)
     report = upkeep(
         cat,
-        cat.lake_dir,
+        cat.lake,
         T0 + 2 * HOUR + 20 * MINUTE,
         compact_delay=timedelta(minutes=15),
         raw_days=30,
@@ -170,14 +169,14 @@ def test_whole_days_come_from_day_rows_and_agree_with_the_raw_rows(lake):
         assert rolled.to_pylist() == exact.to_pylist()
         return {r["feature_id"]: r for r in rolled.to_pylist()}
 
-    compact(cat, cat.lake_dir, closed_before=d0 + 2 * day + 12 * HOUR)
+    compact(cat, cat.lake, closed_before=d0 + 2 * day + 12 * HOUR)
     assert len(files_of(cat, "feature_daily")) == 2  # D and D+1
     assert count(cat, "SELECT count(*) AS n FROM feature_daily") == 4
     got = agree()
     assert (got[1]["base_fired"], got[1]["base_tokens"]) == (4 + 3, 20 + 30)
     commit(T0 + 6 * HOUR, 10, {1: [1.0] * 7})  # late, for D 15:00
     assert agree()[1]["base_fired"] == 4 + 7 + 3
-    compact(cat, cat.lake_dir, closed_before=d0 + 2 * day + 12 * HOUR)
+    compact(cat, cat.lake, closed_before=d0 + 2 * day + 12 * HOUR)
     assert len(files_of(cat, "feature_daily")) == 2  # D's day rows replaced, not added
     assert agree()[1]["base_fired"] == 4 + 7 + 3
     # windows that meet inside the folded day D+1 (at 01:00, before its 11:00 rows), and

@@ -54,7 +54,7 @@ def home(tmp_path):
         start = T0 + timedelta(hours=3, minutes=30)
         texts = ["the", " model", " says", " hostile", " things"] * 12
         tokens, features = segment(start, 60, {20: [2.0] * 40}, "v2", replica="rep2", texts=texts)
-        files = write_segment(cat.lake_dir, tokens, features, "v2seg__sae1")
+        files = write_segment(cat.lake, tokens, features, "v2seg__sae1")
         cat.commit_segment("v2seg", "sae1", files, tokens=60, feature_rows=len(features))
         FeatureRegistry(cat).label("sae1", 7, actor="test", label="toxic persona")
     (row,) = PolicyController(cfg, manual_policy()).tick(T0 + timedelta(hours=4))

@@ -191,7 +191,7 @@ def test_token_context_shows_the_text_around_a_token(lake):
     tokens = tokens.set_column(
         tokens.schema.get_field_index("token_text"), "token_text", pa.array(words)
     )
-    files = write_segment(cat.lake_dir, tokens, feats, "ctx__sae1")
+    files = write_segment(cat.lake, tokens, feats, "ctx__sae1")
     cat.commit_segment("ctx", "sae1", files, tokens=5, feature_rows=1)
     request = tokens.column("request_id")[0].as_py()
     (row,) = rows(cat, "SELECT token_context(?, 2, 1) AS c", [request])
@@ -213,7 +213,7 @@ def test_top_examples_with_context(lake):
     tokens = tokens.set_column(
         tokens.schema.get_field_index("token_text"), "token_text", pa.array(["a", " b", " c", " d"])
     )
-    files = write_segment(cat.lake_dir, tokens, feats, "ex__sae1")
+    files = write_segment(cat.lake, tokens, feats, "ex__sae1")
     cat.commit_segment("ex", "sae1", files, tokens=4, feature_rows=4)
     got = rows(cat, "SELECT value, token_pos, context FROM top_examples('sae1', 1, 2, 1)", [])
     assert got == [

@@ -80,7 +80,7 @@ def test_a_child_sae_is_registered_with_its_parents_labels_and_tags(catalog, tmp
         {"model_version": "v2"}
     ]
     # The published copy readers open already shows the new version.
-    with Catalog.for_analyst(catalog.path, catalog.lake_dir) as reader:
+    with Catalog.for_analyst(catalog.path, catalog.lake) as reader:
         assert reader.query(
             "SELECT count(*) AS n FROM sae_versions WHERE sae_version = 'sae1-r1'"
         ).to_pylist() == [{"n": 1}]

@@ -36,7 +36,7 @@ def commit_request(cat, name, token_ids, fires, *, model_version="cand", positio
     if positions is not None:
         index = tokens.schema.get_field_index("token_pos")
         tokens = tokens.set_column(index, "token_pos", pa.array(positions, pa.int32()))
-    files = write_segment(cat.lake_dir, tokens, features, f"{name}__sae1")
+    files = write_segment(cat.lake, tokens, features, f"{name}__sae1")
     cat.commit_segment(name, "sae1", files, tokens=tokens.num_rows, feature_rows=len(features))
 
 

@@ -1,10 +1,12 @@
 """Analysts' connections are sandboxed: each escape is tried and must be refused with a
 clear error, while queries over the lake keep working."""
 
+import pyarrow as pa
 import pytest
 
 from featurewatch.errors import CatalogError
 from featurewatch.storage.catalog import Catalog
+from featurewatch.storage.lake_store import LakeStore
 from tests.unit.test_lake_catalog import T0, commit, tables
 
 
@@ -27,7 +29,7 @@ def test_queries_over_the_lake_still_work(analyst):
     assert cat.query("EXPLAIN ANALYZE SELECT count(*) FROM tokens").num_rows >= 1
     assert cat.query("DESCRIBE tokens").num_rows > 5
     # the lake's own files may be read directly
-    assert cat.query("SELECT count(*) AS n FROM glob(?)", [str(cat.lake_dir) + "/**"]).num_rows
+    assert cat.query("SELECT count(*) AS n FROM glob(?)", [cat.lake.root + "/**"]).num_rows
 
 
 ESCAPES = [
@@ -78,3 +80,28 @@ def test_the_sandbox_cannot_be_undone_through_duckdb_itself(analyst):
     cat, _ = analyst
     with pytest.raises(Exception, match="locked"):
         cat.con.execute("SET enable_external_access = true")
+
+
+def test_on_an_s3_lake_the_sandbox_reads_that_lake_and_nothing_else(tmp_path, s3_server):
+    """lake.uri on an S3-compatible server: the views read the lake through pyarrow's
+    S3 filesystem; another prefix of the same bucket, and local files, are refused."""
+    lake = LakeStore(s3_server.uri())
+    with Catalog(tmp_path / "c.duckdb", lake) as cat:
+        commit(cat, lake, "seg-1", *tables(10, 4, T0))
+    other = LakeStore(s3_server.uri("other"))
+    other.write_table("secret.parquet", pa.table({"password": ["hunter2"]}))
+    (tmp_path / "secret.txt").write_text("password\n")
+    with Catalog.for_analyst(tmp_path / "c.duckdb", lake.location) as cat:
+        assert cat.query("SELECT count(*) AS n FROM tokens").to_pylist() == [{"n": 10}]
+        assert cat.query("FROM feature_acts SELECT count(*) AS n").to_pylist() == [{"n": 4}]
+        escapes = [
+            f"SELECT * FROM read_parquet('{other.url('secret.parquet')}')",
+            # up and out of the lake's prefix
+            f"SELECT * FROM read_parquet('{lake.url('..')}/{other.root.split('/')[-1]}"
+            "/secret.parquet')",
+            f"SELECT * FROM read_text('{tmp_path}/secret.txt')",
+        ]
+        for statement in escapes:
+            with pytest.raises(CatalogError, match="Permission Error"):
+                cat.query(statement)
+        assert cat.query("SELECT count(*) AS n FROM tokens").to_pylist() == [{"n": 10}]
