@@ -334,6 +334,7 @@ class CollectorActor:
         # With a home, the same totals also go to a heartbeat file there, for
         # `featurewatch status` and the dashboard.
         self.heartbeat = Heartbeat(home, "collector", self.server.address) if home else None
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.exporter = Exporter(metrics_every_s, self._export, "collector")
 
     def _export(self) -> None:
@@ -341,7 +342,8 @@ class CollectorActor:
         self.metrics.export(stats)
         if self.heartbeat is not None:
             counters = {k: stats[k] for k in self.metrics.counters}
-            self.heartbeat.beat({"spool": str(self.server.spool.directory)}, counters)
+            fields = {"spool": str(self.server.spool.directory), "node_id": self.node_id}
+            self.heartbeat.beat(fields, counters)
 
     def address(self) -> str:
         return self.server.address

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
+import ray
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,10 +56,34 @@ class _Pending(BaseModel):
     always_sample: bool = False
 
 
+def collector_lookup(names: list[str]):
+    """A function giving the current addresses of the named collector actors that answer
+    within a few seconds (one restarting after its node died does not, yet)."""
+    from featurewatch.platform.runtime import COLLECTOR_NAMESPACE
+
+    def resolve() -> list[str]:
+        refs = []
+        for name in names:
+            try:
+                refs.append(ray.get_actor(name, namespace=COLLECTOR_NAMESPACE).address.remote())
+            except ValueError:  # no such actor (collectors started by other means)
+                continue
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=3.0) if refs else ([], [])
+        return [ray.get(ref) for ref in refs if ref in ready]
+
+    return resolve
+
+
 @serve.deployment(name="ModelServer", max_ongoing_requests=64)
 @serve.ingress(app)
 class ModelServer:
-    def __init__(self, config: dict, collector_addresses: list[str], token: str):
+    def __init__(
+        self,
+        config: dict,
+        collector_addresses: list[str],
+        token: str,
+        collector_names: list[str] | None = None,
+    ):
         self.cfg = build_config(config)
         torch.set_num_threads(self.cfg.model.torch_threads)
         folder = resolve_model_path(self.cfg.model.path, self.cfg.models_dir)
@@ -94,6 +119,7 @@ class ModelServer:
             self.replica_id,
             max_queue_batches=cap.queue_batches,
             root_certificates=Path(tls).read_bytes() if tls else None,
+            resolve=collector_lookup(collector_names) if collector_names else None,
         )
         self._chat_batch.set_max_batch_size(self.cfg.model.max_batch_size)
         self._chat_batch.set_batch_wait_timeout_s(self.cfg.model.batch_wait_timeout_s)
@@ -102,6 +128,7 @@ class ModelServer:
         # The same figures as a file in the home, for `featurewatch status` and the
         # dashboard, which read them without joining the Ray cluster.
         self.heartbeat = Heartbeat(self.cfg.home, "replica", self.replica_id)
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         Exporter(2.0, self._export_capture_stats, "capture")
 
     def _export_capture_stats(self) -> None:
@@ -115,6 +142,9 @@ class ModelServer:
                 "sample_fraction": capture.sample_fraction,
                 "request_fraction": capture.request_fraction,
                 "queue_depth": stats["queue_depth"],
+                "in_flight": stats["in_flight"],
+                "collector": self.sender.address,
+                "node_id": self.node_id,
             },
             {name: stats[name] for name in CaptureMetrics.COUNTERS},
         )
@@ -279,5 +309,5 @@ def build_app(args: dict):
     new user_config (steering) is a lightweight update of the running replicas."""
     return ModelServer.options(
         num_replicas=args["num_replicas"],
-        ray_actor_options={"num_cpus": args["replica_cpus"]},
-    ).bind(args["config"], args["collector_addresses"], args["token"])
+        ray_actor_options={"num_cpus": args["replica_cpus"], "resources": args["resources"]},
+    ).bind(args["config"], args["collector_addresses"], args["token"], args.get("collector_names"))

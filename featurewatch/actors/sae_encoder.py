@@ -170,6 +170,7 @@ def sharded_encode(
     actors_per_shard: int = 1,
     cpus_per_actor: float = 1.0,
     torch_threads: int = 1,
+    resources: dict | None = None,
 ) -> ray.data.Dataset:
     """`ds` (with a `vector` column) -> feature_ids, feature_values, recon_error.
 
@@ -178,7 +179,9 @@ def sharded_encode(
     `cpus_per_actor` is the Ray CPU budget of one encoder: the S encode shards share
     it, and the (much lighter) decode shards and merge tasks share half of it again,
     so a chain never claims every CPU and starves the tasks that read the spool.
+    `resources` places every stage (cfg.role_resources("encoding")).
     """
+    resources = resources or None
     pool = ActorPoolStrategy(size=actors_per_shard)
     if num_shards == 1:
         return ds.map_batches(
@@ -189,6 +192,7 @@ def sharded_encode(
             },
             batch_size=batch_size,
             compute=pool,
+            resources=resources,
             num_cpus=cpus_per_actor,
         )
     encode_cpus = cpus_per_actor / num_shards
@@ -203,6 +207,7 @@ def sharded_encode(
             },
             batch_size=batch_size,
             compute=pool,
+            resources=resources,
             num_cpus=encode_cpus,
         )
     ds = ds.map_batches(
@@ -213,6 +218,7 @@ def sharded_encode(
             "k": sae.k if isinstance(sae, TopKSAE) else None,
         },
         batch_size=batch_size,
+        resources=resources,
         num_cpus=light_cpus,
     )
     b_dec = sae.b_dec.detach().float().numpy()
@@ -227,6 +233,7 @@ def sharded_encode(
             },
             batch_size=batch_size,
             compute=pool,
+            resources=resources,
             num_cpus=light_cpus,
         )
     return ds

@@ -7,7 +7,9 @@ batch only when the collector acks it as durable; after a broken stream it recon
 with backoff and resends every unacked batch (the collector drops duplicates).
 
 With several collectors, each replica starts on the one its id hashes to (spreading
-replicas across collectors) and moves to the next when its stream breaks.
+replicas across collectors) and moves to the next when its stream breaks. Given a
+`resolve` callable, a broken stream also asks it for the collectors' current addresses
+first: a collector restarted elsewhere (a new node, a new port) is found again.
 """
 
 from __future__ import annotations
@@ -64,11 +66,13 @@ class ActivationSender:
         max_in_flight: int = 64,
         stream_epoch: int | None = None,
         root_certificates: bytes | None = None,
+        resolve=None,
     ):
         self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not self.addresses:
             raise ValueError("the sender needs at least one collector address")
         self._address_index = zlib.crc32(replica_id.encode()) % len(self.addresses)
+        self._resolve = resolve
         self._credentials = (
             grpc.ssl_channel_credentials(root_certificates) if root_certificates else None
         )
@@ -176,6 +180,22 @@ class ActivationSender:
             self._in_flight.clear()
             self._cond.notify_all()
 
+    def _refresh_addresses(self) -> None:
+        """Take the collectors' current addresses from `resolve`, if it answers."""
+        if self._resolve is None:
+            return
+        try:
+            fresh = list(self._resolve())
+        except Exception as err:  # noqa: BLE001 - a failed lookup keeps the known list
+            log.info("collector lookup failed (%s); keeping %s", err, self.addresses)
+            return
+        if fresh and fresh != self.addresses:
+            log.warning("collectors now at %s (were %s)", fresh, self.addresses)
+            # Stay on the same collector if it is still listed; the caller then moves on.
+            current = self.address
+            self.addresses = fresh
+            self._address_index = fresh.index(current) if current in fresh else -1
+
     def _run(self) -> None:
         backoff = 0.05
         while True:
@@ -210,6 +230,7 @@ class ActivationSender:
                     return
             if rejected_seq is None:
                 self.stats.reconnects += 1
+                self._refresh_addresses()
                 # fail over: the next collector in the list (wraps around)
                 self._address_index = (self._address_index + 1) % len(self.addresses)
                 time.sleep(backoff)

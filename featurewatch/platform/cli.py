@@ -938,6 +938,30 @@ def steer(
 
 
 @app.command()
+def up(
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to run on ('auto': the one this node belongs to)."),
+    ] = None,
+    every: Annotated[str, typer.Option(help="The wait between pipeline rounds.")] = "2s",
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Run the data path on a Ray cluster until stopped (SIGTERM, Ctrl-C): collectors,
+    the model server, the pipeline. Drains on stop; one JSON line per event."""
+    from featurewatch.platform.up import run_up
+
+    interval = _parse_duration(every, "--every")
+    try:
+        cfg = _config(config, home)
+        if address is not None:
+            cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": address})})
+        run_up(cfg, every_s=interval.total_seconds())
+    except FeaturewatchError as err:
+        _fail(str(err))
+
+
+@app.command()
 def pipeline(
     sae_version: Annotated[
         str | None, typer.Option(help="SAE version (default: the newest for the model).")

@@ -25,6 +25,13 @@ from pydantic import (
 from featurewatch.errors import ConfigError
 
 SMOLLM2 = "smollm2-135m-instruct"
+# The custom resource a node advertises (`ray start --resources`) for each role it takes.
+ROLE_RESOURCES = {
+    "serving": "fw_serving",
+    "ingest": "fw_ingest",
+    "encoding": "fw_encoding",
+    "training": "fw_training",
+}
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")  # pyarrow's filesystems
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -73,6 +80,13 @@ class RayConfig(_Strict):
     num_cpus: int = Field(2, ge=1, description="CPUs for a local cluster.")
     object_store_memory_mb: int = Field(
         1024, ge=128, description="Object store size for a local cluster, in MiB."
+    )
+    place_by_role: bool = Field(
+        False,
+        description="Place each role only on nodes that advertise its custom resource, as "
+        "cluster.yaml's node types do: model replicas on fw_serving, collectors and spool "
+        "reads on fw_ingest, SAE encoders on fw_encoding, training workers on fw_training. "
+        "Off: anywhere in the cluster.",
     )
     metrics_export_port: int | None = Field(
         None,
@@ -297,6 +311,12 @@ class FeaturewatchConfig(_Strict):
         if self.demo.max_tokens > self.model.max_tokens_limit:
             raise ValueError("demo.max_tokens must not exceed model.max_tokens_limit")
         return self
+
+    def role_resources(self, role: str) -> dict[str, float]:
+        """Ray resources that keep a role's actors and tasks on its nodes ({} unless
+        ray.place_by_role). Each claims a thousandth of the node's one unit of the
+        role's resource, so the resource says where, and CPUs still say how many."""
+        return {ROLE_RESOURCES[role]: 0.001} if self.ray.place_by_role else {}
 
     # Paths under the home, in one place.
     @property

@@ -187,7 +187,8 @@ def run_finetune(
             "settings": settings.__dict__,
         },
         scaling_config=ScalingConfig(
-            num_workers=1, resources_per_worker={"CPU": settings.torch_threads}
+            num_workers=1,
+            resources_per_worker={"CPU": settings.torch_threads, **cfg.role_resources("training")},
         ),
         run_config=RunConfig(
             name=f"finetune-{model_version}-{int(time.time())}",

@@ -99,16 +99,24 @@ def _read_segments(
 
 
 def segments_dataset(
-    paths: list[Path], layer: int | None = None, site: str | None = None
+    paths: list[Path],
+    layer: int | None = None,
+    site: str | None = None,
+    resources: dict | None = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of the vectors in sealed segments (one block per segment), optionally
-    only those of one (layer, site): an SAE reads only the point it was trained for."""
+    only those of one (layer, site): an SAE reads only the point it was trained for.
+    `resources`: where the reads may run (cfg.role_resources("ingest"))."""
     items = [{"path": str(p)} for p in paths]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     # Reading is unpacking bytes: a quarter CPU, not Ray's default of one, so a read is
     # never left waiting behind the replicas and encoders on a small machine.
     return ds.map_batches(
-        _read_segments, batch_size=1, num_cpus=0.25, fn_kwargs={"layer": layer, "site": site}
+        _read_segments,
+        batch_size=1,
+        num_cpus=0.25,
+        resources=resources or None,
+        fn_kwargs={"layer": layer, "site": site},
     )
 
 
@@ -242,12 +250,13 @@ def encode_segments(
         return report
     pc = cfg.pipeline
     ds = sharded_encode(
-        segments_dataset(todo, cfg.capture.layer, cfg.capture.site),
+        segments_dataset(todo, cfg.capture.layer, cfg.capture.site, cfg.role_resources("ingest")),
         sae,
         pc.sae_shards,
         batch_size=pc.batch_size,
         actors_per_shard=pc.encoder_actors,
         cpus_per_actor=pc.encoder_cpus,
+        resources=cfg.role_resources("encoding"),
     )
     # Batches come out in segment order, so a segment is complete when the next one
     # starts: it is written and committed then, and memory holds about one segment

@@ -70,13 +70,32 @@ def spool_segments(cfg: FeaturewatchConfig) -> list[Path]:
     return [p for d in dirs for p in sealed_segments(d)]
 
 
+COLLECTOR_NAMESPACE = "featurewatch"
+
+
+def collector_names(cfg: FeaturewatchConfig) -> list[str]:
+    """The named collector actors of this deployment: replicas look them up by name to
+    find a collector that Ray restarted at a new address."""
+    return [f"{cfg.serve.app_name}-collector-{i}" for i in range(cfg.collector.count)]
+
+
 def start_collectors(cfg: FeaturewatchConfig, token: str, width: int) -> list:
-    """cfg.collector.count collector actors, each with its own spool directory."""
+    """cfg.collector.count collector actors, each with its own spool directory, spread
+    over the nodes that take ingest. Ray restarts one whose node dies (on another such
+    node), and the restarted collector replays its spool first: on a cluster whose
+    spool is on storage that follows it (the same disk, a network volume), what the
+    dead one acked is sealed and reaches the lake."""
     from featurewatch.actors.collector import CollectorActor
 
     cc = cfg.collector
+    placement = {
+        "resources": cfg.role_resources("ingest"),
+        "scheduling_strategy": "SPREAD",
+        "max_restarts": -1,
+        "namespace": COLLECTOR_NAMESPACE,
+    }
     return [
-        CollectorActor.remote(
+        CollectorActor.options(name=name, **placement).remote(
             str(collector_spool_dir(cfg, i)),
             token,
             home=str(cfg.home),
@@ -89,5 +108,5 @@ def start_collectors(cfg: FeaturewatchConfig, token: str, width: int) -> list:
             tls_cert_file=cc.tls_cert_file,
             tls_key_file=cc.tls_key_file,
         )
-        for i in range(cc.count)
+        for i, name in enumerate(collector_names(cfg))
     ]

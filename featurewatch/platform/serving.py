@@ -25,6 +25,7 @@ from pathlib import Path
 from featurewatch.capture.steering import Steer, check_steer, steer_from_sae
 from featurewatch.errors import ConfigError
 from featurewatch.platform.config import FeaturewatchConfig
+from featurewatch.platform.runtime import collector_names
 
 APP_IMPORT_PATH = "featurewatch.actors.model_server:build_app"
 DEPLOYED_FILE = "serve_app.json"
@@ -50,9 +51,11 @@ def _application(
         "args": {
             "config": cfg.model_dump(mode="json"),
             "collector_addresses": list(addresses),
+            "collector_names": collector_names(cfg),
             "token": token,
             "num_replicas": cfg.model.num_replicas,
             "replica_cpus": cfg.model.replica_cpus,
+            "resources": cfg.role_resources("serving"),
         },
         "deployments": [{"name": DEPLOYMENT, "user_config": user_config}],
     }

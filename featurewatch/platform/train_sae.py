@@ -254,7 +254,8 @@ def train_sae(
             "init_from": str(init_from) if init_from else None,
         },
         scaling_config=ScalingConfig(
-            num_workers=sc.num_workers, resources_per_worker={"CPU": sc.cpus_per_worker}
+            num_workers=sc.num_workers,
+            resources_per_worker={"CPU": sc.cpus_per_worker, **cfg.role_resources("training")},
         ),
         run_config=RunConfig(
             name=f"sae-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",

@@ -125,6 +125,41 @@ def test_fail_over_between_collectors(tmp_path):
     survivor.stop(grace=0)  # the pipeline drops those by batch key)
 
 
+def test_a_sender_finds_its_collector_restarted_at_a_new_address(tmp_path):
+    """The one collector dies and comes back elsewhere (a new port, the same spool):
+    the sender asks `resolve` for the current addresses after the break, reconnects
+    there and loses nothing. A lookup that fails keeps the known list."""
+    a = CollectorServer(tmp_path / "spool", TOKEN).start()
+    known = {"addresses": [a.address], "fail": False}
+
+    def resolve():
+        if known["fail"]:
+            raise RuntimeError("the name service is down")
+        return known["addresses"]
+
+    sender = ActivationSender([a.address], TOKEN, "moving-replica", resolve=resolve)
+    for _ in range(10):
+        sender.submit(good(0))
+    assert sender.flush(30)
+    a.stop(grace=0)
+    known["fail"] = True  # while it is down, lookups fail: the sender keeps retrying
+    for _ in range(10):
+        sender.submit(good(0))
+    assert not sender.flush(2) and sender.address == a.address
+    b = CollectorServer(tmp_path / "spool", TOKEN).start()  # replays, a new port
+    known.update(addresses=[b.address], fail=False)
+    assert sender.flush(60)
+    assert sender.address == b.address != a.address
+    sender.close()
+    b.stop(grace=0)
+    seqs = [
+        pb.ActivationBatch.FromString(r).seq
+        for p in sealed_segments(tmp_path / "spool")
+        for r in read_segment(p)
+    ]
+    assert set(seqs) == set(range(1, 21))
+
+
 def test_replicas_spread_across_collectors():
     addresses = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
     starts = set()

@@ -120,6 +120,20 @@ def test_bad_arguments(tmp_path):
     assert bad.exit_code == 1 and "capture.layr" in bad.output
 
 
+def test_up_refuses_bad_input_by_name(tmp_path):
+    bad_every = runner.invoke(app, ["up", "--every", "often", "--home", str(tmp_path)])
+    assert bad_every.exit_code != 0 and "--every" in bad_every.output
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("ray: {place_by_role: perhaps}\n")
+    bad = runner.invoke(app, ["up", "--config", str(cfg)])
+    assert bad.exit_code == 1 and "ray.place_by_role" in bad.output
+    model = tmp_path / "not-a-model"
+    model.mkdir()
+    cfg.write_text(f"home: {tmp_path / 'home'}\nmodel: {{path: {model}}}\n")
+    missing = runner.invoke(app, ["up", "--config", str(cfg)])
+    assert missing.exit_code == 1 and str(model) in missing.output
+
+
 def test_sae_commands_refuse_bad_input_by_name(tmp_path):
     home = ["--home", str(tmp_path / "home")]
     empty = tmp_path / "empty"

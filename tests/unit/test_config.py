@@ -66,3 +66,24 @@ def test_shipped_configs_load():
         assert cfg.sae.d_sae > 0, path
     quality = load_config(Path(__file__).parents[2] / "configs" / "sae-quality.yaml")
     assert (quality.sae.d_sae, quality.sae.k, quality.sae.aux_k) == (8192, 32, 512)
+
+
+def test_roles_place_work_only_when_asked():
+    assert build_config({}).role_resources("serving") == {}
+    cfg = build_config({"ray": {"place_by_role": True}})
+    assert cfg.role_resources("serving") == {"fw_serving": 0.001}
+    assert cfg.role_resources("ingest") == {"fw_ingest": 0.001}
+    assert cfg.role_resources("encoding") == {"fw_encoding": 0.001}
+    assert cfg.role_resources("training") == {"fw_training": 0.001}
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [("lake", "uri", "ftp://host/lake"), ("sae", "store_uri", "nosuch://bucket/saes")],
+)
+def test_storage_locations_are_checked_by_name(section, field, value):
+    with pytest.raises(ConfigError, match=rf"{section}\.{field}: .*pyarrow filesystem URI"):
+        build_config({section: {field: value}})
+    # a folder, or a URI of one of pyarrow's filesystems, is accepted as written
+    for good in ("/data/lake", "s3://bucket/prefix?endpoint_override=host:9000"):
+        assert getattr(build_config({section: {field: good}}), section).model_dump()[field] == good
