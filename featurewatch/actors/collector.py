@@ -84,7 +84,7 @@ class CollectorService:
         self,
         spool: Spool,
         *,
-        expected_width: int | None = None,
+        expected_width: int | dict[str, int] | None = None,
         max_batch_bytes: int | None = None,
         allowed_models: set[str] | None = None,
     ):
@@ -235,7 +235,7 @@ class CollectorServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        expected_width: int | None = None,
+        expected_width: int | dict[str, int] | None = None,
         max_batch_bytes: int = 16 * 1024 * 1024,
         segment_max_bytes: int = 64 * 1024 * 1024,
         segment_max_age_s: float = 5.0,

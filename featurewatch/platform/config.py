@@ -278,6 +278,16 @@ class ServeConfig(_Strict):
     host: str = Field("127.0.0.1", description="HTTP interface of the chat API.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the chat API.")
     app_name: str = Field("featurewatch", description="Ray Serve application name.")
+    route_prefix: str = Field(
+        "/", pattern=r"^/", description="Where the chat API is mounted (fleet models: /<name>)."
+    )
+
+
+class FleetModelConfig(_Strict):
+    model: ModelConfig = Field(description="The model; its name must differ from the others'.")
+    capture: CaptureConfig = Field(
+        default_factory=CaptureConfig, description="Its layers, sites and sampling policy."
+    )
 
 
 class DemoConfig(_Strict):
@@ -301,6 +311,12 @@ class FeaturewatchConfig(_Strict):
     lake: LakeConfig = Field(default_factory=LakeConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
+    fleet: list[FleetModelConfig] = Field(
+        default_factory=list,
+        description="Models served beside `model`, each its own Serve application at "
+        "/<name>/ with its own replicas, capture settings and SAE (the newest registered "
+        "for its name); collectors, lake and catalog are shared. Empty: `model` alone.",
+    )
 
     @model_validator(mode="after")
     def _cross_field(self) -> FeaturewatchConfig:
@@ -310,7 +326,24 @@ class FeaturewatchConfig(_Strict):
             raise ValueError("collector.tls_cert_file and collector.tls_key_file go together")
         if self.demo.max_tokens > self.model.max_tokens_limit:
             raise ValueError("demo.max_tokens must not exceed model.max_tokens_limit")
+        names = [self.model.name] + [entry.model.name for entry in self.fleet]
+        if len(set(names)) < len(names):
+            raise ValueError(f"fleet: every model needs its own name, got {names}")
         return self
+
+    def fleet_configs(self) -> list[FeaturewatchConfig]:
+        """A config per served model: this one, then one per fleet entry with its model,
+        capture and Serve application (named after it, at /<name>) in place of these;
+        the rest (home, collectors, pipeline, lake) is shared."""
+        members = [self]
+        for entry in self.fleet:
+            name = entry.model.name
+            serve = self.serve.model_copy(
+                update={"app_name": f"{self.serve.app_name}-{name}", "route_prefix": f"/{name}"}
+            )
+            update = {"model": entry.model, "capture": entry.capture, "serve": serve, "fleet": []}
+            members.append(self.model_copy(update=update))
+        return members
 
     def role_resources(self, role: str) -> dict[str, float]:
         """Ray resources that keep a role's actors and tasks on its nodes ({} unless

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from featurewatch.actors.metrics import PipelineMetrics
 from featurewatch.actors.sae_encoder import padded_2d, sharded_encode
+from featurewatch.errors import ConfigError
 from featurewatch.platform.config import FeaturewatchConfig
 from featurewatch.platform.runtime import spool_segments
 from featurewatch.proto import activations_pb2 as pb
@@ -42,8 +43,9 @@ class EncodeReport:
     duplicate_vectors: int = 0
 
 
-def segment_columns(path: str) -> dict[str, np.ndarray]:
-    """Every vector of a sealed segment as columns (vector is [n, width] float32)."""
+def segment_columns(path: str, model: str | None = None) -> dict[str, np.ndarray]:
+    """Every vector of a sealed segment as columns (vector is [n, width] float32); with
+    `model`, only that model's (a fleet's models share the spool, at their own widths)."""
     vectors, cols = (
         [],
         {
@@ -65,6 +67,8 @@ def segment_columns(path: str) -> dict[str, np.ndarray]:
     )
     for payload in read_segment(Path(path)):
         batch = pb.ActivationBatch.FromString(payload)
+        if model is not None and batch.model != model:
+            continue
         n = batch.rows
         vectors.append(unpack_vectors(batch))
         cols["model"] += [batch.model] * n
@@ -86,9 +90,9 @@ def segment_columns(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_segments(
-    batch: dict[str, np.ndarray], layer: int | None, site: str | None
+    batch: dict[str, np.ndarray], layer: int | None, site: str | None, model: str | None
 ) -> dict[str, np.ndarray]:
-    parts = [segment_columns(p) for p in batch["path"]]
+    parts = [segment_columns(p, model) for p in batch["path"]]
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     keep = np.ones(len(cols["layer"]), dtype=bool)
     if layer is not None:
@@ -103,10 +107,11 @@ def segments_dataset(
     layer: int | None = None,
     site: str | None = None,
     resources: dict | None = None,
+    model: str | None = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of the vectors in sealed segments (one block per segment), optionally
-    only those of one (layer, site): an SAE reads only the point it was trained for.
-    `resources`: where the reads may run (cfg.role_resources("ingest"))."""
+    only those of one (layer, site) and model: an SAE reads only the point it was
+    trained for. `resources`: where the reads may run (cfg.role_resources("ingest"))."""
     items = [{"path": str(p)} for p in paths]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     # Reading is unpacking bytes: a quarter CPU, not Ray's default of one, so a read is
@@ -116,7 +121,7 @@ def segments_dataset(
         batch_size=1,
         num_cpus=0.25,
         resources=resources or None,
-        fn_kwargs={"layer": layer, "site": site},
+        fn_kwargs={"layer": layer, "site": site, "model": model},
     )
 
 
@@ -240,17 +245,21 @@ def encode_segments(
     paths: list[Path] | None = None,
     since: float | None = None,
     progress: bool = False,
+    model: str | None = None,
 ) -> EncodeReport:
     """Encode every sealed segment (of every collector's spool, by default) not yet
-    committed for `sae_version`; with `since` (a Unix time), only those sealed since.
-    `progress` draws a bar of segments committed (a backfill from the command line)."""
+    committed for `sae_version`; with `since` (a Unix time), only those sealed since;
+    with `model`, only that model's vectors (a fleet). `progress` draws a bar of
+    segments committed (a backfill from the command line)."""
     all_paths, todo = waiting_segments(cfg, sae_version, catalog, paths, since)
     report = EncodeReport(0, len(all_paths) - len(todo), 0, 0)
     if not todo:
         return report
     pc = cfg.pipeline
     ds = sharded_encode(
-        segments_dataset(todo, cfg.capture.layer, cfg.capture.site, cfg.role_resources("ingest")),
+        segments_dataset(
+            todo, cfg.capture.layer, cfg.capture.site, cfg.role_resources("ingest"), model
+        ),
         sae,
         pc.sae_shards,
         batch_size=pc.batch_size,
@@ -264,11 +273,12 @@ def encode_segments(
     ds.context.execution_options.preserve_order = True
     seen = catalog.ingested_batches(sae_version)
     bar = tqdm(total=len(todo), unit="segment", desc="encode", disable=not progress)
-    current, parts = None, []
+    current, parts, handled = None, [], set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         seg_ids = batch["segment_id"]
         for seg in unique_in_order(seg_ids):
             if seg != current and parts:
+                handled.add(current)
                 _commit_segment(cfg, catalog, sae_version, current, parts, seen, report)
                 bar.update(1)
                 parts = []
@@ -276,8 +286,17 @@ def encode_segments(
             mask = seg_ids == seg
             parts.append({k: v[mask] for k, v in batch.items()})
     if parts:
+        handled.add(current)
         _commit_segment(cfg, catalog, sae_version, current, parts, seen, report)
         bar.update(1)
+    # A segment with nothing for this SAE (another model's, another layer's) is
+    # committed empty, so it is not read again every round.
+    for seg in [segment_id(p) for p in todo]:
+        if seg not in handled and catalog.commit_segment(
+            seg, sae_version, {}, tokens=0, feature_rows=0
+        ):
+            report.segments_committed += 1
+            bar.update(1)
     bar.close()
     return report
 
@@ -294,6 +313,25 @@ def successor(cfg: FeaturewatchConfig, request, sae_version: str) -> bool:
     )
 
 
+@dataclass
+class Lane:
+    """One model's encoding in the pipeline service: its config, its SAE (None until one
+    is registered for the model) and, in a fleet, the model whose vectors it takes."""
+
+    cfg: FeaturewatchConfig
+    sae: SparseAutoencoder | None = None
+    sae_version: str | None = None
+    model: str | None = None
+    since: float | None = None  # after a switch: also the child's training window
+
+
+def fleet_lanes(cfg: FeaturewatchConfig) -> list[Lane]:
+    """A lane per served model, each waiting for its SAE; alone, a model takes every
+    vector in the spool (as before fleets), in a fleet only its own."""
+    members = cfg.fleet_configs()
+    return [Lane(m, model=m.model.name if len(members) > 1 else None) for m in members]
+
+
 def follow_segments(
     cfg: FeaturewatchConfig,
     sae: SparseAutoencoder,
@@ -305,39 +343,71 @@ def follow_segments(
     on_report=None,
     on_switch=None,
 ) -> None:
-    """Encode new sealed segments as they appear, until `stop` is set: the pipeline as a
-    service. Between rounds it applies pending registration requests (it is the
-    catalog's one writer) and switches to a refreshed child of its SAE when one is
-    accepted; the child then also encodes the segments of its own training window, so
-    drift over it has a baseline. A failing round is logged and retried next round
+    """The pipeline as a service for one model and SAE; see follow_lanes."""
+    lane = Lane(cfg, sae, sae_version)
+    follow_lanes([lane], catalog, every_s=every_s, stop=stop, on_report=on_report,
+                 on_switch=on_switch)  # fmt: skip
+
+
+def follow_lanes(
+    lanes: list[Lane],
+    catalog: Catalog,
+    *,
+    every_s: float,
+    stop: threading.Event,
+    on_report=None,
+    on_switch=None,
+) -> None:
+    """Encode new sealed segments as they appear, for every lane, until `stop` is set:
+    the pipeline as a service. Between rounds it applies pending registration requests
+    (it is the catalog's one writer); a lane without an SAE takes the newest registered
+    for its model, and a lane switches to a refreshed child of its SAE when one is
+    accepted (the child then also encodes the segments of its own training window, so
+    drift over it has a baseline). A failing round is logged and retried next round
     (segments are committed exactly once, so a retry never doubles a row)."""
-    from featurewatch.platform.discover import sae_store
+    from featurewatch.platform.discover import registered_sae, sae_store
     from featurewatch.sae import load
     from featurewatch.storage.inbox import apply_registrations
     from featurewatch.storage.sae_store import sae_folder
 
-    since = None
     # Rounds run in this (driver) process, whose metrics Ray's metrics agent exports too.
-    metrics = PipelineMetrics(cfg.model.name)
-    metrics.measure_lag(oldest_waiting, cfg, sae_version, catalog, since)
+    metrics = [PipelineMetrics(lane.cfg.model.name) for lane in lanes]
     while not stop.is_set():
-        started, report, ok = time.monotonic(), None, False
         try:
-            for request in apply_registrations(catalog, cfg.home):
-                if successor(cfg, request, sae_version):
-                    log.warning("pipeline: %s replaces %s", request.sae_version, sae_version)
-                    sae_version = request.sae_version
-                    sae = load(sae_folder(sae_store(cfg), sae_version, Path(request.path)))
-                    since = request.data_window[0].timestamp() if request.data_window else None
-                    if on_switch is not None:
-                        on_switch(sae_version)
-            report = encode_segments(cfg, sae, sae_version, catalog, since=since)
-            if on_report is not None and report.segments_committed:
-                on_report(report)
-            ok = True
+            requests = apply_registrations(catalog, lanes[0].cfg.home)
         except Exception:  # noqa: BLE001 - the service outlives one bad round
-            log.exception("pipeline round failed; retrying")
-        metrics.record_round(report, ok, sae_version, time.monotonic() - started)
-        metrics.measure_lag(oldest_waiting, cfg, sae_version, catalog, since)
+            log.exception("applying registrations failed; retrying")
+            requests = []
+        for lane, lane_metrics in zip(lanes, metrics, strict=True):
+            started, report, ok = time.monotonic(), None, False
+            try:
+                for request in requests:
+                    if lane.sae_version and successor(lane.cfg, request, lane.sae_version):
+                        log.warning("pipeline: %s replaces %s", request.sae_version,
+                                    lane.sae_version)  # fmt: skip
+                        folder = sae_folder(sae_store(lane.cfg), request.sae_version,
+                                            Path(request.path))  # fmt: skip
+                        lane.sae, lane.sae_version = load(folder), request.sae_version
+                        window = request.data_window
+                        lane.since = window[0].timestamp() if window else None
+                        if on_switch is not None:
+                            on_switch(lane.sae_version)
+                if lane.sae is None:
+                    try:
+                        choice = registered_sae(lane.cfg, catalog)
+                    except ConfigError:
+                        continue  # no SAE for this model yet: its vectors wait in the spool
+                    lane.sae, lane.sae_version = load(choice.path), choice.version
+                report = encode_segments(lane.cfg, lane.sae, lane.sae_version, catalog,
+                                         since=lane.since, model=lane.model)  # fmt: skip
+                if on_report is not None and report.segments_committed:
+                    on_report(report)
+                ok = True
+            except Exception:  # noqa: BLE001 - the service outlives one bad round
+                log.exception("pipeline round failed for %s; retrying", lane.cfg.model.name)
+            lane_metrics.record_round(report, ok, lane.sae_version, time.monotonic() - started)
+            lane_metrics.measure_lag(oldest_waiting, lane.cfg, lane.sae_version, catalog,
+                                     lane.since)  # fmt: skip
         stop.wait(every_s)
-    metrics.close()
+    for lane_metrics in metrics:
+        lane_metrics.close()

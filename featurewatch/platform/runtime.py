@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -74,12 +75,13 @@ COLLECTOR_NAMESPACE = "featurewatch"
 
 
 def collector_names(cfg: FeaturewatchConfig) -> list[str]:
-    """The named collector actors of this deployment: replicas look them up by name to
-    find a collector that Ray restarted at a new address."""
-    return [f"{cfg.serve.app_name}-collector-{i}" for i in range(cfg.collector.count)]
+    """The named collector actors of this home (every model of a fleet shares them):
+    replicas look them up by name to find a collector Ray restarted at a new address."""
+    home = hashlib.sha1(str(cfg.home.resolve()).encode()).hexdigest()[:10]
+    return [f"collector-{home}-{i}" for i in range(cfg.collector.count)]
 
 
-def start_collectors(cfg: FeaturewatchConfig, token: str, width: int) -> list:
+def start_collectors(cfg: FeaturewatchConfig, token: str, width: int | dict[str, int]) -> list:
     """cfg.collector.count collector actors, each with its own spool directory, spread
     over the nodes that take ingest. Ray restarts one whose node dies (on another such
     node), and the restarted collector replays its spool first: on a cluster whose

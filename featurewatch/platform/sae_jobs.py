@@ -101,8 +101,10 @@ def train(
         with Catalog(cfg.catalog_path, cfg.lake_location) as catalog:
             try:
                 init_from = registered_sae(cfg, catalog, parent).path
-            except ConfigError as err:
-                raise ConfigError(f"--parent: {err}") from None
+            except ConfigError:
+                raise ConfigError(
+                    f"--parent {parent!r} is not an SAE version in the catalog"
+                ) from None
     d_in, _ = model_dims(resolve_model_path(cfg.model.path, cfg.models_dir))
     init_ray(cfg, log_to_driver=True)  # the training progress bar
     layer, site = cfg.capture.layer, cfg.capture.site

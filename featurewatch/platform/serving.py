@@ -86,7 +86,15 @@ def _deploy(
         apps.append(_application(candidate, name, None, addresses, token, {"steering": []}))
         if canary["routed"]:
             user_config["canary"] = {"app": name, "share": canary["share"]}
-    apps.insert(0, _application(cfg, cfg.serve.app_name, "/", addresses, token, user_config))
+    main = _application(
+        cfg, cfg.serve.app_name, cfg.serve.route_prefix, addresses, token, user_config
+    )
+    apps.insert(0, main)
+    # The fleet's other models, each its own application (the deploy is declarative:
+    # every redeploy names them all, or Serve would delete the ones left out).
+    for member in cfg.fleet_configs()[1:]:
+        s = member.serve
+        apps.append(_application(member, s.app_name, s.route_prefix, addresses, token, {}))
     client = _get_global_client()
     client.deploy_apps(ServeDeploySchema.model_validate({"applications": apps}))
     # Serve's own blocking wait gives up after 60 s; loading a model on busy cores can

@@ -2,8 +2,10 @@
 
 It starts the collectors (`collector.count`), the model server on Ray Serve (its HTTP
 proxy on the head node only: on a cluster whose nodes share one host, a proxy per node
-would fight over the port) and runs the pipeline as a service in this process, with
-the newest SAE registered for the model (without one it collects and waits for one).
+would fight over the port) and runs the pipeline as a service in this process, each
+model encoding with the newest SAE registered for it (without one its vectors wait in
+the spool). A fleet (`fleet:` in the config) gets an application per model, at
+/<name>/, sharing the collectors, the pipeline and the lake.
 With `ray.place_by_role` each part lands only on the nodes that advertise its role.
 
 Ray keeps the parts alive: Serve replaces a replica whose node died, a dead collector
@@ -28,8 +30,12 @@ import ray
 
 from featurewatch.errors import ConfigError
 from featurewatch.platform.config import FeaturewatchConfig
-from featurewatch.platform.discover import registered_sae
-from featurewatch.platform.pipeline import EncodeReport, encode_segments, follow_segments
+from featurewatch.platform.pipeline import (
+    EncodeReport,
+    encode_segments,
+    fleet_lanes,
+    follow_lanes,
+)
 from featurewatch.platform.runtime import collector_token, init_ray, start_collectors
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.heartbeats import read_heartbeats
@@ -63,75 +69,75 @@ def _drain_replicas(cfg: FeaturewatchConfig, since: float, timeout_s: float) -> 
     return False
 
 
-def _run_pipeline(cfg, catalog, stop: threading.Event, every_s: float) -> tuple:
-    """The pipeline as a service once an SAE is registered; returns (sae, version)."""
-    from featurewatch.sae import load
-
-    announced = False
-    while not stop.is_set():
-        try:
-            choice = registered_sae(cfg, catalog)
-        except ConfigError as err:
-            if not announced:
-                _emit("waiting", reason=f"{err}; collecting until one is registered")
-                announced = True
-            stop.wait(every_s)
-            continue
-        sae = load(choice.path)
-        _emit("encoding", sae_version=choice.version)
-        follow_segments(
-            cfg,
-            sae,
-            choice.version,
-            catalog,
-            every_s=every_s,
-            stop=stop,
-            on_report=lambda r: _emit("round", **asdict(r)),
-        )
-        return sae, choice.version
-    return None, None
-
-
-def run_up(cfg: FeaturewatchConfig, every_s: float = 2.0) -> dict:
+def run_up(
+    cfg: FeaturewatchConfig, every_s: float = 2.0, stop: threading.Event | None = None
+) -> dict:
+    """Run until `stop` is set (by default: until SIGTERM or SIGINT)."""
     from ray import serve
 
     from featurewatch.capture.models import model_dims, resolve_model_path
     from featurewatch.platform.serving import deploy_model_server
 
-    folder = resolve_model_path(cfg.model.path, cfg.models_dir)
-    d_model, layers = model_dims(folder)
-    if cfg.capture.layer >= layers:
-        raise ConfigError(f"capture.layer {cfg.capture.layer} >= the model's {layers} layers")
+    members = cfg.fleet_configs()
+    folders, widths = {}, {}
+    for member in members:
+        name = member.model.name
+        folders[name] = resolve_model_path(member.model.path, member.models_dir)
+        widths[name], layers = model_dims(folders[name])
+        if max(member.capture.layers) >= layers:
+            raise ConfigError(f"{name}: capture.layers {member.capture.layers} but {layers} layers")
     cfg.home.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
     token = collector_token(cfg)
-    collectors = start_collectors(cfg, token, d_model)
+    # Alone, a model's width; a fleet's collectors check each model's own (an allow-list).
+    collectors = start_collectors(
+        cfg, token, widths if len(members) > 1 else widths[cfg.model.name]
+    )
     addresses = ray.get([c.address.remote() for c in collectors])
     serve.start(
         proxy_location="HeadOnly",
         http_options={"host": cfg.serve.host, "port": cfg.serve.port},
     )
-    deploy_model_server(cfg, addresses, token)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    deploy_model_server(cfg, addresses, token)  # every model of the fleet
+    if stop is None:
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    base = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    lanes = fleet_lanes(cfg)
     with Catalog(cfg.catalog_path, cfg.lake_location) as catalog:
-        catalog.register_model_version(cfg.model.name, cfg.model.version, str(folder))
+        for member in members:
+            name = member.model.name
+            catalog.register_model_version(name, member.model.version, str(folders[name]))
         _emit(
             "ready",
-            url=f"http://{cfg.serve.host}:{cfg.serve.port}",
+            url=base,
+            models={m.model.name: base + m.serve.route_prefix.rstrip("/") for m in members},
             collectors=addresses,
             nodes=_nodes(),
         )
-        sae, sae_version = _run_pipeline(cfg, catalog, stop, every_s)
-        stopped_at = time.time()
-        drained = _drain_replicas(cfg, stopped_at, DRAIN_TIMEOUT_S)
+        follow_lanes(
+            lanes,
+            catalog,
+            every_s=every_s,
+            stop=stop,
+            on_report=lambda r: _emit("round", **asdict(r)),
+        )
+        drained = _drain_replicas(cfg, time.time(), DRAIN_TIMEOUT_S)
         ray.get([c.seal.remote() for c in collectors], timeout=60)
         last = EncodeReport(0, 0, 0, 0)
-        if sae is not None:
-            last = encode_segments(cfg, sae, sae_version, catalog)
-        serve.delete(cfg.serve.app_name)
+        for lane in lanes:
+            if lane.sae is not None:
+                report = encode_segments(
+                    lane.cfg, lane.sae, lane.sae_version, catalog, model=lane.model
+                )
+                last.segments_committed += report.segments_committed
+                last.tokens += report.tokens
+                last.feature_rows += report.feature_rows
+        for member in members:
+            serve.delete(member.serve.app_name)
         ray.get([c.stop.remote() for c in collectors], timeout=60)
-    summary = {"drained": drained, "last_round": asdict(last), "sae_version": sae_version}
+    versions = {lane.cfg.model.name: lane.sae_version for lane in lanes}
+    summary = {"drained": drained, "last_round": asdict(last), "sae_versions": versions}
     _emit("stopped", **summary)
     return summary

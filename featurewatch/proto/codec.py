@@ -76,11 +76,12 @@ def unpack_vectors(batch: pb.ActivationBatch) -> np.ndarray:
 def validate_batch(
     batch: pb.ActivationBatch,
     *,
-    expected_width: int | None = None,
+    expected_width: int | dict[str, int] | None = None,
     max_bytes: int | None = None,
     allowed_models: set[str] | None = None,
 ) -> None:
-    """Raise BatchValidationError naming the first bad field; return None when valid."""
+    """Raise BatchValidationError naming the first bad field; return None when valid.
+    `expected_width` per model ({model: width}, a fleet's) is also the allow-list."""
     if batch.seq == 0:
         raise BatchValidationError("seq", "must be >= 1")
     if not batch.replica_id:
@@ -91,6 +92,10 @@ def validate_batch(
         raise BatchValidationError(
             "model", f"{batch.model!r} is not a valid model id (letters, digits, '._-')"
         )
+    if isinstance(expected_width, dict):
+        if batch.model not in expected_width:
+            raise BatchValidationError("model", f"unknown model {batch.model!r}")
+        expected_width = expected_width[batch.model]
     if allowed_models is not None and batch.model not in allowed_models:
         raise BatchValidationError("model", f"unknown model {batch.model!r}")
     if batch.dtype not in WIRE_DTYPES:
@@ -103,7 +108,7 @@ def validate_batch(
         raise BatchValidationError("width", "must be positive")
     if expected_width is not None and batch.width != expected_width:
         raise BatchValidationError(
-            "width", f"got {batch.width}, the collector expects {expected_width}"
+            "width", f"got {batch.width}, the collector expects {expected_width} for {batch.model}"
         )
     _, itemsize = WIRE_DTYPES[batch.dtype]
     if max_bytes is not None and len(batch.data) > max_bytes:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 import yaml
 
 from featurewatch.proto import activations_pb2 as pb
@@ -137,6 +138,9 @@ def home_config(tmp_path, tiny_llama_dir, address) -> tuple[Path, Path]:
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(config))
     sae = build("topk", 64, 128, k=8)
+    with torch.no_grad():  # random directions: a fresh SAE is all zeros
+        sae.W_enc.normal_()
+        sae.W_dec.normal_()
     sae.save(home / "saes" / "random")
     with Catalog(home / "catalog.duckdb", home / "lake") as catalog:
         catalog.register_sae(
