@@ -35,11 +35,11 @@ CREATE OR REPLACE MACRO utc_date(ts) AS CAST(timezone('UTC', ts) AS DATE);
 {rows_macros}
 
 -- feature_totals(start, end) / token_totals(start, end): the same rows for questions
--- that only sum over the whole window: whole days inside it come from the day rows
--- (`feature_daily`, `token_daily`, written by compaction once a day closes), the
--- partial days at its edges, and any late rows of folded days, from the minute and
--- hour rows. A week's baseline reads a few rows per feature per day. Every condition
--- is on `date` alone or on columns, so DuckDB skips the other files.
+-- that only sum over the whole window: whole days inside it from `feature_days` /
+-- `token_days` (the day rows compaction writes once a day closes, plus any minute and
+-- hour rows not folded into them yet), the partial days at its edges from the minute
+-- and hour rows. A week's baseline reads a few rows per feature per day. Every
+-- condition is on `date` alone or on columns, so DuckDB skips the other files.
 CREATE OR REPLACE MACRO first_full_day(ts) AS
     utc_date(ts) + CASE WHEN timezone('UTC', ts) = CAST(utc_date(ts) AS TIMESTAMP)
                         THEN 0 ELSE 1 END;
@@ -108,11 +108,11 @@ WITH
            sum(sum_value) FILTER (WHERE in_base) AS base_total,
            sum(sum_value) FILTER (WHERE in_win) AS win_total
     FROM (
-        -- whole days inside a window: their day rows
+        -- whole days inside a window: each day's rows once (day rows and late rows)
         SELECT sae_version, feature_id, fired, sum_value,
                whole_day("date", base_start, base_end) AS in_base,
                whole_day("date", win_start, win_end) AS in_win
-        FROM feature_daily
+        FROM feature_days
         WHERE whole_day("date", base_start, base_end) OR whole_day("date", win_start, win_end)
         UNION ALL
         -- the partial days at the windows' edges (at most two per window): minute and
@@ -127,14 +127,6 @@ WITH
           AND period_start < greatest(base_end, win_end)
           AND "date" IN (utc_date(base_start), utc_date(base_end),
                          utc_date(win_start), utc_date(win_end))
-        UNION ALL
-        -- late rows of whole days, not yet folded into their day rows
-        SELECT sae_version, feature_id, fired, sum_value,
-               whole_day("date", base_start, base_end) AS in_base,
-               whole_day("date", win_start, win_end) AS in_win
-        FROM feature_rollups
-        WHERE NOT day_folded
-          AND (whole_day("date", base_start, base_end) OR whole_day("date", win_start, win_end))
     )
     GROUP BY ALL
   )
@@ -363,16 +355,12 @@ WHERE period_start >= start_ts AND period_start < end_ts
   AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts);"""
 _TOTALS_MACRO = """
 CREATE OR REPLACE MACRO {kind}_totals(start_ts, end_ts) AS TABLE
-SELECT * FROM {kind}_daily
-WHERE "date" >= first_full_day(start_ts) AND "date" < utc_date(end_ts)
+SELECT * FROM {kind}_days WHERE whole_day("date", start_ts, end_ts)
 UNION ALL BY NAME
 SELECT * FROM {kind}_rollups
 WHERE period_start >= start_ts AND period_start < end_ts
   AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts)
-  AND ("date" < first_full_day(start_ts) OR "date" >= utc_date(end_ts))
-UNION ALL BY NAME
-SELECT * FROM {kind}_rollups
-WHERE "date" >= first_full_day(start_ts) AND "date" < utc_date(end_ts) AND NOT day_folded;"""
+  AND NOT whole_day("date", start_ts, end_ts);"""
 MACROS_SQL = _MACROS_TEMPLATE.replace(
     "{rows_macros}", "".join(_ROWS_MACRO.format(kind=k) for k in ("feature", "token"))
 ).replace("{totals_macros}", "".join(_TOTALS_MACRO.format(kind=k) for k in ("feature", "token")))

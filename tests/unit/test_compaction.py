@@ -236,3 +236,25 @@ def test_rate_change_with_windows_that_overlap_touch_or_end_inside_an_hour(lake)
         got = {r["feature_id"]: tuple(r.values())[1:] for r in rolled}
         assert got == expected[name], name
         assert rolled == cat.query(sql.format("rate_change_exact"), args).to_pylist(), name
+
+
+def test_days_view_counts_each_day_once_and_skips_folded_hour_files(lake):
+    """Day D: 10 tokens firing feature 1 twice at 09:00, 20 tokens firing it 4 times at
+    15:00; compaction after D closed writes D's day row and marks its hour rows folded.
+    A late segment (5 tokens, 1 fire) for D 16:00 follows. feature_days holds D's day
+    row (fired 6) and the late minute row (1): 7 in all, 35 tokens in token_days; and it
+    does not name D's compacted hour file, whose rows are all in the day row."""
+    cat, commit = lake
+    d0 = T0.replace(hour=0)
+    commit(T0, 10, {1: [1.0] * 2})
+    commit(d0 + 15 * HOUR, 20, {1: [1.0] * 4})
+    compact(cat, cat.lake, closed_before=d0 + timedelta(days=1, hours=1))
+    commit(d0 + 16 * HOUR, 5, {1: [1.0]})
+    got = cat.query("SELECT period_minutes, sum(fired) AS n FROM feature_days GROUP BY ALL")
+    assert sorted(tuple(r.values()) for r in got.to_pylist()) == [(1, 1), (1440, 6)]
+    assert count(cat, "SELECT sum(tokens) AS n FROM token_days") == 35
+    (view_sql,) = cat.con.execute(
+        "SELECT sql FROM duckdb_views() WHERE view_name = 'feature_days'"
+    ).fetchone()
+    (hour_file,) = [p for p in files_of(cat, "feature_rollups") if "compacted" in p]
+    assert hour_file not in view_sql
