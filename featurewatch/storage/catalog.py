@@ -21,6 +21,7 @@ import re
 import threading
 import warnings
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -136,6 +137,16 @@ _DUCK_TYPES = {
 
 
 HIVE_TYPES = {"model": "VARCHAR", "date": "DATE", "hour": "INTEGER"}
+
+
+def _day_folded_file(path: str, folded_until) -> bool:
+    """Whether compaction wrote this rollup file after its day closed (all its rows are
+    in the day's day rows)."""
+    day = re.search(r"date=(\d{4}-\d{2}-\d{2})", path)
+    if folded_until is None or day is None:
+        return False
+    day_end = datetime.strptime(day.group(1), "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1)
+    return folded_until >= day_end
 
 
 def _sql_str(value: str) -> str:
@@ -432,20 +443,40 @@ class Catalog:
         return [r[0] for r in rows]
 
     def _rebuild_views(self) -> None:
+        files: dict[str, list[tuple]] = {name: [] for name in SCHEMAS}
+        for table_name, path, folded_until in self.con.execute(
+            "SELECT table_name, path, folded_until FROM lake_files ORDER BY path"
+        ).fetchall():
+            files[table_name].append((path, folded_until))
         for table_name in SCHEMAS:
-            rows = self.con.execute(
-                "SELECT path FROM lake_files WHERE table_name = ? ORDER BY path", [table_name]
-            ).fetchall()
-            if rows:
-                files = ", ".join(_sql_str(self.lake.url(r[0])) for r in rows)
-                types = ", ".join(f"'{c}': {HIVE_TYPES[c]}" for c in PARTITION_COLUMNS[table_name])
-                body = (
-                    f"SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
-                    f"hive_types = {{{types}}})"
-                )
-            else:
-                body = _empty_view_sql(table_name)
-            self.con.execute(f"CREATE OR REPLACE VIEW {table_name} AS {body}")
+            self._create_view(table_name, table_name, [p for p, _ in files[table_name]])
+        # `feature_days` / `token_days`: every day's rollups once, for questions over whole
+        # days: its day rows, plus the minute and hour rows not folded into them yet (a
+        # day not closed yet, late rows of a closed one). A rollup file compaction folded
+        # once its day had closed (folded_until at the day's end) holds only rows already
+        # in day rows: it is left out, so whole days open only day files. The filter keeps
+        # the view exact whatever files it names.
+        for kind in ("feature", "token"):
+            paths = [p for p, _ in files[f"{kind}_daily"]] + [
+                p for p, until in files[f"{kind}_rollups"] if not _day_folded_file(p, until)
+            ]
+            self._create_view(
+                f"{kind}_days", f"{kind}_daily", paths, "period_minutes = 1440 OR NOT day_folded"
+            )
+
+    def _create_view(self, view: str, table_name: str, paths: list[str], where: str = "") -> None:
+        if paths:
+            files = ", ".join(_sql_str(self.lake.url(p)) for p in paths)
+            types = ", ".join(f"'{c}': {HIVE_TYPES[c]}" for c in PARTITION_COLUMNS[table_name])
+            body = (
+                f"SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
+                f"hive_types = {{{types}}})"
+            )
+            if where:
+                body += f" WHERE {where}"
+        else:
+            body = _empty_view_sql(table_name)
+        self.con.execute(f"CREATE OR REPLACE VIEW {view} AS {body}")
 
     # ---- versions
 

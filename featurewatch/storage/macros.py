@@ -35,14 +35,17 @@ CREATE OR REPLACE MACRO utc_date(ts) AS CAST(timezone('UTC', ts) AS DATE);
 {rows_macros}
 
 -- feature_totals(start, end) / token_totals(start, end): the same rows for questions
--- that only sum over the whole window: whole days inside it come from the day rows
--- (`feature_daily`, `token_daily`, written by compaction once a day closes), the
--- partial days at its edges, and any late rows of folded days, from the minute and
--- hour rows. A week's baseline reads a few rows per feature per day. Every condition
--- is on `date` alone or on columns, so DuckDB skips the other files.
+-- that only sum over the whole window: whole days inside it from `feature_days` /
+-- `token_days` (the day rows compaction writes once a day closes, plus any minute and
+-- hour rows not folded into them yet), the partial days at its edges from the minute
+-- and hour rows. A week's baseline reads a few rows per feature per day. Every
+-- condition is on `date` alone or on columns, so DuckDB skips the other files.
 CREATE OR REPLACE MACRO first_full_day(ts) AS
     utc_date(ts) + CASE WHEN timezone('UTC', ts) = CAST(utc_date(ts) AS TIMESTAMP)
                         THEN 0 ELSE 1 END;
+-- whole_day(d, start, end): the UTC day d lies wholly inside [start, end).
+CREATE OR REPLACE MACRO whole_day(d, start_ts, end_ts) AS
+    d >= first_full_day(start_ts) AND d < utc_date(end_ts);
 {totals_macros}
 
 -- window_counts(start, end): per model version, SAE version and feature, the tokens
@@ -83,32 +86,48 @@ FROM f JOIN t USING (sae_version, window_start);
 -- rate ratio (window over baseline), the two-proportion z-score, and the mean
 -- activation when fired in each window.
 CREATE OR REPLACE MACRO rate_change(base_start, base_end, win_start, win_end) AS TABLE
--- Both windows' rows tagged and aggregated in one pass (one hash table, not two and
--- a join): the drift query's cost is this scan. Tokens are summed from the minute and
--- hour rows (token_rows: one view per window, a few rows per hour, a week is a few
--- hundred) rather than token_totals (three views per window): planning each view
--- reference costs about 1 ms, more than reading those rows.
+-- Each lake view is read once for both windows (planning costs about 1 ms per view
+-- reference, as much as reading a week's rollups), every row tagged with the windows
+-- it counts in (both, when windows overlap), and everything aggregated in one pass with
+-- FILTER: the same rows as feature_totals and token_rows of each window.
 WITH
   t AS (
     SELECT sae_version,
-           (sum(tokens) FILTER (WHERE side = 'b'))::BIGINT AS base_tokens,
-           (sum(tokens) FILTER (WHERE side = 'w'))::BIGINT AS win_tokens
-    FROM (SELECT 'b' AS side, sae_version, tokens FROM token_rows(base_start, base_end)
-          UNION ALL
-          SELECT 'w', sae_version, tokens FROM token_rows(win_start, win_end))
+           (sum(tokens) FILTER (WHERE in_base))::BIGINT AS base_tokens,
+           (sum(tokens) FILTER (WHERE in_win))::BIGINT AS win_tokens
+    FROM (SELECT sae_version, tokens,
+                 period_start >= base_start AND period_start < base_end AS in_base,
+                 period_start >= win_start AND period_start < win_end AS in_win
+          FROM token_rows(least(base_start, win_start), greatest(base_end, win_end)))
     GROUP BY ALL
   ),
   f AS (
     SELECT sae_version, feature_id,
-           coalesce(sum(fired) FILTER (WHERE side = 'b'), 0)::BIGINT AS base_fired,
-           coalesce(sum(fired) FILTER (WHERE side = 'w'), 0)::BIGINT AS win_fired,
-           sum(sum_value) FILTER (WHERE side = 'b') AS base_total,
-           sum(sum_value) FILTER (WHERE side = 'w') AS win_total
-    FROM (SELECT 'b' AS side, sae_version, feature_id, fired, sum_value
-          FROM feature_totals(base_start, base_end)
-          UNION ALL
-          SELECT 'w', sae_version, feature_id, fired, sum_value
-          FROM feature_totals(win_start, win_end))
+           coalesce(sum(fired) FILTER (WHERE in_base), 0)::BIGINT AS base_fired,
+           coalesce(sum(fired) FILTER (WHERE in_win), 0)::BIGINT AS win_fired,
+           sum(sum_value) FILTER (WHERE in_base) AS base_total,
+           sum(sum_value) FILTER (WHERE in_win) AS win_total
+    FROM (
+        -- whole days inside a window: each day's rows once (day rows and late rows)
+        SELECT sae_version, feature_id, fired, sum_value,
+               whole_day("date", base_start, base_end) AS in_base,
+               whole_day("date", win_start, win_end) AS in_win
+        FROM feature_days
+        WHERE whole_day("date", base_start, base_end) OR whole_day("date", win_start, win_end)
+        UNION ALL
+        -- the partial days at the windows' edges (at most two per window): minute and
+        -- hour rows; rows of the days in between carry neither tag
+        SELECT sae_version, feature_id, fired, sum_value,
+               period_start >= base_start AND period_start < base_end
+                   AND NOT whole_day("date", base_start, base_end) AS in_base,
+               period_start >= win_start AND period_start < win_end
+                   AND NOT whole_day("date", win_start, win_end) AS in_win
+        FROM feature_rollups
+        WHERE period_start >= least(base_start, win_start)
+          AND period_start < greatest(base_end, win_end)
+          AND "date" IN (utc_date(base_start), utc_date(base_end),
+                         utc_date(win_start), utc_date(win_end))
+    )
     GROUP BY ALL
   )
 SELECT sae_version, feature_id, base_fired, base_tokens, win_fired, win_tokens,
@@ -119,7 +138,8 @@ SELECT sae_version, feature_id, base_fired, base_tokens, win_fired, win_tokens,
        base_total / nullif(base_fired, 0) AS base_mean_value,
        win_total / nullif(win_fired, 0) AS win_mean_value
 FROM f JOIN t USING (sae_version)
-WHERE base_tokens > 0 AND win_tokens > 0;
+-- (a feature with only untagged edge rows has 0 and 0: every rollup row fired at least once)
+WHERE base_tokens > 0 AND win_tokens > 0 AND (base_fired > 0 OR win_fired > 0);
 
 -- rate_change_exact(base_start, base_end, win_start, win_end): rate_change's columns
 -- computed from the raw rows (`feature_acts`, `tokens`), so windows may start and end
@@ -335,16 +355,12 @@ WHERE period_start >= start_ts AND period_start < end_ts
   AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts);"""
 _TOTALS_MACRO = """
 CREATE OR REPLACE MACRO {kind}_totals(start_ts, end_ts) AS TABLE
-SELECT * FROM {kind}_daily
-WHERE "date" >= first_full_day(start_ts) AND "date" < utc_date(end_ts)
+SELECT * FROM {kind}_days WHERE whole_day("date", start_ts, end_ts)
 UNION ALL BY NAME
 SELECT * FROM {kind}_rollups
 WHERE period_start >= start_ts AND period_start < end_ts
   AND "date" BETWEEN utc_date(start_ts) AND utc_date(end_ts)
-  AND ("date" < first_full_day(start_ts) OR "date" >= utc_date(end_ts))
-UNION ALL BY NAME
-SELECT * FROM {kind}_rollups
-WHERE "date" >= first_full_day(start_ts) AND "date" < utc_date(end_ts) AND NOT day_folded;"""
+  AND NOT whole_day("date", start_ts, end_ts);"""
 MACROS_SQL = _MACROS_TEMPLATE.replace(
     "{rows_macros}", "".join(_ROWS_MACRO.format(kind=k) for k in ("feature", "token"))
 ).replace("{totals_macros}", "".join(_TOTALS_MACRO.format(kind=k) for k in ("feature", "token")))

@@ -187,3 +187,74 @@ def test_whole_days_come_from_day_rows_and_agree_with_the_raw_rows(lake):
     args[:] = [d0, d0 + day, d0 + day + 3 * HOUR, d0 + 3 * day]
     apart = agree()
     assert (apart[1]["base_fired"], apart[1]["win_fired"]) == (2 + 4 + 7, 3 + 6)
+
+
+def test_rate_change_with_windows_that_overlap_touch_or_end_inside_an_hour(lake):
+    """rate_change reads each view once for both windows and tags every row with the
+    windows it counts in. Segments (tokens; fires of features 1 and 2): a D 09:00 (10;
+    2, 0), b D 15:00 (20; 4, 1), c D+1 02:00 (30; 3, 0), d D+1 20:30 (10; 1, 5), e D+2
+    01:10 (10; 6, 0). Compaction before D+2 02:00 folds D and D+1 into day rows and e's
+    hour; then f D+1 20:45 (10; 2, 0) arrives late, a minute row of a folded day.
+    - overlapping, base [D 12:00, D+2) and window [D+1, D+2 12:00), sharing day D+1:
+      base b + c + d + f = 70 tokens, fired 4 + 3 + 1 + 2 = 10 and 1 + 5 = 6; window
+      c + d + f + e = 60 tokens, fired 12 and 5;
+    - nested, base [D, D+3) (D+2 not folded yet: its rows are all late rows) and window
+      [D+1 20:40, D+1 21:00), which holds only f: base 90 tokens, fired 18 and 6; window
+      10 tokens, fired 2 and 0 (d's hour row starts at 20:00, before the window);
+    - touching at D+1 21:00, base [D 12:00, D+1 21:00) and window [D+1 21:00, D+2 06:00):
+      base b + c + d + f = 70, fired 10 and 6; window e = 10, fired 6 and 0.
+    Each also agrees with rate_change_exact over the raw rows."""
+    cat, commit = lake
+    day = timedelta(days=1)
+    d0 = T0.replace(hour=0)
+    commit(T0, 10, {1: [1.0] * 2})
+    commit(d0 + 15 * HOUR, 20, {1: [1.0] * 4, 2: [1.0]})
+    commit(d0 + day + 2 * HOUR, 30, {1: [1.0] * 3})
+    commit(d0 + day + 20 * HOUR + 30 * MINUTE, 10, {1: [1.0], 2: [1.0] * 5})
+    commit(d0 + 2 * day + HOUR + 10 * MINUTE, 10, {1: [1.0] * 6})
+    compact(cat, cat.lake, closed_before=d0 + 2 * day + 2 * HOUR)
+    commit(d0 + day + 20 * HOUR + 45 * MINUTE, 10, {1: [1.0] * 2})  # late
+    cases = {
+        "overlap": [d0 + 12 * HOUR, d0 + 2 * day, d0 + day, d0 + 2 * day + 12 * HOUR],
+        "nested": [d0, d0 + 3 * day, d0 + day + 20 * HOUR + 40 * MINUTE, d0 + day + 21 * HOUR],
+        "touch": [
+            d0 + 12 * HOUR,
+            d0 + day + 21 * HOUR,
+            d0 + day + 21 * HOUR,
+            d0 + 2 * day + 6 * HOUR,
+        ],
+    }
+    expected = {  # feature -> (base_fired, base_tokens, win_fired, win_tokens)
+        "overlap": {1: (10, 70, 12, 60), 2: (6, 70, 5, 60)},
+        "nested": {1: (18, 90, 2, 10), 2: (6, 90, 0, 10)},
+        "touch": {1: (10, 70, 6, 10), 2: (6, 70, 0, 10)},
+    }
+    fields = "feature_id, base_fired, base_tokens, win_fired, win_tokens"
+    for name, args in cases.items():
+        sql = f"SELECT {fields} FROM {{}}(?, ?, ?, ?) ORDER BY feature_id"
+        rolled = cat.query(sql.format("rate_change"), args).to_pylist()
+        got = {r["feature_id"]: tuple(r.values())[1:] for r in rolled}
+        assert got == expected[name], name
+        assert rolled == cat.query(sql.format("rate_change_exact"), args).to_pylist(), name
+
+
+def test_days_view_counts_each_day_once_and_skips_folded_hour_files(lake):
+    """Day D: 10 tokens firing feature 1 twice at 09:00, 20 tokens firing it 4 times at
+    15:00; compaction after D closed writes D's day row and marks its hour rows folded.
+    A late segment (5 tokens, 1 fire) for D 16:00 follows. feature_days holds D's day
+    row (fired 6) and the late minute row (1): 7 in all, 35 tokens in token_days; and it
+    does not name D's compacted hour file, whose rows are all in the day row."""
+    cat, commit = lake
+    d0 = T0.replace(hour=0)
+    commit(T0, 10, {1: [1.0] * 2})
+    commit(d0 + 15 * HOUR, 20, {1: [1.0] * 4})
+    compact(cat, cat.lake, closed_before=d0 + timedelta(days=1, hours=1))
+    commit(d0 + 16 * HOUR, 5, {1: [1.0]})
+    got = cat.query("SELECT period_minutes, sum(fired) AS n FROM feature_days GROUP BY ALL")
+    assert sorted(tuple(r.values()) for r in got.to_pylist()) == [(1, 1), (1440, 6)]
+    assert count(cat, "SELECT sum(tokens) AS n FROM token_days") == 35
+    (view_sql,) = cat.con.execute(
+        "SELECT sql FROM duckdb_views() WHERE view_name = 'feature_days'"
+    ).fetchone()
+    (hour_file,) = [p for p in files_of(cat, "feature_rollups") if "compacted" in p]
+    assert hour_file not in view_sql
