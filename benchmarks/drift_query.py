@@ -78,7 +78,10 @@ def hour_tables(hour: datetime, tokens: int, weights, rng, drift: bool):
         w = weights.copy()
         w[:8] *= 40
         w /= w.sum()
-    feature_ids = rng.choice(D_SAE, size=(tokens, K), p=w).astype(np.int32)
+    # A token's active features are distinct (as a TopK SAE's are): draw k, drop repeats.
+    feature_ids = np.sort(rng.choice(D_SAE, size=(tokens, K), p=w).astype(np.int32), axis=1)
+    distinct = np.ones((tokens, K), bool)
+    distinct[:, 1:] = feature_ids[:, 1:] != feature_ids[:, :-1]
     values = rng.lognormal(0.0, 0.7, size=(tokens, K)).astype(np.float32)
     common = {
         "ts": ts,
@@ -99,12 +102,12 @@ def hour_tables(hour: datetime, tokens: int, weights, rng, drift: bool):
             "segment_id": pa.array(np.full(tokens, f"h{hour:%Y%m%d%H}")),
         }
     )
-    repeat = pa.array(np.repeat(np.arange(tokens), K))
+    repeat = pa.array(np.repeat(np.arange(tokens), K)[distinct.ravel()])
     features = pa.table(
         {
             **{k: v.take(repeat) for k, v in common.items()},
-            "feature_id": pa.array(feature_ids.ravel()),
-            "value": pa.array(values.ravel()),
+            "feature_id": pa.array(feature_ids[distinct]),
+            "value": pa.array(values[distinct]),
         }
     )
     return tokens_table, features
@@ -114,7 +117,10 @@ def build_lake(home: Path, rows: int) -> None:
     rng = np.random.default_rng(0)
     weights = feature_weights(rng)
     hours = DAYS * 24
-    tokens_per_hour = max(1, rows // (hours * K))
+    # Repeats dropped leave fewer than k features a token: size the hours for `rows`.
+    sample = np.sort(rng.choice(D_SAE, size=(10_000, K), p=weights), axis=1)
+    per_token = K - (sample[:, 1:] == sample[:, :-1]).sum() / len(sample)
+    tokens_per_hour = max(1, round(rows / (hours * per_token)))
     started = time.perf_counter()
     with Catalog(home / "catalog.duckdb", home / "lake") as cat:
         cat.register_sae(
