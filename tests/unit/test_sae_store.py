@@ -23,8 +23,13 @@ def saved_sae(folder):
     return sae
 
 
-def test_a_published_sae_is_fetched_whole_on_another_node(tmp_path, s3_server):
-    uri = s3_server.uri("saes")
+@pytest.mark.parametrize("kind", ["s3", "folder"])
+def test_a_published_sae_is_fetched_whole_on_another_node(tmp_path, kind, request):
+    """A store on S3, or a shared folder (an NFS mount) given as a plain path."""
+    if kind == "s3":
+        uri = request.getfixturevalue("s3_server").uri("saes")
+    else:
+        uri = str(tmp_path / "shared" / "saes")
     sae = saved_sae(tmp_path / "a" / "saes" / "v1")
     SAEStore(uri, tmp_path / "a" / "saes").publish(tmp_path / "a" / "saes" / "v1", "v1")
     node_b = SAEStore(uri, tmp_path / "b" / "saes")
