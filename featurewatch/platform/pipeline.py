@@ -372,6 +372,10 @@ def follow_lanes(
 
     # Rounds run in this (driver) process, whose metrics Ray's metrics agent exports too.
     metrics = [PipelineMetrics(lane.cfg.model.name) for lane in lanes]
+    for lane, lane_metrics in zip(lanes, metrics, strict=True):
+        if lane.sae_version is not None:  # the lag shows while the first round runs
+            lane_metrics.measure_lag(oldest_waiting, lane.cfg, lane.sae_version, catalog,
+                                     lane.since)  # fmt: skip
     while not stop.is_set():
         try:
             requests = apply_registrations(catalog, lanes[0].cfg.home)

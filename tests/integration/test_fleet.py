@@ -32,7 +32,13 @@ def fleet_config(home, llama_dir, gpt2_dir):
             "capture": {"layers": [1], "sample_fraction": 1.0, "batch_rows": 16},
             "fleet": [
                 {
-                    "model": {"name": GPT2, "path": str(gpt2_dir), "version": "g1", **model},
+                    "model": {
+                        "name": GPT2,
+                        "path": str(gpt2_dir),
+                        "version": "g1",
+                        "num_replicas": 2,
+                        **model,
+                    },
                     "capture": {"layers": [2], "sample_fraction": 0.5, "batch_rows": 16},
                 }
             ],
@@ -101,7 +107,7 @@ def test_a_fleet_of_two_models_lands_in_one_lake(ray_cluster, tiny_llama_dir, tm
         for name, url in urls.items():
             served = requests.get(f"{url}/v1/models", timeout=30).json()["data"]
             assert [m["id"] for m in served] == [name]
-            for i in range(6):
+            for i in range(8):
                 assert chat(url, f"{name} request {i}: hello there").ok
     finally:
         stop.set()
@@ -110,7 +116,7 @@ def test_a_fleet_of_two_models_lands_in_one_lake(ray_cluster, tiny_llama_dir, tm
     assert result["drained"] and result["sae_versions"] == {LLAMA: "llama-sae", GPT2: "gpt2-sae"}
 
     replicas = {b["name"]: b["model"] for b in read_heartbeats(home, "replica")}
-    assert Counter(replicas.values()) == {LLAMA: 2, GPT2: 1}
+    assert Counter(replicas.values()) == {LLAMA: 2, GPT2: 2}
     # The collectors took each model at its own width and layer; nothing was refused.
     spooled = spooled_per_model(home)
     assert {key[:3] for key in spooled} == {(LLAMA, 64, 1), (GPT2, 48, 2)}
