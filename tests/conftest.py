@@ -147,33 +147,35 @@ def s3_server():
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("the local S3 server (moto) did not start") from None
-            time.sleep(0.2)
-    # Any credentials do for moto; pyarrow and every process the tests start read these.
+    # Any credentials do for moto; pyarrow in this process (the lake writer, the catalog,
+    # the SAE store) and the child processes the tests start read these.
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     os.environ["AWS_ACCESS_KEY_ID"] = "featurewatch"
     os.environ["AWS_SECRET_ACCESS_KEY"] = "featurewatch-secret"
-    server = S3Server(port)
-    fs = pafs.S3FileSystem(
-        endpoint_override=server.endpoint,
-        scheme="http",
-        region="us-east-1",
-        allow_bucket_creation=True,
-    )
-    fs.create_dir(server.bucket)
-    yield server
-    proc.terminate()
-    proc.wait(timeout=10)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the local S3 server (moto) did not start") from None
+                time.sleep(0.2)
+        server = S3Server(port)
+        fs = pafs.S3FileSystem(
+            endpoint_override=server.endpoint,
+            scheme="http",
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
+        fs.create_dir(server.bucket)
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -327,6 +327,10 @@ class CollectorActor:
 
         logging.basicConfig(level=logging.INFO)
         self.server = CollectorServer(Path(spool_dir), token, **kwargs).start()
+        if kwargs.get("host") in ("0.0.0.0", "::"):
+            # Listening on every interface: replicas on other nodes dial this node's IP.
+            node_ip = ray.util.get_node_ip_address()
+            self.server.address = f"{node_ip}:{self.server.port}"
         # The service already counts under its lock; a background thread turns the
         # totals into counter deltas every few seconds, so the gRPC hot path never
         # calls into Ray's metrics and CollectorServer stays free of Ray.

@@ -303,6 +303,13 @@ class ModelServer:
     def flush_capture(self, timeout_s: float = 60.0) -> bool:
         return self.sender.flush(timeout_s)
 
+    def __del__(self):
+        # Serve calls this when it stops the replica: what is still queued gets a few
+        # seconds to reach a collector before the process goes.
+        sender = getattr(self, "sender", None)
+        if sender is not None:
+            sender.close(flush_timeout=10.0)
+
 
 def build_app(args: dict):
     """The application `featurewatch.platform.serving` deploys by import path, so that a

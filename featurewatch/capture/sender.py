@@ -123,7 +123,8 @@ class ActivationSender:
     @property
     def address(self) -> str:
         """The collector this sender streams to now."""
-        return self.addresses[self._address_index]
+        addresses = self.addresses  # one read: a refresh may swap the list meanwhile
+        return addresses[self._address_index % len(addresses)]
 
     def _channel(self) -> grpc.Channel:
         if self._credentials is not None:
@@ -191,10 +192,15 @@ class ActivationSender:
             return
         if fresh and fresh != self.addresses:
             log.warning("collectors now at %s (were %s)", fresh, self.addresses)
-            # Stay on the same collector if it is still listed; the caller then moves on.
+            # Stay on the same collector if it is still listed (the caller then moves on),
+            # else start where this replica's id hashes to, so replicas stay spread.
             current = self.address
+            if current in fresh:
+                index = fresh.index(current)
+            else:
+                index = zlib.crc32(self.replica_id.encode()) % len(fresh) - 1
+            self._address_index = index % len(fresh)
             self.addresses = fresh
-            self._address_index = fresh.index(current) if current in fresh else -1
 
     def _run(self) -> None:
         backoff = 0.05

@@ -202,7 +202,7 @@ def _commit_segment(cfg, catalog, sae_version, seg, parts, seen, report) -> None
         report.duplicate_vectors += int((~fresh).sum())
         cols = {k: v[fresh] for k, v in cols.items()}
     tokens, features = _segment_tables(cols, sae_version, cfg.pipeline.token_text)
-    files = write_segment(cfg.lake_location, tokens, features, f"{seg}__{sae_version}")
+    files = write_segment(catalog.lake, tokens, features, f"{seg}__{sae_version}")
     if catalog.commit_segment(
         seg,
         sae_version,
@@ -401,6 +401,17 @@ def follow_lanes(
                         choice = registered_sae(lane.cfg, catalog)
                     except ConfigError:
                         continue  # no SAE for this model yet: its vectors wait in the spool
+                    if (choice.layer, choice.site) != (
+                        lane.cfg.capture.layer,
+                        lane.cfg.capture.site,
+                    ):
+                        log.warning(
+                            "pipeline: %s's newest SAE %s reads layer %s %s, not the captured "
+                            "layer %s %s: not encoding with it", lane.cfg.model.name,
+                            choice.version, choice.layer, choice.site, lane.cfg.capture.layer,
+                            lane.cfg.capture.site,
+                        )  # fmt: skip
+                        continue
                     lane.sae, lane.sae_version = load(choice.path), choice.version
                 report = encode_segments(lane.cfg, lane.sae, lane.sae_version, catalog,
                                          since=lane.since, model=lane.model)  # fmt: skip

@@ -145,7 +145,7 @@ def _resolve_sae(cfg: FeaturewatchConfig, version_or_path: str) -> tuple[str | N
     if candidate.is_dir():
         return version_or_path, candidate
     store = sae_store(cfg)
-    if store is not None and store.has(version_or_path):
+    if store is not None and "/" not in version_or_path and store.has(version_or_path):
         return version_or_path, store.fetch(version_or_path)
     raise SAEFormatError(
         f"{version_or_path!r} is neither an SAE folder nor a version under {cfg.sae_dir}"

@@ -12,6 +12,7 @@ activations and returns it with its lineage for the catalog.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -44,6 +45,8 @@ from featurewatch.sae.train import (
 )
 
 STATE_FILE = "train_state.pt"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -299,5 +302,10 @@ def train_sae(
     )
     store = sae_store(cfg)
     if store is not None:
-        store.publish(target, version)  # where other nodes fetch it from
+        # Where other nodes fetch it from. A failed upload keeps the trained SAE here
+        # (it is still registered by the caller) and says so.
+        try:
+            store.publish(target, version)
+        except SAEFormatError as err:
+            log.error("%s; the SAE stays in %s only", err, target)
     return TrainedSAE(sae=sae, version=version, path=target, metrics=metrics, lineage=lineage)

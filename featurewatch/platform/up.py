@@ -58,12 +58,15 @@ def _nodes() -> list[dict]:
 
 def _drain_replicas(cfg: FeaturewatchConfig, since: float, timeout_s: float) -> bool:
     """Wait until every replica that beat after `since` reports an empty send queue and
-    nothing in flight (replicas beat every 2 s; a dead one never beats again)."""
+    nothing in flight (replicas beat every 2 s; a dead one never beats again). False
+    on timeout, or when no replica beats at all (nothing to tell it by)."""
     deadline = time.time() + timeout_s
     time.sleep(2.5)  # one beat of every live replica after `since`
     while time.time() < deadline:
         beats = [b for b in read_heartbeats(cfg.home, "replica") if b["updated_at"] > since]
-        if all(b.get("queue_depth", 0) == 0 and b.get("in_flight", 0) == 0 for b in beats):
+        if beats and all(
+            b.get("queue_depth", 0) == 0 and b.get("in_flight", 0) == 0 for b in beats
+        ):
             return True
         time.sleep(0.5)
     return False
@@ -88,56 +91,70 @@ def run_up(
             raise ConfigError(f"{name}: capture.layers {member.capture.layers} but {layers} layers")
     cfg.home.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
+    if stop is None:
+        # After ray.init (which sets its own SIGTERM handler) and before the minutes-long
+        # start, so that a stop meanwhile is not lost.
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     token = collector_token(cfg)
     # Alone, a model's width; a fleet's collectors check each model's own (an allow-list).
     collectors = start_collectors(
         cfg, token, widths if len(members) > 1 else widths[cfg.model.name]
     )
-    addresses = ray.get([c.address.remote() for c in collectors])
-    serve.start(
-        proxy_location="HeadOnly",
-        http_options={"host": cfg.serve.host, "port": cfg.serve.port},
-    )
-    deploy_model_server(cfg, addresses, token)  # every model of the fleet
-    if stop is None:
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-    base = f"http://{cfg.serve.host}:{cfg.serve.port}"
-    lanes = fleet_lanes(cfg)
-    with Catalog(cfg.catalog_path, cfg.lake_location) as catalog:
-        for member in members:
-            name = member.model.name
-            catalog.register_model_version(name, member.model.version, str(folders[name]))
-        _emit(
-            "ready",
-            url=base,
-            models={m.model.name: base + m.serve.route_prefix.rstrip("/") for m in members},
-            collectors=addresses,
-            nodes=_nodes(),
+    lanes, drained, last = fleet_lanes(cfg), False, EncodeReport(0, 0, 0, 0)
+    try:
+        addresses = ray.get([c.address.remote() for c in collectors])
+        serve.start(
+            proxy_location="HeadOnly",
+            http_options={"host": cfg.serve.host, "port": cfg.serve.port},
         )
-        follow_lanes(
-            lanes,
-            catalog,
-            every_s=every_s,
-            stop=stop,
-            on_report=lambda r: _emit("round", **asdict(r)),
-        )
-        drained = _drain_replicas(cfg, time.time(), DRAIN_TIMEOUT_S)
-        ray.get([c.seal.remote() for c in collectors], timeout=60)
-        last = EncodeReport(0, 0, 0, 0)
-        for lane in lanes:
-            if lane.sae is not None:
-                report = encode_segments(
-                    lane.cfg, lane.sae, lane.sae_version, catalog, model=lane.model
-                )
-                last.segments_committed += report.segments_committed
-                last.tokens += report.tokens
-                last.feature_rows += report.feature_rows
-        for member in members:
-            serve.delete(member.serve.app_name)
+        deploy_model_server(cfg, addresses, token)  # every model of the fleet
+        base = f"http://{cfg.serve.host}:{cfg.serve.port}"
+        with Catalog(cfg.catalog_path, cfg.lake_location) as catalog:
+            for member in members:
+                name = member.model.name
+                catalog.register_model_version(name, member.model.version, str(folders[name]))
+            _emit(
+                "ready",
+                url=base,
+                models={m.model.name: base + m.serve.route_prefix.rstrip("/") for m in members},
+                collectors=addresses,
+                nodes=_nodes(),
+            )
+            follow_lanes(
+                lanes,
+                catalog,
+                every_s=every_s,
+                stop=stop,
+                on_report=lambda r: _emit("round", **asdict(r)),
+            )
+            # Drain: what the replicas queued reaches a collector, the applications go
+            # (no new traffic), every spool is sealed, and a last round encodes it all.
+            drained = _drain_replicas(cfg, time.time(), DRAIN_TIMEOUT_S)
+            _delete_applications(members)
+            ray.get([c.seal.remote() for c in collectors], timeout=60)
+            for lane in lanes:
+                if lane.sae is not None:
+                    report = encode_segments(
+                        lane.cfg, lane.sae, lane.sae_version, catalog, model=lane.model
+                    )
+                    last.segments_committed += report.segments_committed
+                    last.tokens += report.tokens
+                    last.feature_rows += report.feature_rows
+    finally:
+        _delete_applications(members)  # never leave replicas streaming to dead collectors
         ray.get([c.stop.remote() for c in collectors], timeout=60)
     versions = {lane.cfg.model.name: lane.sae_version for lane in lanes}
     summary = {"drained": drained, "last_round": asdict(last), "sae_versions": versions}
     _emit("stopped", **summary)
     return summary
+
+
+def _delete_applications(members: list[FeaturewatchConfig]) -> None:
+    from ray import serve
+
+    running = serve.status().applications
+    for member in members:
+        if member.serve.app_name in running:
+            serve.delete(member.serve.app_name)

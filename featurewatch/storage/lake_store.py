@@ -35,6 +35,7 @@ class _DuckDBView(ArrowFSWrapper):
     """A pyarrow filesystem as DuckDB sees it: `fwlake://<bucket>/<key>`."""
 
     protocol = PROTOCOL
+    cachable = False  # fsspec would keep every instance (and its S3 client) forever
 
     @classmethod
     def _strip_protocol(cls, path):
@@ -95,7 +96,14 @@ class LakeStore:
         store needs no such step: an upload becomes visible only once it is complete."""
         final = self.path(rel)
         if not self.local:
-            yield final
+            try:
+                yield final
+            except BaseException:
+                # The writer closed the stream on its way out, which completes the upload
+                # of a truncated file: take it away again.
+                with suppress(OSError):
+                    self.fs.delete_file(final)
+                raise
             return
         self.fs.create_dir(os.path.dirname(final), recursive=True)
         tmp = os.path.join(os.path.dirname(final), f".{uuid.uuid4().hex[:8]}.tmp")

@@ -42,7 +42,11 @@ class SAEStore:
         return [i for i in infos if i.type == pafs.FileType.File]
 
     def has(self, version: str) -> bool:
-        return self.store.exists(f"{version}/{MARKER}")
+        """Whether the store holds the version whole (SAEFormatError if it cannot tell)."""
+        try:
+            return self.store.exists(f"{version}/{MARKER}")
+        except (OSError, pa.ArrowException) as err:
+            raise SAEFormatError(f"cannot read the SAE store {self.uri}: {err}") from None
 
     def publish(self, folder: Path, version: str) -> None:
         """Upload every file of `folder` under `version`, the marker last."""
@@ -51,13 +55,16 @@ class SAEStore:
             raise SAEFormatError(f"{folder} is not an SAE folder (no {MARKER})")
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         files.sort(key=lambda p: p.name == MARKER and p.parent == folder)
-        for path in files:
-            rel = path.relative_to(folder).as_posix()
-            with self.store.writing(f"{version}/{rel}") as where:
-                pafs.copy_files(
-                    str(path), where, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=self.store.fs,
-                )  # fmt: skip
+        try:
+            for path in files:
+                rel = path.relative_to(folder).as_posix()
+                with self.store.writing(f"{version}/{rel}") as where:
+                    pafs.copy_files(
+                        str(path), where, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.store.fs,
+                    )  # fmt: skip
+        except (OSError, pa.ArrowException) as err:
+            raise SAEFormatError(f"cannot publish SAE {version!r} to {self.uri}: {err}") from None
 
     def fetch(self, version: str) -> Path:
         """The version's folder under the cache, downloaded when missing there."""

@@ -136,8 +136,11 @@ def test_a_fleet_of_two_models_lands_in_one_lake(ray_cluster, tiny_llama_dir, tm
             "GROUP BY ALL ORDER BY s.model",
             [start, end],
         ).to_pylist()
+        by_model = catalog.query(
+            "SELECT model, count(*) AS n FROM feature_acts GROUP BY model"
+        ).to_pylist()
         one_model = catalog.query(
-            "SELECT DISTINCT model FROM feature_acts WHERE model = ?", [GPT2]
+            "SELECT model, count(*) AS n FROM feature_acts WHERE model = ? GROUP BY model", [GPT2]
         ).to_pylist()
     # Every row names its model, version and replica; each model's rows are its own
     # replicas' at its own layer, encoded by its own SAE, each spooled vector once.
@@ -154,4 +157,6 @@ def test_a_fleet_of_two_models_lands_in_one_lake(ray_cluster, tiny_llama_dir, tm
         (GPT2, "gpt2-sae", per_model[GPT2]),
         (LLAMA, "llama-sae", per_model[LLAMA]),
     ]
-    assert all(r["features"] > 0 for r in fleet_wide) and one_model == [{"model": GPT2}]
+    assert all(r["features"] > 0 for r in fleet_wide)
+    assert {r["model"] for r in by_model} == {LLAMA, GPT2}
+    assert one_model == [r for r in by_model if r["model"] == GPT2]

@@ -157,7 +157,8 @@ def test_the_lake_on_an_s3_compatible_server(trained, s3_server, tmp_path):
     got = [json.loads(line) for line in out.output.splitlines()]  # JSON lines
     assert same_rows(got, expected) and expected
 
-    # upkeep on the object store: compaction rewrites and retires, readers see the same
+    # the compaction command runs against the object store too (these rows are too new
+    # to compact: test_compaction compacts, retires and deletes on S3); readers see the same
     out = runner.invoke(app, ["lake", "compact", "-c", str(config_file)])
     assert out.exit_code == 0, out.output
     with Catalog.for_analyst(s3_cfg.catalog_path, s3_cfg.lake_location) as analyst:

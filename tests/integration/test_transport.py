@@ -130,9 +130,10 @@ def test_a_sender_finds_its_collector_restarted_at_a_new_address(tmp_path):
     the sender asks `resolve` for the current addresses after the break, reconnects
     there and loses nothing. A lookup that fails keeps the known list."""
     a = CollectorServer(tmp_path / "spool", TOKEN).start()
-    known = {"addresses": [a.address], "fail": False}
+    known = {"addresses": [a.address], "fail": False, "calls": 0}
 
     def resolve():
+        known["calls"] += 1
         if known["fail"]:
             raise RuntimeError("the name service is down")
         return known["addresses"]
@@ -146,6 +147,7 @@ def test_a_sender_finds_its_collector_restarted_at_a_new_address(tmp_path):
     for _ in range(10):
         sender.submit(good(0))
     assert not sender.flush(2) and sender.address == a.address
+    assert known["calls"] >= 1  # it asked after the break, and kept what it knew
     b = CollectorServer(tmp_path / "spool", TOKEN).start()  # replays, a new port
     known.update(addresses=[b.address], fail=False)
     assert sender.flush(60)
