@@ -291,12 +291,10 @@ def encode_segments(
         bar.update(1)
     # A segment with nothing for this SAE (another model's, another layer's) is
     # committed empty, so it is not read again every round.
-    for seg in [segment_id(p) for p in todo]:
-        if seg not in handled and catalog.commit_segment(
-            seg, sae_version, {}, tokens=0, feature_rows=0
-        ):
-            report.segments_committed += 1
-            bar.update(1)
+    empty = [segment_id(p) for p in todo if segment_id(p) not in handled]
+    committed = catalog.commit_empty_segments(empty, sae_version)
+    report.segments_committed += committed
+    bar.update(committed)
     bar.close()
     return report
 

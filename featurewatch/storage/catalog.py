@@ -404,6 +404,25 @@ class Catalog:
         self.publish()
         return True
 
+    def commit_empty_segments(self, segment_ids: list[str], sae_version: str) -> int:
+        """Record segments that hold nothing for `sae_version` (another model's, another
+        layer's) as done, so they are not read again; one transaction and one publish
+        for all, and no view changes (they add no files). Returns how many were new."""
+        if not segment_ids:
+            return 0
+        with self.transaction() as con:
+            done = self.committed_segments(sae_version)
+            new = [s for s in dict.fromkeys(segment_ids) if s not in done]
+            if new:
+                con.executemany(
+                    "INSERT INTO segments (segment_id, sae_version, tokens, feature_rows) "
+                    "VALUES (?, ?, 0, 0)",
+                    [[s, sae_version] for s in new],
+                )
+        if new:
+            self.publish()
+        return len(new)
+
     def lake_file_list(self) -> list[tuple]:
         """(table_name, path, segment_id, sae_version, folded_until) of every visible
         lake file."""

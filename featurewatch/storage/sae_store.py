@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,9 +30,14 @@ MARKER = "cfg.json"  # written last: its presence means the version is whole
 
 class SAEStore:
     def __init__(self, uri: str, cache_dir: Path):
-        self.store = LakeStore(uri)  # the same filesystem handling as the lake's
         self.uri = uri
         self.cache_dir = Path(cache_dir)
+
+    @cached_property
+    def store(self) -> LakeStore:
+        # The same filesystem handling as the lake's, made on first use: looking up a
+        # registered SAE that this node has already costs no object-store client.
+        return LakeStore(self.uri)
 
     def _files(self, version: str) -> list[pafs.FileInfo]:
         base = self.store.path(version)

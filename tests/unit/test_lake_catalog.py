@@ -233,3 +233,14 @@ def test_the_writer_keeps_its_lock_after_publishing(tmp_path):
         holder.wait()
     with Catalog(path, lake) as cat:  # free again once the writer is gone
         assert cat.query("SELECT count(*) AS n FROM segments").to_pylist() == [{"n": 0}]
+
+
+def test_empty_segments_are_recorded_once_and_add_no_rows(tmp_path):
+    lake = tmp_path / "lake"
+    with Catalog(tmp_path / "c.duckdb", lake) as cat:
+        commit(cat, lake, "seg-1", *tables(10, 4, T0))
+        assert cat.commit_empty_segments(["seg-2", "seg-3", "seg-2"], "sae1") == 2
+        assert cat.commit_empty_segments(["seg-1", "seg-3", "seg-4"], "sae1") == 1
+        assert cat.committed_segments("sae1") == {"seg-1", "seg-2", "seg-3", "seg-4"}
+        assert cat.commit_empty_segments([], "sae1") == 0
+        assert cat.query("SELECT count(*) AS n FROM tokens").to_pylist() == [{"n": 10}]
