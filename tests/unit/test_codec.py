@@ -77,3 +77,15 @@ def test_non_finite_values_are_refused(value):
     x = torch.randn(4, 8, dtype=torch.float16)
     x[2, 3] = value
     _bad("data", batch_of(x))
+
+
+def test_a_fleets_widths_are_checked_per_model_and_are_its_allow_list():
+    widths = {"tiny": 16, "wide": 48}
+    validate_batch(batch_of(torch.zeros(2, 16).half()), expected_width=widths)
+    validate_batch(batch_of(torch.zeros(2, 48).half(), model="wide"), expected_width=widths)
+    with pytest.raises(
+        BatchValidationError, match="width: got 48, the collector expects 16 for tiny"
+    ):
+        validate_batch(batch_of(torch.zeros(2, 48).half()), expected_width=widths)
+    with pytest.raises(BatchValidationError, match="model: unknown model 'other'"):
+        validate_batch(batch_of(torch.zeros(2, 16).half(), model="other"), expected_width=widths)
