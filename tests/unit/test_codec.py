@@ -72,11 +72,19 @@ def test_each_bad_field_is_named():
     assert _bad("data", batch_of(x), max_bytes=10).too_large
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_values_are_refused(value):
-    x = torch.randn(4, 8, dtype=torch.float16)
+def test_non_finite_values_are_refused(value, dtype):
+    x = torch.randn(4, 8).to(dtype)
     x[2, 3] = value
     _bad("data", batch_of(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_extreme_finite_values_pass(dtype):
+    info = torch.finfo(dtype)
+    x = torch.tensor([[info.max, -info.max, info.tiny, -0.0]], dtype=dtype)
+    validate_batch(batch_of(x))
 
 
 def test_a_fleets_widths_are_checked_per_model_and_are_its_allow_list():
