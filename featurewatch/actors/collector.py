@@ -195,19 +195,36 @@ class CollectorService:
             put(("end", None, None))
 
         threading.Thread(target=read, name="fw-stream-reader", daemon=True).start()
+        held = None  # an item taken from the queue but not yet durable
         while True:
-            try:
-                kind, payload, pending = items.get(timeout=0.5)
-            except queue.Empty:
-                if context.is_active():
-                    continue
-                return  # the call is over (client gone or server stopping)
+            if held is not None:
+                (kind, payload, pending), held = held, None
+            else:
+                try:
+                    kind, payload, pending = items.get(timeout=0.5)
+                except queue.Empty:
+                    if context.is_active():
+                        continue
+                    return  # the call is over (client gone or server stopping)
             if kind == "end":
                 return
             if kind == "reject":
                 self._reject(context, payload, pending)
             ack, batch, raw = payload
             self._complete(batch, raw, pending, context)
+            # One ack covers every earlier seq of the call (the sender treats it so):
+            # take along what is already durable behind this batch, usually the rest
+            # of its group commit, and send a single ack for all of it.
+            while True:
+                try:
+                    item = items.get_nowait()
+                except queue.Empty:
+                    break
+                if item[0] != "ack" or not (item[2] is None or item[2].ready()):
+                    held = item
+                    break
+                ack, batch, raw = item[1]
+                self._complete(batch, raw, item[2], context)
             yield ack
 
     def handler(self) -> grpc.GenericRpcHandler:

@@ -163,9 +163,14 @@ class ActivationSender:
             yield batch
 
     def _on_ack(self, ack: pb.Ack) -> None:
+        """An ack covers its seq and every earlier one of this stream (the collector
+        sends one per group commit); in-flight batches are in seq order."""
         with self._cond:
-            batch = self._in_flight.pop(ack.seq, None)
-            if batch is not None:
+            while self._in_flight:
+                seq = next(iter(self._in_flight))
+                if seq > ack.seq:
+                    break
+                batch = self._in_flight.pop(seq)
                 self.stats.acked_batches += 1
                 self.stats.acked_vectors += batch.rows
                 self.stats.acked_bytes += len(batch.data)

@@ -99,6 +99,43 @@ def test_seq_going_backwards_within_a_stream_is_refused(tmp_path):
         srv.stop(grace=0)
 
 
+def test_one_ack_covers_a_group_commit(tmp_path):
+    """A stream's acks come in seq order and each covers every earlier seq: the
+    collector sends one per group commit, so 200 quickly sent batches get fewer acks,
+    the last one names seq 200, and only after all of them are durable."""
+    srv = CollectorServer(tmp_path / "spool", TOKEN).start()
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            acks = list(
+                pb_grpc.CollectorStub(channel).Stream(
+                    iter([good(seq) for seq in range(1, 201)]), metadata=AUTH
+                )
+            )
+            durable_at_last_ack = srv.spool.appended_records
+        seqs = [a.seq for a in acks]
+        assert seqs == sorted(seqs) and seqs[-1] == 200
+        assert len(acks) < 200
+        assert durable_at_last_ack == 200
+        assert sorted(b.seq for b in stored(srv)) == list(range(1, 201))
+    finally:
+        srv.stop(grace=0)
+
+
+def test_a_sender_counts_every_batch_a_cumulative_ack_covers(tmp_path):
+    srv = CollectorServer(tmp_path / "spool", TOKEN).start()
+    try:
+        sender = ActivationSender(srv.address, TOKEN, "cumulative-replica")
+        for _ in range(150):
+            sender.submit(good(0))
+        assert sender.flush(30)
+        stats = sender.snapshot()
+        sender.close()
+        assert stats.acked_batches == 150 and stats.acked_vectors == 150 * 4
+        assert srv.stats()["accepted_batches"] == 150
+    finally:
+        srv.stop(grace=0)
+
+
 def test_fail_over_between_collectors(tmp_path):
     a = CollectorServer(tmp_path / "a", TOKEN).start()
     b = CollectorServer(tmp_path / "b", TOKEN).start()
