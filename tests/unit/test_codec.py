@@ -80,6 +80,18 @@ def test_non_finite_values_are_refused(value, dtype):
     _bad("data", batch_of(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_finite_check_agrees_with_torch_on_every_16_bit_pattern(dtype):
+    from featurewatch.proto.codec import _ENUM_BY_TORCH, _all_finite
+
+    patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16)
+    finite = torch.isfinite(patterns.view(dtype).float())
+    ones = torch.zeros(64, dtype=torch.uint16)  # a finite row, one pattern put in it
+    for bits, expected in zip(patterns.tolist(), finite.tolist(), strict=True):
+        ones[17] = bits
+        assert _all_finite(_ENUM_BY_TORCH[dtype], ones.numpy().tobytes()) == expected, hex(bits)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_extreme_finite_values_pass(dtype):
     info = torch.finfo(dtype)
