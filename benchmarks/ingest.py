@@ -4,9 +4,10 @@ Each client stream is its own process sending fp16 batches of width 576 (256 vec
 message) as fast as gRPC flow control allows. The echo server parses each message and
 acks it at once (the ceiling of Python gRPC here); the collector is the real `featurewatch
 collect` process: validate, dedupe, append, fsync, ack. Prints vectors/s for one and two
-streams and the ratio to the ceiling.
+streams and the ratio to the ceiling: each round measures the echo right before each
+collector case, and the median ratio over the rounds is reported with every round's.
 
-    .venv/bin/python benchmarks/ingest.py [--seconds 8]
+    .venv/bin/python benchmarks/ingest.py [--seconds 5] [--rounds 3]
     .venv/bin/python benchmarks/ingest.py --soak 600     # ten minutes, two senders
 
 The soak runs two processes using the replica's ActivationSender at full rate (they wait
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import statistics
 import subprocess
 import tempfile
 import time
@@ -233,7 +235,10 @@ def soak(seconds: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of echo/collector pairs (median)"
+    )
     parser.add_argument("--soak", type=float, default=None, help="soak duration in seconds")
     args = parser.parse_args()
     mp.set_start_method("spawn")
@@ -244,31 +249,48 @@ def main() -> None:
     echo = mp.Process(target=echo_server, args=(ready,), daemon=True)
     echo.start()
     echo_address = f"127.0.0.1:{ready.get()}"
-    results = {}
+    cases = (
+        (1, "collector", "one collector"),
+        (2, "collector", "one collector"),
+        # two streams as `collector.count: 2` deploys them: a collector process (and
+        # spool) per stream
+        (2, "collector pair", "one collector per stream"),
+    )
+    # Each round measures the echo ceiling right before each collector case, so a ratio
+    # compares two figures taken moments apart; the median over rounds damps the noise
+    # of a shared 2-core machine.
+    rounds: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         token_file = Path(tmp) / "token"
         token_file.write_text(TOKEN)
-        for streams in (1, 2):
-            results[("echo", streams)] = measure(echo_address, streams, args.seconds)
-            collector, address = start_collector(Path(tmp) / f"spool-{streams}", token_file)
-            results[("collector", streams)] = measure(address, streams, args.seconds)
-            collector.terminate()
-            collector.wait(30)
-        # Two streams as `collector.count: 2` deploys them: a collector process (and
-        # spool) per stream, against the echo ceiling of the same two streams.
-        pair = [start_collector(Path(tmp) / f"spool-pair-{i}", token_file) for i in range(2)]
-        results[("collector pair", 2)] = measure([a for _, a in pair], 2, args.seconds)
-        for collector, _ in pair:
-            collector.terminate()
-            collector.wait(30)
+        for r in range(args.rounds):
+            results = {}
+            for streams, kind, _ in cases:
+                echo_rate = measure(echo_address, streams, args.seconds)
+                count = 2 if kind == "collector pair" else 1
+                collectors = [
+                    start_collector(Path(tmp) / f"spool-{r}-{kind}-{streams}-{i}", token_file)
+                    for i in range(count)
+                ]
+                addresses = [a for _, a in collectors] if count > 1 else collectors[0][1]
+                results[(streams, kind)] = (echo_rate, measure(addresses, streams, args.seconds))
+                for collector, _ in collectors:
+                    collector.terminate()
+                    collector.wait(30)
+            rounds.append(results)
     echo.terminate()
-    print(f"fp16 width {WIDTH}, {ROWS} vectors per message, {os.cpu_count()} cores")
-    for streams, kind in ((1, "collector"), (2, "collector"), (2, "collector pair")):
-        e, c = results[("echo", streams)], results[(kind, streams)]
-        label = "one collector per stream" if kind == "collector pair" else "one collector"
+    print(
+        f"fp16 width {WIDTH}, {ROWS} vectors per message, {os.cpu_count()} cores, "
+        f"{args.rounds} rounds of {args.seconds:g} s"
+    )
+    for streams, kind, label in cases:
+        pairs = [r[(streams, kind)] for r in rounds]
+        ratios = sorted(c / e for e, c in pairs)
+        echo_rate, collector_rate = sorted(pairs, key=lambda p: p[1] / p[0])[len(pairs) // 2]
         print(
-            f"{streams} stream(s), {label}: echo ceiling {e:,.0f} vectors/s, collector "
-            f"(fsync) {c:,.0f} vectors/s, ratio {c / e:.2f}"
+            f"{streams} stream(s), {label}: echo ceiling {echo_rate:,.0f} vectors/s, collector "
+            f"(fsync) {collector_rate:,.0f} vectors/s, ratio {statistics.median(ratios):.2f} "
+            f"(median; rounds {', '.join(f'{x:.2f}' for x in ratios)})"
         )
 
 

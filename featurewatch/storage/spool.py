@@ -224,6 +224,8 @@ class Spool:
         segment_max_bytes: int = 64 * 1024 * 1024,
         segment_max_age_s: float = 30.0,
         direct_io: bool = True,
+        group_wait_s: float = 0.0,
+        group_min_bytes: int = 1 << 20,
     ):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -232,6 +234,12 @@ class Spool:
         self.recovered_records = self._recover()
         self._cond = threading.Condition()
         self._pending: list[_Pending] = []
+        self._pending_bytes = 0
+        # Group commit window: a group smaller than group_min_bytes waits up to
+        # group_wait_s for more appends, so a busy spool makes fewer, larger writes,
+        # fsyncs and acks.
+        self.group_wait_s = group_wait_s
+        self.group_min_bytes = group_min_bytes
         self._seal_requested = False
         self._sealed_event = threading.Event()
         self._closed = False
@@ -262,7 +270,11 @@ class Spool:
             if self._closed:
                 raise SpoolError("spool is closed")
             self._pending.append(item)
-            self._cond.notify_all()
+            self._pending_bytes += len(payload)
+            # Wake the writer for the first record of a group, or once the group is
+            # full; in between it is either writing or waiting out the window.
+            if len(self._pending) == 1 or self._pending_bytes >= self.group_min_bytes:
+                self._cond.notify_all()
         return item
 
     def seal(self, timeout: float = 30.0) -> None:
@@ -337,7 +349,19 @@ class Spool:
                         if timeout == 0.0:
                             break
                     self._cond.wait(timeout)
+                window_ends = time.monotonic() + self.group_wait_s
+                while (
+                    self._pending
+                    and self._pending_bytes < self.group_min_bytes
+                    and not self._seal_requested
+                    and not self._closed
+                ):
+                    remaining = window_ends - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
                 batch, self._pending = self._pending, []
+                self._pending_bytes = 0
                 seal_now = self._seal_requested
                 self._seal_requested = False
                 closing = self._closed
@@ -371,6 +395,7 @@ class Spool:
             if closing:
                 with self._cond:
                     leftover, self._pending = self._pending, []
+                    self._pending_bytes = 0
                 for item in leftover:
                     item.error = SpoolError("spool closed")
                     item.done.set()

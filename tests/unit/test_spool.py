@@ -163,3 +163,24 @@ def test_a_vanished_directory_fails_appends_without_spinning(tmp_path):
     time.sleep(1.2)
     assert 1 <= spool.write_errors <= 4  # retried with a pause, not in a hot loop
     spool._closed = True
+
+
+def test_a_group_commit_window_gathers_appends_into_fewer_fsyncs(tmp_path):
+    """Appends arriving one by one within the window share one write and fsync; a full
+    group (group_min_bytes) does not wait out the window."""
+    import time
+
+    spool = Spool(tmp_path, group_wait_s=0.5, group_min_bytes=10_000)
+    pending = []
+    for _ in range(5):
+        pending.append(spool.append_async(b"x" * 100))
+        time.sleep(0.02)  # each arrives after the writer has woken for the first
+    for p in pending:
+        p.wait()
+    assert spool.fsyncs == 1
+    started = time.monotonic()
+    spool.append(b"y" * 20_000)  # over group_min_bytes: written at once
+    assert time.monotonic() - started < 0.4
+    assert spool.fsyncs == 2
+    spool.close()
+    assert len(all_records(tmp_path)) == 6
