@@ -338,6 +338,22 @@ class Spool:
         self._file.seal()
         self._file = None
 
+    # One write takes at most this much (at least one record): it bounds the O_DIRECT
+    # staging buffer, which keeps the size of the largest group.
+    max_group_bytes = 16 << 20
+
+    def _take_group(self) -> list[_Pending]:
+        """Pop the oldest pending appends, up to max_group_bytes. Holds self._cond."""
+        taken, size = 0, 0
+        for item in self._pending:
+            if taken and size + len(item.payload) > self.max_group_bytes:
+                break
+            taken += 1
+            size += len(item.payload)
+        group, self._pending = self._pending[:taken], self._pending[taken:]
+        self._pending_bytes -= size
+        return group
+
     def _write_loop(self) -> None:
         while True:
             with self._cond:
@@ -360,11 +376,10 @@ class Spool:
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-                batch, self._pending = self._pending, []
-                self._pending_bytes = 0
+                batch = self._take_group()
                 seal_now = self._seal_requested
                 self._seal_requested = False
-                closing = self._closed
+                closing = self._closed and not self._pending  # else write the rest first
             try:
                 if batch:
                     if self._file is None:

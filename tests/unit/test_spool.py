@@ -31,7 +31,7 @@ def test_records_across_block_boundaries(tmp_path, direct_io):
     next group; buffered writes append. Both must give back exactly what was appended,
     and a sealed segment carries no padding."""
     spool = Spool(tmp_path, direct_io=direct_io)
-    sizes = [1, 4095, 4096, 4097, 12, 300_000, 8192 - 12, 7, 65_536]
+    sizes = [1, 4095, 4096, 4097, 12, 300_000, 8192 - 12, 7, 65_536, 3_000_001, 5]
     payloads = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
     for p in payloads:
         spool.append(p)
@@ -184,3 +184,16 @@ def test_a_group_commit_window_gathers_appends_into_fewer_fsyncs(tmp_path):
     assert spool.fsyncs == 2
     spool.close()
     assert len(all_records(tmp_path)) == 6
+
+
+def test_a_group_is_capped_and_the_rest_follows_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(Spool, "max_group_bytes", 10_000)
+    spool = Spool(tmp_path, group_wait_s=0.2, group_min_bytes=1 << 20)
+    pending = [spool.append_async(bytes([i]) * 3000) for i in range(10)]
+    for p in pending:
+        p.wait()
+    assert spool.fsyncs >= 4  # at most 3 records of 3,000 bytes per write
+    more = [spool.append_async(b"L" * 3000) for _ in range(10)]
+    spool.close()  # writes every pending group before it stops
+    assert all(p.ready() and p.error is None for p in more)
+    assert all_records(tmp_path) == [bytes([i]) * 3000 for i in range(10)] + [b"L" * 3000] * 10
