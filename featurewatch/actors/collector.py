@@ -159,8 +159,9 @@ class CollectorService:
 
     def stream(self, request_iterator, context):
         """Pipelined: a reader thread validates and queues appends while this generator
-        sends each ack, in order, once its batch is durable. One stream thus fills a
-        group commit by itself instead of paying one fsync per batch."""
+        sends acks, in order, once their batches are durable (one per group commit, each
+        covering every earlier seq). One stream thus fills a group commit by itself
+        instead of paying one fsync per batch."""
         items: queue.Queue = queue.Queue(maxsize=64)
 
         def put(item) -> bool:
