@@ -146,11 +146,15 @@ class _SegmentFile:
             records.append(_HEADER.pack(MAGIC, len(payload), _checksum(payload)))
             records.append(payload)
         added = sum(len(r) for r in records)
+        # Nothing moves until the sync succeeds: after a failed write or sync the next
+        # group is written over this one (whose appends were reported failed).
         if self.staging is None:
             _write_all(self.fd, records, self.size)
+            os.fdatasync(self.fd)
         else:
             self._write_direct(records, added)
-        os.fdatasync(self.fd)
+            os.fdatasync(self.fd)
+            self._keep_last_partial_block(self._tail + added)
         self.size += added
 
     def _write_direct(self, records: list[bytes], added: int) -> None:
@@ -167,8 +171,14 @@ class _SegmentFile:
         memory[end:padded] = bytes(padded - end)
         with memoryview(memory) as view:
             _write_all(self.fd, [view[:padded]], block_start)
+
+    def _keep_last_partial_block(self, end: int) -> None:
+        """Move the bytes past the last block boundary to the front of the staging
+        buffer: the next group starts by writing that block again."""
+        assert self.staging is not None
         keep_from = end // _BLOCK * _BLOCK
         self._tail = end - keep_from
+        memory = self.staging.memory
         memory[: self._tail] = memory[keep_from:end]
 
     def seal(self) -> None:

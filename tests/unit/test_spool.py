@@ -197,3 +197,31 @@ def test_a_group_is_capped_and_the_rest_follows_in_order(tmp_path, monkeypatch):
     spool.close()  # writes every pending group before it stops
     assert all(p.ready() and p.error is None for p in more)
     assert all_records(tmp_path) == [bytes([i]) * 3000 for i in range(10)] + [b"L" * 3000] * 10
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_a_failed_sync_fails_its_group_and_the_next_group_writes_over_it(
+    tmp_path, monkeypatch, direct_io
+):
+    import featurewatch.storage.spool as spool_module
+
+    real_fdatasync = spool_module.os.fdatasync
+    fail = {"next": False}
+
+    def flaky_fdatasync(fd):
+        if fail["next"]:
+            fail["next"] = False
+            raise OSError(5, "Input/output error")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(spool_module.os, "fdatasync", flaky_fdatasync)
+    spool = Spool(tmp_path, direct_io=direct_io)
+    spool.append(b"a" * 5000)  # leaves a partial block for the next group
+    fail["next"] = True
+    with pytest.raises(SpoolError, match="Input/output error"):
+        spool.append(b"lost" * 3000)
+    spool.append(b"c" * 3)
+    spool.close()
+    (segment,) = sealed_segments(tmp_path)
+    assert list(read_segment(segment)) == [b"a" * 5000, b"c" * 3]
+    assert segment.stat().st_size == 5012 + 15
