@@ -142,6 +142,13 @@ class CollectorService:
         try:
             pending.wait()
         except SpoolError as err:
+            # Not durable, so a resend must be stored, not acked as a duplicate: move
+            # the dedupe mark back below it (a later batch that did land may then be
+            # stored twice, which the pipeline drops by batch key; losing one is worse).
+            key = (batch.replica_id, batch.stream_epoch)
+            with self._lock:
+                if self._last_seq.get(key, 0) >= batch.seq:
+                    self._last_seq[key] = batch.seq - 1
             context.abort(grpc.StatusCode.UNAVAILABLE, f"batch seq {batch.seq}: {err}")
         with self._lock:
             self.accepted_batches += 1

@@ -100,23 +100,52 @@ def test_seq_going_backwards_within_a_stream_is_refused(tmp_path):
 
 
 def test_one_ack_covers_a_group_commit(tmp_path):
-    """A stream's acks come in seq order and each covers every earlier seq: the
-    collector sends one per group commit, so 200 quickly sent batches get fewer acks,
-    the last one names seq 200, and only after all of them are durable."""
+    """A stream's acks come in seq order, each covers every earlier seq and comes only
+    once all of those are durable: the collector sends one per group commit, so 200
+    quickly sent batches get fewer acks and the last one names seq 200."""
     srv = CollectorServer(tmp_path / "spool", TOKEN).start()
     try:
         with grpc.insecure_channel(srv.address) as channel:
-            acks = list(
-                pb_grpc.CollectorStub(channel).Stream(
-                    iter([good(seq) for seq in range(1, 201)]), metadata=AUTH
-                )
-            )
-            durable_at_last_ack = srv.spool.appended_records
-        seqs = [a.seq for a in acks]
+            seen = []  # (acked seq, records durable when the ack arrived)
+            for ack in pb_grpc.CollectorStub(channel).Stream(
+                iter([good(seq) for seq in range(1, 201)]), metadata=AUTH
+            ):
+                seen.append((ack.seq, srv.spool.appended_records))
+        seqs = [seq for seq, _ in seen]
         assert seqs == sorted(seqs) and seqs[-1] == 200
-        assert len(acks) < 200
-        assert durable_at_last_ack == 200
+        assert all(durable >= seq for seq, durable in seen)
+        assert len(seen) < 200
         assert sorted(b.seq for b in stored(srv)) == list(range(1, 201))
+    finally:
+        srv.stop(grace=0)
+
+
+def test_a_batch_whose_write_failed_is_stored_when_resent(tmp_path, monkeypatch):
+    """Not durable means not seen: the resend is stored, not acked as a duplicate."""
+    from featurewatch.storage import spool as spool_module
+
+    real_fdatasync = spool_module.os.fdatasync
+    fail = {"next": False}
+
+    def flaky_fdatasync(fd):
+        if fail["next"]:
+            fail["next"] = False
+            raise OSError(5, "Input/output error")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(spool_module.os, "fdatasync", flaky_fdatasync)
+    srv = CollectorServer(tmp_path / "spool", TOKEN).start()
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.CollectorStub(channel)
+            assert not stub.Push(good(1), metadata=AUTH).duplicate
+            fail["next"] = True
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Push(good(2), metadata=AUTH)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert not stub.Push(good(2), metadata=AUTH).duplicate
+            assert stub.Push(good(2), metadata=AUTH).duplicate  # now it is durable
+        assert sorted(b.seq for b in stored(srv)) == [1, 2]
     finally:
         srv.stop(grace=0)
 
