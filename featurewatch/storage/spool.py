@@ -20,6 +20,8 @@ truncates the rest and seals the segment.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -148,14 +150,28 @@ class _SegmentFile:
         added = sum(len(r) for r in records)
         # Nothing moves until the sync succeeds: after a failed write or sync the next
         # group is written over this one (whose appends were reported failed).
+        if self.staging is not None:
+            try:
+                self._write_direct(records, added)
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                self._stop_direct_io(err)
         if self.staging is None:
             _write_all(self.fd, records, self.size)
-            os.fdatasync(self.fd)
-        else:
-            self._write_direct(records, added)
-            os.fdatasync(self.fd)
+        os.fdatasync(self.fd)
+        if self.staging is not None:
             self._keep_last_partial_block(self._tail + added)
         self.size += added
+
+    def _stop_direct_io(self, err: OSError) -> None:
+        """Some filesystems (FUSE, network ones) accept O_DIRECT at open and refuse the
+        writes: go on buffered, from the end of the complete records."""
+        log.warning("spool %s: O_DIRECT writes refused (%s); writing buffered", self.path, err)
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        self.staging = None
+        self._tail = 0
 
     def _write_direct(self, records: list[bytes], added: int) -> None:
         assert self.staging is not None
@@ -169,8 +185,8 @@ class _SegmentFile:
             memory[at : at + len(record)] = record
             at += len(record)
         memory[end:padded] = bytes(padded - end)
-        with memoryview(memory) as view:
-            _write_all(self.fd, [view[:padded]], block_start)
+        with memoryview(memory) as view, view[:padded] as blocks:
+            _write_all(self.fd, [blocks], block_start)
 
     def _keep_last_partial_block(self, end: int) -> None:
         """Move the bytes past the last block boundary to the front of the staging
@@ -182,10 +198,14 @@ class _SegmentFile:
         memory[: self._tail] = memory[keep_from:end]
 
     def seal(self) -> None:
-        """Cut any padding, make it durable, close and rename to `.seg`."""
-        os.ftruncate(self.fd, self.size)
-        os.fsync(self.fd)
-        os.close(self.fd)
+        """Cut any padding, make it durable, close and rename to `.seg`. The descriptor
+        is closed even when this fails; the spool then starts a new segment and this
+        `.open` one is recovered (and sealed) at the next start."""
+        try:
+            os.ftruncate(self.fd, self.size)
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
         os.replace(self.path, self.path.with_suffix(".seg"))
         _fsync_dir(self.path.parent)
 
@@ -193,14 +213,20 @@ class _SegmentFile:
 def _write_all(fd: int, chunks: list, offset: int) -> None:
     """pwritev until every byte is written (a regular file may take fewer at once)."""
     views = [memoryview(c) for c in chunks]
-    while views:
-        written = os.pwritev(fd, views, offset)
-        offset += written
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if written:
-            views[0] = views[0][written:]
+    try:
+        while views:
+            written = os.pwritev(fd, views, offset)
+            offset += written
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0).release()
+            if written:
+                views[0] = views[0][written:]
+    finally:
+        # A traceback keeps this frame alive: views left here would pin the staging
+        # mmap, which could then not grow.
+        for view in views:
+            view.release()
 
 
 class _Pending:
@@ -345,8 +371,8 @@ class Spool:
     def _seal_segment(self) -> None:
         if self._file is None:
             return
-        self._file.seal()
-        self._file = None
+        file, self._file = self._file, None  # never write to a closed descriptor
+        file.seal()
 
     # One write takes at most this much (at least one record): it bounds the O_DIRECT
     # staging buffer, which keeps the size of the largest group.
@@ -396,6 +422,8 @@ class Spool:
                         self._open_segment()
                     assert self._file is not None
                     self._file.write([item.payload for item in batch])
+                    if self._file.staging is None:
+                        self._staging = None  # O_DIRECT refused here: stop trying
                     self.fsyncs += 1
                     self.appended_records += len(batch)
                 aged = (

@@ -217,6 +217,7 @@ def test_a_failed_sync_fails_its_group_and_the_next_group_writes_over_it(
     monkeypatch.setattr(spool_module.os, "fdatasync", flaky_fdatasync)
     spool = Spool(tmp_path, direct_io=direct_io)
     spool.append(b"a" * 5000)  # leaves a partial block for the next group
+    assert spool.direct_io is direct_io
     fail["next"] = True
     with pytest.raises(SpoolError, match="Input/output error"):
         spool.append(b"lost" * 3000)
@@ -225,3 +226,51 @@ def test_a_failed_sync_fails_its_group_and_the_next_group_writes_over_it(
     (segment,) = sealed_segments(tmp_path)
     assert list(read_segment(segment)) == [b"a" * 5000, b"c" * 3]
     assert segment.stat().st_size == 5012 + 15
+
+
+def test_o_direct_refused_at_write_goes_on_buffered(tmp_path, monkeypatch):
+    """A filesystem may accept O_DIRECT at open and refuse the writes (EINVAL): the
+    segment continues buffered on the same descriptor and the spool stops trying."""
+    import errno
+
+    from featurewatch.storage import spool as spool_module
+
+    spool = Spool(tmp_path)
+    spool.append(b"a" * 5000)  # a real O_DIRECT write first
+    assert spool.direct_io
+
+    def refuse(self, records, added):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(spool_module._SegmentFile, "_write_direct", refuse)
+    spool.append(b"b" * 3)  # unaligned: only works once O_DIRECT is off the descriptor
+    assert spool.direct_io is False
+    spool.close()
+    assert all_records(tmp_path) == [b"a" * 5000, b"b" * 3]
+    assert spool._staging is None
+
+
+def test_the_staging_buffer_grows_after_a_failed_write(tmp_path, monkeypatch):
+    """A failed write's error (kept by its waiter, with its traceback) must not pin the
+    staging memory: a later, larger group still needs to grow it."""
+    from featurewatch.storage import spool as spool_module
+
+    real_pwritev = spool_module.os.pwritev
+    fail = {"next": True}
+
+    def flaky_pwritev(fd, buffers, offset):
+        if fail["next"]:
+            fail["next"] = False
+            raise OSError(5, "Input/output error")
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(spool_module.os, "pwritev", flaky_pwritev)
+    spool = Spool(tmp_path)
+    failed = spool.append_async(b"x" * 1000)
+    failed.done.wait(10)
+    assert failed.error is not None  # still referenced, traceback and all
+    big = b"y" * (3 << 20)  # past the 1 MiB the staging buffer starts with
+    spool.append(big)
+    assert spool.direct_io
+    spool.close()
+    assert all_records(tmp_path) == [big]
