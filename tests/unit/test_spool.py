@@ -274,3 +274,26 @@ def test_the_staging_buffer_grows_after_a_failed_write(tmp_path, monkeypatch):
     assert spool.direct_io
     spool.close()
     assert all_records(tmp_path) == [big]
+
+
+def test_a_failed_seal_starts_a_new_segment_and_recovery_seals_the_old(tmp_path, monkeypatch):
+    from featurewatch.storage import spool as spool_module
+
+    spool = Spool(tmp_path)
+    spool.append(b"one")
+    real_replace = spool_module.os.replace
+    fail = {"next": True}
+
+    def flaky_replace(src, dst):
+        if fail["next"]:
+            fail["next"] = False
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(spool_module.os, "replace", flaky_replace)
+    spool.seal()  # the rename fails; the writer logs it and drops the segment
+    spool.append(b"two")  # a new segment, never the closed descriptor
+    spool.close()
+    assert all_records(tmp_path) == [b"two"]  # "one" is durable in the .open file
+    Spool(tmp_path).close()  # and recovery seals it at the next start
+    assert all_records(tmp_path) == [b"one", b"two"]
