@@ -179,3 +179,28 @@ def s3_server():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture
+def disk_fault(monkeypatch):
+    """`disk_fault("fdatasync")` makes the spool's next `os.fdatasync` call fail with
+    EIO, once (any `os` function the spool calls: pwritev, replace...)."""
+    from featurewatch.storage import spool as spool_module
+
+    armed: set[str] = set()
+
+    def arm(name: str) -> None:
+        real = getattr(spool_module.os, name)
+        if not getattr(real, "is_disk_fault", False):
+
+            def flaky(*args):
+                if name in armed:
+                    armed.discard(name)
+                    raise OSError(5, "Input/output error")
+                return real(*args)
+
+            flaky.is_disk_fault = True
+            monkeypatch.setattr(spool_module.os, name, flaky)
+        armed.add(name)
+
+    return arm

@@ -120,26 +120,14 @@ def test_one_ack_covers_a_group_commit(tmp_path):
         srv.stop(grace=0)
 
 
-def test_a_batch_whose_write_failed_is_stored_when_resent(tmp_path, monkeypatch):
+def test_a_batch_whose_write_failed_is_stored_when_resent(tmp_path, disk_fault):
     """Not durable means not seen: the resend is stored, not acked as a duplicate."""
-    from featurewatch.storage import spool as spool_module
-
-    real_fdatasync = spool_module.os.fdatasync
-    fail = {"next": False}
-
-    def flaky_fdatasync(fd):
-        if fail["next"]:
-            fail["next"] = False
-            raise OSError(5, "Input/output error")
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(spool_module.os, "fdatasync", flaky_fdatasync)
     srv = CollectorServer(tmp_path / "spool", TOKEN).start()
     try:
         with grpc.insecure_channel(srv.address) as channel:
             stub = pb_grpc.CollectorStub(channel)
             assert not stub.Push(good(1), metadata=AUTH).duplicate
-            fail["next"] = True
+            disk_fault("fdatasync")
             with pytest.raises(grpc.RpcError) as info:
                 stub.Push(good(2), metadata=AUTH)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -201,24 +201,12 @@ def test_a_group_is_capped_and_the_rest_follows_in_order(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("direct_io", [True, False])
 def test_a_failed_sync_fails_its_group_and_the_next_group_writes_over_it(
-    tmp_path, monkeypatch, direct_io
+    tmp_path, disk_fault, direct_io
 ):
-    import featurewatch.storage.spool as spool_module
-
-    real_fdatasync = spool_module.os.fdatasync
-    fail = {"next": False}
-
-    def flaky_fdatasync(fd):
-        if fail["next"]:
-            fail["next"] = False
-            raise OSError(5, "Input/output error")
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(spool_module.os, "fdatasync", flaky_fdatasync)
     spool = Spool(tmp_path, direct_io=direct_io)
     spool.append(b"a" * 5000)  # leaves a partial block for the next group
     assert spool.direct_io is direct_io
-    fail["next"] = True
+    disk_fault("fdatasync")
     with pytest.raises(SpoolError, match="Input/output error"):
         spool.append(b"lost" * 3000)
     spool.append(b"c" * 3)
@@ -250,21 +238,10 @@ def test_o_direct_refused_at_write_goes_on_buffered(tmp_path, monkeypatch):
     assert spool._staging is None
 
 
-def test_the_staging_buffer_grows_after_a_failed_write(tmp_path, monkeypatch):
+def test_the_staging_buffer_grows_after_a_failed_write(tmp_path, disk_fault):
     """A failed write's error (kept by its waiter, with its traceback) must not pin the
     staging memory: a later, larger group still needs to grow it."""
-    from featurewatch.storage import spool as spool_module
-
-    real_pwritev = spool_module.os.pwritev
-    fail = {"next": True}
-
-    def flaky_pwritev(fd, buffers, offset):
-        if fail["next"]:
-            fail["next"] = False
-            raise OSError(5, "Input/output error")
-        return real_pwritev(fd, buffers, offset)
-
-    monkeypatch.setattr(spool_module.os, "pwritev", flaky_pwritev)
+    disk_fault("pwritev")
     spool = Spool(tmp_path)
     failed = spool.append_async(b"x" * 1000)
     failed.done.wait(10)
@@ -276,21 +253,10 @@ def test_the_staging_buffer_grows_after_a_failed_write(tmp_path, monkeypatch):
     assert all_records(tmp_path) == [big]
 
 
-def test_a_failed_seal_starts_a_new_segment_and_recovery_seals_the_old(tmp_path, monkeypatch):
-    from featurewatch.storage import spool as spool_module
-
+def test_a_failed_seal_starts_a_new_segment_and_recovery_seals_the_old(tmp_path, disk_fault):
     spool = Spool(tmp_path)
     spool.append(b"one")
-    real_replace = spool_module.os.replace
-    fail = {"next": True}
-
-    def flaky_replace(src, dst):
-        if fail["next"]:
-            fail["next"] = False
-            raise OSError(5, "Input/output error")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(spool_module.os, "replace", flaky_replace)
+    disk_fault("replace")
     spool.seal()  # the rename fails; the writer logs it and drops the segment
     spool.append(b"two")  # a new segment, never the closed descriptor
     spool.close()
