@@ -99,16 +99,10 @@ def ray_cluster():
     """One local Ray cluster for the whole session (starting one costs seconds)."""
     import ray
 
-    from featurewatch.platform.runtime import quiet_ray_logs
+    from featurewatch.platform.runtime import quiet_ray_logs, start_local_ray
 
     quiet_ray_logs()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=512 * 1024 * 1024,
-        log_to_driver=False,
-    )
+    start_local_ray(num_cpus=2, object_store_memory_mb=512)
     yield
     ray.shutdown()
 

@@ -6,12 +6,16 @@ import hashlib
 import logging
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
+import psutil
 import ray
 
 from featurewatch.platform.config import FeaturewatchConfig
 from featurewatch.storage.spool import sealed_segments
+
+log = logging.getLogger(__name__)
 
 
 def quiet_ray_logs() -> None:
@@ -32,17 +36,82 @@ def init_ray(cfg: FeaturewatchConfig, *, log_to_driver: bool = False) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=log_to_driver)
         return
+    start_local_ray(
+        num_cpus=cfg.ray.num_cpus,
+        object_store_memory_mb=cfg.ray.object_store_memory_mb,
+        log_to_driver=log_to_driver,
+        metrics_export_port=cfg.ray.metrics_export_port,
+    )
+
+
+def start_local_ray(
+    *,
+    num_cpus: int,
+    object_store_memory_mb: int,
+    log_to_driver: bool = False,
+    metrics_export_port: int | None = None,
+    attempts: int = 2,
+) -> None:
+    """ray.init(address="local"), tried again when the node misses Ray's startup deadline.
+
+    Ray gives a new node a fixed 30 s to register with its GCS; a busy machine has missed
+    it. The failed attempt's daemons are killed and its logs' tails are logged, so a second
+    failure still says why."""
     # A fixed metrics port lets Prometheus scrape a local cluster (a private argument of
     # ray.init; `ray start --metrics-export-port` is the public one for clusters).
-    port = {"_metrics_export_port": cfg.ray.metrics_export_port}
-    ray.init(
-        address="local",
-        num_cpus=cfg.ray.num_cpus,
-        object_store_memory=cfg.ray.object_store_memory_mb * 1024 * 1024,
-        include_dashboard=False,
-        log_to_driver=log_to_driver,
-        **(port if cfg.ray.metrics_export_port else {}),
-    )
+    port = {"_metrics_export_port": metrics_export_port} if metrics_export_port else {}
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                object_store_memory=object_store_memory_mb * 1024 * 1024,
+                include_dashboard=False,
+                log_to_driver=log_to_driver,
+                **port,
+            )
+            return
+        except Exception as error:  # Ray raises a bare Exception for this one
+            if "timed out during startup" not in str(error):
+                raise
+            log.warning(
+                "Ray's local node missed its startup deadline (attempt %d of %d).\n%s",
+                attempt,
+                attempts,
+                _session_log_tails(),
+            )
+            _kill_ray_daemons()
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+
+
+def _session_log_tails(lines: int = 15) -> str:
+    temp = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()  # where Ray puts sessions
+    logs = Path(temp) / "ray" / "session_latest" / "logs"
+    out = []
+    for name in ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err"):
+        path = logs / name
+        if path.is_file():
+            # the raylet's periodic state dumps say nothing about why it did not start
+            kept = [
+                x for x in path.read_text(errors="replace").splitlines() if "[state-dump]" not in x
+            ]
+            tail = kept[-lines:]
+            out.append(f"--- {path}\n" + "\n".join(tail))
+    return "\n".join(out) or f"(no logs under {logs})"
+
+
+def _kill_ray_daemons() -> None:
+    """SIGKILL the failed node's daemons (GCS, raylet, agents): this process's children
+    that run from Ray's package."""
+    package = os.path.dirname(ray.__file__)
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if package in " ".join(child.cmdline()):
+                child.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def collector_token(cfg: FeaturewatchConfig) -> str:

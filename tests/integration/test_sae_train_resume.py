@@ -23,16 +23,15 @@ EPOCHS, CHECKPOINT_EVERY = 200, 20
 DRIVER = textwrap.dedent(
     """
     import json, sys
-    import ray
     from featurewatch.platform.config import build_config
     from featurewatch.platform.pipeline import segments_dataset
-    from featurewatch.platform.runtime import quiet_ray_logs
+    from featurewatch.platform.runtime import quiet_ray_logs, start_local_ray
     from featurewatch.platform.train_sae import train_sae
     from tests.integration.test_ray_pipeline import WIDTH, fill_spool
 
     cfg = build_config(json.loads(sys.argv[1]))
     quiet_ray_logs()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, object_store_memory_mb=512)
     paths = fill_spool(cfg.spool_dir)
     trained = train_sae(cfg, segments_dataset(paths), WIDTH, version="resumed")
     print("RESULT " + json.dumps({"metrics": trained.metrics, "path": str(trained.path)}))
