@@ -59,6 +59,9 @@ def numbers(page, selector: str) -> list[float]:
 def test_the_dashboard_in_a_browser_over_the_demo_home(demo_home, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
+    # a query or an approval in the dashboard process can take seconds on a busy machine
+    expect.set_options(timeout=30_000)
+
     home, report = demo_home
     shots = Path(os.environ.get("FW_SCREENSHOTS") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ the cluster runs beside the test session's own Ray (different ports, same host),
 is why nothing here may call `ray stop`.
 """
 
+import contextlib
 import json
 import os
 import queue
@@ -57,20 +58,24 @@ class Cluster:
         }
         self.tmp = tmp
         self.nodes: dict[str, subprocess.Popen] = {}
+        self.args: dict[str, tuple] = {}
+        self.killed: set[str] = set()
+        self.restarted: set[str] = set()
 
     def start(self, name: str, cpus: int, resources: dict, head: bool = False) -> None:
+        self.args[name] = (cpus, resources, head)
         cmd = [RAY, "start", "--block", f"--node-name={name}", f"--num-cpus={cpus}"]
         cmd += [f"--resources={json.dumps(resources)}", "--object-store-memory=200000000"]
         # Raylets on one host that pick their own ports can race for the same one: give
         # each node its own ports, and worker ports above the test session's own Ray's.
-        first = 20000 + 1000 * len(self.nodes)
+        first = 20000 + 1000 * list(self.args).index(name)
         cmd += [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
         cmd += [f"--min-worker-port={first}", f"--max-worker-port={first + 999}"]
         if head:
             cmd += ["--head", f"--port={self.port}", "--include-dashboard=false"]
         else:
             cmd += [f"--address={self.address}"]
-        log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - kept open for the node's life
+        log = open(self.tmp / f"{name}.log", "a")  # noqa: SIM115 - kept open for the node's life
         self.nodes[name] = subprocess.Popen(
             cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -82,6 +87,7 @@ class Cluster:
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self.restart_exited()
             out = subprocess.run(
                 [sys.executable, "-c", probe],
                 env=self.env, capture_output=True, text=True, timeout=60,
@@ -89,10 +95,22 @@ class Cluster:
             if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
                 return
             time.sleep(1)
-        raise AssertionError(f"the cluster did not reach {count} live nodes")
+        logs = {name: (self.tmp / f"{name}.log").read_text()[-2000:] for name in self.nodes}
+        raise AssertionError(f"the cluster did not reach {count} live nodes: {logs}")
+
+    def restart_exited(self) -> None:
+        """A `ray start` that exited by itself (its raylet missed Ray's fixed 30 s
+        registration deadline on a busy machine) is started again, once."""
+        for name, proc in list(self.nodes.items()):
+            if proc.poll() is not None and name not in self.killed | self.restarted:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # whatever it left behind
+                self.restarted.add(name)
+                self.start(name, *self.args[name])
 
     def kill(self, name: str) -> None:
         """The node's raylet, its workers and actors, all at once (no clean shutdown)."""
+        self.killed.add(name)
         os.killpg(self.nodes[name].pid, signal.SIGKILL)
         self.nodes[name].wait()
 

@@ -24,7 +24,7 @@ DRIVER = textwrap.dedent(
 
     services.get_node = get_node
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    start_local_ray(num_cpus=1, object_store_memory_mb=128)
+    start_local_ray(num_cpus=1, object_store_memory_mb=128, attempts=3)
     answer = ray.get(ray.remote(lambda: 41 + 1).remote())
     sessions = {
         session
@@ -47,5 +47,5 @@ def test_a_node_that_misses_the_startup_deadline_is_replaced():
     assert result["answer"] == 42
     # only the second attempt's daemons are left: the first one's were killed
     assert len(result["sessions"]) == 1, result["sessions"]
-    assert "missed its startup deadline (attempt 1 of 2)" in out.stderr
+    assert "missed its startup deadline (attempt 1 of 3)" in out.stderr
     assert "raylet.out" in out.stderr  # the failed attempt's log tails are shown

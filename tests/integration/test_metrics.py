@@ -129,7 +129,7 @@ def test_collector_pipeline_and_controller_metrics_are_scraped(
             target=follow_segments,
             args=(cfg, random_sae(), "sae-metrics", catalog),
             kwargs={
-                "every_s": 60.0,
+                "every_s": 3600.0,  # one round; `stop` ends the service
                 "stop": stop,
                 "on_report": lambda report: (reports.append(report), release.wait(120)),
             },
@@ -137,6 +137,9 @@ def test_collector_pipeline_and_controller_metrics_are_scraped(
         service.start()
         try:
             wait_for_metrics({}, at_least={metric("pipeline_lag_seconds", **pipeline): 120})
+            deadline = time.monotonic() + 120  # the lag shows from the round's start
+            while not reports and time.monotonic() < deadline:
+                time.sleep(0.1)
             release.set()
             (report,) = reports
             assert (report.segments_committed, report.tokens) == (1, 12) and report.feature_rows > 0
@@ -204,9 +207,12 @@ init_ray(build_config({"home": sys.argv[2], "ray": {"metrics_export_port": port}
 Counter("featurewatch_port_probe", description="probe").inc(3)
 url = f"http://{ray.nodes()[0]['NodeManagerAddress']}:{port}/metrics"
 for _ in range(60):
-    if "ray_featurewatch_port_probe_total" in requests.get(url, timeout=5).text:
-        print("scraped", flush=True)
-        break
+    try:  # Ray's agent, which serves the port, may still be starting
+        if "ray_featurewatch_port_probe_total" in requests.get(url, timeout=5).text:
+            print("scraped", flush=True)
+            break
+    except requests.RequestException:
+        pass
     time.sleep(1)
 """
 

@@ -362,9 +362,11 @@ def test_realign_canaries_a_candidate_under_the_bar_and_rolls_back_one_over(serv
     cold = {"decision_id": "p-bbbb2222", "numbers": {"tag": "cold", "sae_version": "sae-r"}}
     with live_traffic(cfg, base, sae, "sae-r") as answered:
         done = realign(action, cold)
-    assert re.search(r"scored 0.0000 on 1 prompts .* canary on 50% of traffic it scored "
-                     r"0.0000 on [3-9] live requests: promoted, serving v1-realigned-bbbb2222",
-                     done), done  # fmt: skip
+    scored = re.search(r"scored 0.0000 on 1 prompts .* canary on 50% of traffic it scored "
+                       r"0.0000 on (\d+) live requests: promoted, serving v1-realigned-bbbb2222",
+                       done)  # fmt: skip
+    # at least the 3 asked for; more when a slow pipeline round commits several at once
+    assert scored and int(scored[1]) >= 3, done
     assert "v1" in answered and "v1-realigned-bbbb2222" in answered
     assert served_version() == "v1-realigned-bbbb2222"
     assert "fw-test-canary" not in serve.status().applications

@@ -201,7 +201,11 @@ def test_a_sender_finds_its_collector_restarted_at_a_new_address(tmp_path):
     for _ in range(10):
         sender.submit(good(0))
     assert not sender.flush(2) and sender.address == a.address
+    deadline = time.monotonic() + 60
+    while known["calls"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert known["calls"] >= 1  # it asked after the break, and kept what it knew
+    assert sender.address == a.address
     b = CollectorServer(tmp_path / "spool", TOKEN).start()  # replays, a new port
     known.update(addresses=[b.address], fail=False)
     assert sender.flush(60)

@@ -67,7 +67,7 @@ def policies(url, **overrides):
             "threshold": 1.5,
             "consecutive": 2,
         },
-        "actions": [{"type": "alert", "url": url, "retries": 0, "timeout_s": 2}],
+        "actions": [{"type": "alert", "url": url, "retries": 0, "timeout_s": 30}],
         "cooldown": "30m",
     }
     for key, value in overrides.items():

@@ -29,6 +29,15 @@ def chat_server():
     return server, received
 
 
+def wait_until(condition, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_traffic_pauses_and_resumes():
     server, received = chat_server()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
@@ -40,19 +49,21 @@ def test_traffic_pauses_and_resumes():
         assert traffic.wait_for("v2", 1, timeout_s=0.5) == 0  # nobody answers as v2
         later = time.time() + 60
         assert traffic.wait_for("v1", 1, timeout_s=0.5, since=later) == 0
-        time.sleep(0.5)
-        assert len(received) > 5 and {p for _, p in received} == {"a", "b", "c"}
+        assert wait_until(lambda: len(received) > 5)
+        assert {p for _, p in received} == {"a", "b", "c"}
         with traffic.paused(said.append):
             time.sleep(0.2)  # the chats in flight finish
             paused_at = time.time()
             time.sleep(1.0)
             during = [t for t, _ in received if t > paused_at]
-        time.sleep(0.5)
-        after = [t for t, _ in received if t > paused_at + 1.0]
+        resumed_at = time.time()
+        resumed = wait_until(lambda: sum(t > resumed_at for t, _ in received) > 5)
     finally:
         traffic.close()
         server.shutdown()
-    assert during == []
-    assert len(after) > 5
+    # Unpaused, the workers send dozens a second; a loaded machine may let each worker
+    # that had passed the pause check before it was set send its one chat late.
+    assert len(during) <= traffic.concurrency, during
+    assert resumed
     assert said == ["traffic paused while the fine-tune trains", "traffic resumed"]
     assert traffic.failed == 0 and {v for _, v in traffic.answers} == {"v1"}
