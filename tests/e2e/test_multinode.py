@@ -147,7 +147,11 @@ def home_config(tmp_path, tiny_llama_dir, address) -> tuple[Path, Path]:
             "name": "tiny-llama", "path": str(tiny_llama_dir), "replica_cpus": 0.5,
             "torch_threads": 1, "num_replicas": 2, "max_tokens_limit": 32,
         },
-        "capture": {"layers": [1], "sample_fraction": 1.0, "batch_rows": 16},
+        # Ray takes tens of seconds to declare the node dead and restart the collector: the
+        # survivor's buffer must hold minutes of traffic (16 rows x 64 fp16: 2 KiB a batch),
+        # or the oldest batches are dropped (counted, but then the test cannot demand 0).
+        "capture": {"layers": [1], "sample_fraction": 1.0, "batch_rows": 16,
+                    "queue_batches": 16384},
         "collector": {"count": 1, "segment_max_age_s": 1.0},
         "pipeline": {"encoder_cpus": 0.5},
         "serve": {"port": port, "app_name": "fw-multinode"},
