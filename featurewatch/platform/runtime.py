@@ -6,7 +6,6 @@ import hashlib
 import logging
 import os
 import secrets
-import tempfile
 from pathlib import Path
 
 import psutil
@@ -87,8 +86,9 @@ def start_local_ray(
 
 
 def _session_log_tails(lines: int = 15) -> str:
-    temp = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()  # where Ray puts sessions
-    logs = Path(temp) / "ray" / "session_latest" / "logs"
+    from ray._common.utils import get_default_ray_temp_dir  # where Ray puts sessions
+
+    logs = Path(get_default_ray_temp_dir()) / "session_latest" / "logs"
     out = []
     for name in ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err"):
         path = logs / name
