@@ -37,9 +37,9 @@ import torch
 from ingest import ROWS, TOKEN, measure, template
 
 from featurewatch.actors.collector import start_collector_process
-from featurewatch.platform.config import build_config
-from featurewatch.platform.pipeline import _segment_tables, follow_segments
-from featurewatch.platform.runtime import init_ray
+from featurewatch.actors.pipeline import _segment_tables, follow_segments
+from featurewatch.actors.runtime import init_ray
+from featurewatch.config import build_config
 from featurewatch.sae.model import build
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.lake import write_segment

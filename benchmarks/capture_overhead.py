@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
+from featurewatch.analysis.prompts import load_prompts
 from featurewatch.capture.generation import BatchGenerator
 from featurewatch.capture.hooks import ActivationCapture
 from featurewatch.capture.models import load_model, resolve_model_path
 from featurewatch.capture.packing import pack_batches
 from featurewatch.capture.sampler import SamplingPolicy
 from featurewatch.capture.sender import ActivationSender
-from featurewatch.platform.config import default_home
-from featurewatch.platform.prompts import load_prompts
+from featurewatch.config import default_home
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ingest import TOKEN, start_collector  # noqa: E402

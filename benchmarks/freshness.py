@@ -29,14 +29,14 @@ import numpy as np
 import torch
 
 from featurewatch.actors.collector import CollectorServer
+from featurewatch.actors.pipeline import follow_segments
+from featurewatch.actors.runtime import init_ray
 from featurewatch.capture.sender import ActivationSender
-from featurewatch.platform.config import build_config
-from featurewatch.platform.pipeline import follow_segments
-from featurewatch.platform.runtime import init_ray, spool_segments
+from featurewatch.config import build_config
 from featurewatch.proto.codec import make_batch
 from featurewatch.sae.model import build
 from featurewatch.storage.catalog import Catalog
-from featurewatch.storage.spool import segment_id
+from featurewatch.storage.spool import segment_id, spool_segments
 
 WIDTH, TARGET_S, VERSION = 576, 15.0, "fresh-sae"
 
@@ -139,7 +139,7 @@ def main() -> None:
     sender.close()
     collector.stop()
 
-    sealed_at = {segment_id(p): p.stat().st_mtime for p in spool_segments(cfg)}
+    sealed_at = {segment_id(p): p.stat().st_mtime for p in spool_segments(cfg.spool_dir)}
     lags, waits, after = [], [], []
     for request, t0 in sent_at.items():
         if request in seen_at:

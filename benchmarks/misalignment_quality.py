@@ -23,13 +23,14 @@ import time
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from featurewatch.platform.config import load_config
-from featurewatch.platform.discover import encode_transcripts, rank_contrast, registered_sae
-from featurewatch.platform.scoring import fit_probe, group_scores
-from featurewatch.platform.transcripts import bundled
+from featurewatch.analysis.discover import encode_transcripts, rank_contrast
+from featurewatch.analysis.scoring import fit_probe, group_scores
+from featurewatch.analysis.transcripts import bundled
+from featurewatch.config import load_config
 from featurewatch.sae import load
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.registry import FeatureRegistry
+from featurewatch.storage.sae_store import registered_sae
 
 
 def main() -> None:

@@ -121,7 +121,7 @@ def main() -> None:
     if not args.skip_ray:
         import ray
 
-        from featurewatch.platform.runtime import quiet_ray_logs
+        from featurewatch.actors.runtime import quiet_ray_logs
 
         quiet_ray_logs()
         ray.data.DataContext.get_current().enable_progress_bars = False

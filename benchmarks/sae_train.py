@@ -1,6 +1,6 @@
 """SAE training speed: the Ray Train job against a plain single-process PyTorch loop.
 
-Both train the same TopK SAE (d_in 576, d_sae 8192, k 32, as in the README's quality
+Both train the same TopK SAE (d_in 576, d_sae 8192, k 32, as in the docs' quality
 run) with the same step (featurewatch.sae.train.SAETrainingStep: TopK, sparse decode,
 AuxK), the same Adam optimizer, schedule and decoder normalisation, on the same
 in-memory activations. The plain loop slices a tensor; the Ray Train job reads its
@@ -72,8 +72,8 @@ def ray_train(x: np.ndarray, batch_size: int, workers: int, home: str) -> tuple[
     """(tokens/s inside the loop, wall seconds of the whole job)."""
     import ray
 
-    from featurewatch.platform.config import build_config
-    from featurewatch.platform.train_sae import train_sae
+    from featurewatch.config import build_config
+    from featurewatch.platform.jobs.train_sae import train_sae
 
     cpus = os.cpu_count()
     cfg = build_config(
@@ -103,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from featurewatch.platform.runtime import quiet_ray_logs
+    from featurewatch.actors.runtime import quiet_ray_logs
 
     quiet_ray_logs()
     x = activations(args.tokens)

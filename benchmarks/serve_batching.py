@@ -14,11 +14,11 @@ import time
 
 import torch
 
+from featurewatch.analysis.prompts import load_prompts
 from featurewatch.capture.generation import BatchGenerator
 from featurewatch.capture.hooks import ActivationCapture
 from featurewatch.capture.models import load_model, resolve_model_path
-from featurewatch.platform.config import default_home
-from featurewatch.platform.prompts import load_prompts
+from featurewatch.config import default_home
 
 
 def tokens_per_second(gen: BatchGenerator, prompts: list[str], batch: int, max_tokens: int):

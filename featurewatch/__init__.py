@@ -1,13 +1,20 @@
 """featurewatch: SAE features over a model fleet's sampled activations, with drift SQL.
 
-The data path, one module per step:
+The rooms, each importing only those below it (tests/unit/test_layout.py checks):
 
-    capture/     hooks + samplers on a transformers causal LM; the replica-side sender
-    proto/       the gRPC wire contract and its codec/validation
-    actors/      Ray Serve model server, the gRPC collector actor, the SAE encoder worker
-    storage/     spool (durable segments), lake (Parquet), catalog (DuckDB), drift SQL
-    sae/         SAE model, SAELens-format files, training step, metrics (pure torch)
-    platform/    config, Ray Data pipeline, Ray Train job, the demo, the CLI
+    platform/cli/      the `featurewatch` command: command groups, one error boundary
+    platform/apps/     what runs the services: the demo, the realign demo, `up`
+    platform/control/  policies, the controller (and its Ray actor), actions
+    platform/jobs/     gather, SAE training and refresh, fine-tunes (Ray Train)
+    actors/            long-lived Ray services and what starts them: collector, model
+                       server and its deployment, encoder and encode pipeline, metrics
+    analysis/          no Ray: transcripts, discovery, probes, misalignment scoring
+    capture/ sae/ proto/ storage/
+                       pure torch hooks and samplers; SAE math; the wire contract;
+                       spool, lake, catalog, registry, audit (no Ray in any of them)
+    config.py errors.py
+                       the one config model with every path under the home; named errors
+    dashboard/         the web app; reads storage/ and the config only
 """
 
 __version__ = "0.1.0"

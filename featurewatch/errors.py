@@ -4,6 +4,14 @@
 class FeaturewatchError(Exception):
     """Base class of every error featurewatch raises on purpose."""
 
+    exit_code = 1  # what the command line exits with when this error ends a command
+
+
+class UsageError(FeaturewatchError):
+    """A command-line argument is invalid; the message names the option."""
+
+    exit_code = 2
+
 
 class ConfigError(FeaturewatchError):
     """A configuration file or value is invalid; the message names the field."""

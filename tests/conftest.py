@@ -99,7 +99,7 @@ def ray_cluster():
     """One local Ray cluster for the whole session (starting one costs seconds)."""
     import ray
 
-    from featurewatch.platform.runtime import quiet_ray_logs, start_local_ray
+    from featurewatch.actors.runtime import quiet_ray_logs, start_local_ray
 
     quiet_ray_logs()
     start_local_ray(num_cpus=2, object_store_memory_mb=512)

@@ -4,8 +4,9 @@ validate -> dedupe by (replica, stream epoch, seq) -> spool append (fsync, group
 -> ack. Acked means durable. A bad batch aborts its call with INVALID_ARGUMENT (or
 RESOURCE_EXHAUSTED when too large) naming the field; nothing from it is stored and the
 server keeps serving everyone else. `CollectorServer` runs without Ray (`featurewatch
-collect`); `CollectorActor` hosts the same server inside a Ray actor (a plain grpc server
-beats Serve's gRPC ingress here, see DESIGN.md).
+collect`); `CollectorActor` hosts the same server inside a Ray actor. A plain gRPC server
+beats Serve's gRPC ingress here: through Serve every message of a client stream costs an
+internal Ray call (see the docs' architecture page).
 
 The handlers receive each message's raw bytes next to the parsed message, so the spool
 stores exactly what arrived without serialising it again.
@@ -16,6 +17,9 @@ from __future__ import annotations
 import hmac
 import logging
 import queue
+import re
+import subprocess
+import sys
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -24,6 +28,7 @@ import grpc
 import ray
 from google.protobuf.message import DecodeError
 
+from featurewatch.actors.metrics import Exporter, collector_metrics
 from featurewatch.capture.sender import REJECTED_SEQ_KEY
 from featurewatch.errors import BatchValidationError, SpoolError
 from featurewatch.proto import activations_pb2 as pb
@@ -348,10 +353,9 @@ class CollectorActor:
         spool_dir: str,
         token: str,
         metrics_every_s: float = 2.0,
-        home: str | None = None,
+        status_dir: str | None = None,
         **kwargs,
     ):
-        from featurewatch.actors.metrics import Exporter, collector_metrics
 
         logging.basicConfig(level=logging.INFO)
         self.server = CollectorServer(Path(spool_dir), token, **kwargs).start()
@@ -363,9 +367,12 @@ class CollectorActor:
         # totals into counter deltas every few seconds, so the gRPC hot path never
         # calls into Ray's metrics and CollectorServer stays free of Ray.
         self.metrics = collector_metrics(self.server.address)
-        # With a home, the same totals also go to a heartbeat file there, for
+        # With a status folder (the home's), the same totals also go to a heartbeat file
+        # there, for
         # `featurewatch status` and the dashboard.
-        self.heartbeat = Heartbeat(home, "collector", self.server.address) if home else None
+        self.heartbeat = (
+            Heartbeat(status_dir, "collector", self.server.address) if status_dir else None
+        )
         self.node_id = ray.get_runtime_context().get_node_id()
         self.exporter = Exporter(metrics_every_s, self._export, "collector")
 
@@ -398,9 +405,6 @@ def start_collector_process(
 
     For tests and benchmarks that need a collector they can really kill.
     """
-    import re
-    import subprocess
-    import sys
 
     cmd = [sys.executable, "-m", "featurewatch.platform.cli", "collect", "--listen", listen]
     cmd += ["--spool", str(spool_dir), "--token-file", str(token_file), *extra_args]

@@ -3,7 +3,7 @@
 Ray's metrics agent on each node serves every metric recorded in that node's Ray
 processes (actors, Serve replicas, drivers) on the node's metrics export port, with a
 `ray_` prefix: `featurewatch_collector_accepted_vectors` is scraped as
-`ray_featurewatch_collector_accepted_vectors_total`. See the README, "Operating it".
+`ray_featurewatch_collector_accepted_vectors_total`. See the docs, "Operating it".
 
 Metrics must never take a service down: every export here logs its failure and returns.
 The components (CollectorServer, PolicyController) count or report in plain Python and

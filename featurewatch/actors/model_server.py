@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from featurewatch.actors.metrics import CaptureMetrics, Exporter
+from featurewatch.actors.runtime import COLLECTOR_NAMESPACE
 from featurewatch.capture.generation import BatchGenerator, GenerationResult
 from featurewatch.capture.hooks import ActivationCapture
 from featurewatch.capture.models import load_model, resolve_model_path
@@ -28,7 +29,7 @@ from featurewatch.capture.packing import pack_batches
 from featurewatch.capture.sampler import SamplingPolicy
 from featurewatch.capture.sender import ActivationSender
 from featurewatch.capture.steering import Steer, Steering
-from featurewatch.platform.config import build_config
+from featurewatch.config import build_config
 from featurewatch.storage.heartbeats import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,6 @@ class _Pending(BaseModel):
 def collector_lookup(names: list[str]):
     """A function giving the current addresses of the named collector actors that answer
     within a few seconds (one restarting after its node died does not, yet)."""
-    from featurewatch.platform.runtime import COLLECTOR_NAMESPACE
 
     def resolve() -> list[str]:
         refs = []
@@ -127,7 +127,7 @@ class ModelServer:
         self.metrics = CaptureMetrics(self.cfg.model.name, self.replica_id)
         # The same figures as a file in the home, for `featurewatch status` and the
         # dashboard, which read them without joining the Ray cluster.
-        self.heartbeat = Heartbeat(self.cfg.home, "replica", self.replica_id)
+        self.heartbeat = Heartbeat(self.cfg.status_dir, "replica", self.replica_id)
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         Exporter(2.0, self._export_capture_stats, "capture")
 
@@ -312,7 +312,7 @@ class ModelServer:
 
 
 def build_app(args: dict):
-    """The application `featurewatch.platform.serving` deploys by import path, so that a
+    """The application `featurewatch.actors.serving` deploys by import path, so that a
     new user_config (steering) is a lightweight update of the running replicas."""
     return ModelServer.options(
         num_replicas=args["num_replicas"],

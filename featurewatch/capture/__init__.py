@@ -1,4 +1,6 @@
-"""Pure torch/transformers capture: layer hooks, samplers, model loading, the sender.
+"""Pure torch/transformers capture: layer hooks, samplers, steering hooks, model
+loading, packing and the sender.
 
-Never imports ray: replicas are Ray processes, but this code must run anywhere.
+May import: proto/, errors. Never ray: replicas are Ray processes, but this code must run
+anywhere.
 """

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from featurewatch.errors import ModelPathError
 
@@ -32,7 +33,6 @@ def bundled_smollm2_dir() -> Path:
 
 
 def _convert_smollm2(target: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = bundled_smollm2_dir()
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
@@ -77,7 +77,6 @@ def resolve_model_path(path: str | None, models_dir: Path) -> Path:
 
 def load_model(folder: Path, dtype: str = "float32"):
     """Load (model, tokenizer) ready for batched generation (left padding, eval mode)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
@@ -93,7 +92,6 @@ def load_model(folder: Path, dtype: str = "float32"):
 
 def model_dims(folder: Path) -> tuple[int, int]:
     """(hidden width, number of decoder layers) from config.json, without loading weights."""
-    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
     return int(config.hidden_size), int(config.num_hidden_layers)

@@ -24,11 +24,11 @@ from fastapi import Depends, FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from featurewatch.config import FeaturewatchConfig
 from featurewatch.dashboard import charts
 from featurewatch.dashboard.auth import Identity, TokenStore
 from featurewatch.dashboard.queries import DashboardData
 from featurewatch.errors import FeaturewatchError
-from featurewatch.platform.config import FeaturewatchConfig
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.inbox import FeatureEdit, apply_feature_edit, submit
 from featurewatch.storage.registry import FeatureRegistry, check_tag
@@ -76,7 +76,7 @@ def drift_query(
 def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> FastAPI:
     app = FastAPI(title="featurewatch", docs_url=None, redoc_url=None, openapi_url=None)
     data = DashboardData(cfg)
-    tokens = TokenStore(cfg.home, platform_token)
+    tokens = TokenStore(cfg.dashboard_tokens_file, platform_token)
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters["fmt"] = _fmt
     templates.env.filters["highlight"] = _highlight
@@ -310,7 +310,7 @@ def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> Fa
                     check_tag(tag)
                 with data.catalog() as readers:
                     FeatureRegistry(readers).check_feature(edit.sae_version, edit.feature_id)
-                submit(cfg.home, edit)
+                submit(cfg.inbox_dir, edit)
                 return "queued"
             with catalog:
                 apply_feature_edit(catalog, edit)

@@ -22,7 +22,6 @@ from pathlib import Path
 from featurewatch.errors import ConfigError
 
 ROLES = ("viewer", "operator")
-TOKENS_FILE = "dashboard_tokens.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
@@ -41,8 +40,8 @@ def _digest(token: str) -> str:
 
 
 class TokenStore:
-    def __init__(self, home: Path, platform_token: str | None = None):
-        self.path = Path(home) / TOKENS_FILE
+    def __init__(self, path: Path, platform_token: str | None = None):
+        self.path = Path(path)
         self.platform_token = platform_token
 
     def _load(self) -> list[dict]:

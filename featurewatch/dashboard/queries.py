@@ -7,12 +7,11 @@ import threading
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
+from featurewatch.config import FeaturewatchConfig, parse_duration
 from featurewatch.errors import CatalogError
-from featurewatch.platform.config import FeaturewatchConfig, parse_duration
-from featurewatch.platform.controller import audit_path
-from featurewatch.platform.fleet import fleet_overview
 from featurewatch.storage.audit import AuditLog
 from featurewatch.storage.catalog import Catalog, readers_path
+from featurewatch.storage.fleet import fleet_overview
 from featurewatch.storage.registry import FeatureRegistry
 
 SPARK_POINTS = 24
@@ -318,7 +317,7 @@ class DashboardData:
     def timeline(self, limit: int = 200, everything: bool = False) -> dict:
         """The controller's audit: evaluations (all, or only those that did not come out
         `not_met`), decisions and action results, newest first; pending decisions apart."""
-        path = audit_path(self.cfg)
+        path = self.cfg.audit_path
         if not path.exists():
             return {"events": [], "pending": [], "audit": False}
         with self._audit_lock:
@@ -352,7 +351,7 @@ class DashboardData:
 
     def approve(self, decision_id: str, actor: str) -> dict:
         with self._audit_lock:
-            audit = AuditLog(audit_path(self.cfg))
+            audit = AuditLog(self.cfg.audit_path)
             audit.approve(decision_id, actor=actor)
             return audit.decision(decision_id)
 

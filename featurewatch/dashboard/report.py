@@ -9,10 +9,10 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from featurewatch.config import FeaturewatchConfig, format_duration
 from featurewatch.dashboard import charts
 from featurewatch.dashboard.app import _fmt, _highlight
 from featurewatch.dashboard.queries import DashboardData
-from featurewatch.platform.config import FeaturewatchConfig, format_duration
 
 TRENDS = 5  # the top movers that get a full trend chart and examples
 

@@ -1,0 +1,1 @@
+"""Bundled data: the corpus, prompt sets and labelled transcripts (JSONL). No code."""

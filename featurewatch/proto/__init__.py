@@ -1,4 +1,4 @@
 """The wire contract (activations.proto), its generated stubs and the codec.
 
-Regenerate the stubs with `make proto`.
+Regenerate the stubs with `make proto`. May import: errors.
 """

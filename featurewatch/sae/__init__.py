@@ -1,6 +1,6 @@
 """Pure-torch sparse autoencoders: models, SAELens-format files, sharding, training.
 
-Never imports ray.
+May import: errors. Never ray.
 """
 
 from featurewatch.sae.model import (

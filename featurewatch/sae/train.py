@@ -1,6 +1,6 @@
 """SAE training in plain torch: initialisation, the loss with AuxK, schedule, metrics.
 
-The Ray Train job (featurewatch/platform/train_sae.py) wraps these; the same step runs
+The Ray Train job (featurewatch/platform/jobs/train_sae.py) wraps these; the same step runs
 in a single process (benchmarks/sae_train.py compares the two). What the field has
 learned, and where it lives here:
 - decoder rows kept at unit norm after every step (`normalize_decoder`);

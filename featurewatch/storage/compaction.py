@@ -25,6 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from featurewatch.config import LakeConfig
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.lake import SCHEMAS
 from featurewatch.storage.lake_store import LakeStore, as_lake_store
@@ -215,3 +216,23 @@ def upkeep(
     report.partitions_dropped = dropped.partitions_dropped
     report.files_deleted = delete_retired(catalog, lake, now, grace)
     return report
+
+
+def scheduled_upkeep(catalog: Catalog, settings: LakeConfig, what: str = "all") -> UpkeepReport:
+    """One pass of upkeep with the lake's configured delays and retention: "compact",
+    "retain", or "all" (retention, compaction, then deleting retired files)."""
+    now = datetime.now(UTC)
+    delay = timedelta(minutes=settings.compact_delay_minutes)
+    if what == "compact":
+        return compact(catalog, catalog.lake, now - delay)
+    if what == "retain":
+        return retain(catalog, now, settings.raw_retention_days, settings.rollup_retention_days)
+    return upkeep(
+        catalog,
+        catalog.lake,
+        now,
+        compact_delay=delay,
+        raw_days=settings.raw_retention_days,
+        rollup_days=settings.rollup_retention_days,
+        grace=timedelta(minutes=settings.retired_grace_minutes),
+    )

@@ -19,15 +19,11 @@ STALE_S = 30.0
 _NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def status_dir(home: Path) -> Path:
-    return Path(home) / "status"
-
-
 class Heartbeat:
     """Writes one part's heartbeat; rates are per second since the previous beat."""
 
-    def __init__(self, home: Path, kind: str, name: str):
-        self.path = status_dir(home) / f"{kind}-{_NAME.sub('_', name)}.json"
+    def __init__(self, folder: Path, kind: str, name: str):
+        self.path = Path(folder) / f"{kind}-{_NAME.sub('_', name)}.json"
         self.kind, self.name = kind, name
         self._last: tuple[float, dict] | None = None
 
@@ -53,12 +49,12 @@ class Heartbeat:
         return record
 
 
-def read_heartbeats(home: Path, kind: str, now: float | None = None) -> list[dict]:
+def read_heartbeats(folder: Path, kind: str, now: float | None = None) -> list[dict]:
     """Every heartbeat of one kind, each with `age_s` and `live` (fresher than STALE_S).
     Unreadable files are skipped: a heartbeat is advice, not a record."""
     now = time.time() if now is None else now
     found = []
-    folder = status_dir(home)
+    folder = Path(folder)
     for path in sorted(folder.glob(f"{kind}-*.json")) if folder.is_dir() else []:
         try:
             record = json.loads(path.read_text())

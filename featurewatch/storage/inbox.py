@@ -3,12 +3,11 @@ SAE version or model version, or an edit of a feature's label and tags.
 
 DuckDB lets one process write a catalog file, and while the pipeline runs, that process
 is the pipeline. A refresh job or the controller's realign action therefore writes a
-request (one JSON file, renamed into place so it is whole or absent) to
-`<home>/registrations/`, and the writer applies the pending requests between rounds,
-oldest first, each in one transaction. An applied request moves to `applied/`; one that
-cannot be applied moves to `rejected/` with the reason beside it, and the writer goes
-on: a bad request never stops the pipeline.
-"""
+request (one JSON file, renamed into place so it is whole or absent) to the home's inbox
+folder (`<home>/registrations/`, config.inbox_dir), and the writer applies the pending
+requests between rounds, oldest first, each in one transaction. An applied request moves
+to `applied/`; one that cannot be applied moves to `rejected/` with the reason beside
+it, and the writer goes on: a bad request never stops the pipeline."""
 
 from __future__ import annotations
 
@@ -88,13 +87,10 @@ class _Envelope(BaseModel):
     request: Registration
 
 
-def inbox_dir(home: Path) -> Path:
-    return Path(home) / "registrations"
-
-
-def submit(home: Path, request: SAERegistration | ModelVersionRegistration | FeatureEdit) -> Path:
-    """Queue a request for the catalog's writer; returns the request file."""
-    folder = inbox_dir(home)
+def submit(folder: Path, request: SAERegistration | ModelVersionRegistration | FeatureEdit) -> Path:
+    """Queue a request in the inbox `folder` for the catalog's writer; returns the
+    request file."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = request.model_version if request.kind == "model_version" else request.sae_version
     path = folder / f"{time.time_ns():020d}-{request.kind}-{name}.json"
@@ -104,8 +100,8 @@ def submit(home: Path, request: SAERegistration | ModelVersionRegistration | Fea
     return path
 
 
-def pending(home: Path) -> list[Path]:
-    folder = inbox_dir(home)
+def pending(folder: Path) -> list[Path]:
+    folder = Path(folder)
     return sorted(folder.glob("*.json")) if folder.is_dir() else []
 
 
@@ -153,10 +149,10 @@ def _apply_one(catalog: Catalog, request) -> None:
             )
 
 
-def apply_registrations(catalog: Catalog, home: Path) -> list:
+def apply_registrations(catalog: Catalog, folder: Path) -> list:
     """Apply every pending request to `catalog` (the writer); returns those applied."""
     applied = []
-    for path in pending(home):
+    for path in pending(folder):
         try:
             request = _parse(path)
             _apply_one(catalog, request)

@@ -6,7 +6,7 @@ compaction has folded a closed hour, and a period belongs to a window when it st
 inside it. Rates are per sampled token: times a feature fired over
 tokens seen. Statistics are per SAE version and feature id, so feature ids of two
 dictionaries never meet in one number. Each macro's comment is its documentation (the
-README lists them); tests check each against a hand-computed answer.
+SQL reference in the docs lists them); tests check each against a hand-computed answer.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import re
 
 import pyarrow as pa
 
-from featurewatch.errors import CatalogError
+from featurewatch.errors import CatalogError, ConfigError
 from featurewatch.storage.catalog import Catalog
 
 TAG_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
@@ -172,6 +172,25 @@ class FeatureRegistry:
         """The feature ids of one SAE version that carry `tag` (what scoring selects)."""
         rows = self.entries(sae_version, tag).column("feature_id").to_pylist()
         return sorted(rows)
+
+    def group_ids(
+        self, sae_version: str, tag: str | None = None, features: list[int] | None = None
+    ) -> list[int]:
+        """The feature ids a score or a policy watches: a tag group, or ids given by hand
+        (each checked against the SAE's width)."""
+        if (tag is None) == (not features):
+            raise ConfigError("give a tag or feature ids (not both)")
+        if features:
+            for feature_id in features:
+                self.check_feature(sae_version, feature_id)
+            return sorted(set(features))
+        ids = self.ids_with_tag(sae_version, tag)
+        if not ids:
+            raise ConfigError(
+                f"no feature of SAE {sae_version} is tagged {tag!r}: tag some first "
+                "(featurewatch features discover ... --tag-top N --tag TAG)"
+            )
+        return ids
 
     def show(self, sae_version: str, feature_id: int) -> dict:
         """Everything known about one feature: its entry and its history, oldest first."""

@@ -16,13 +16,15 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from featurewatch.errors import SAEFormatError
+from featurewatch.config import FeaturewatchConfig
+from featurewatch.errors import ConfigError, SAEFormatError
 from featurewatch.storage.lake_store import LakeStore
 
 MARKER = "cfg.json"  # written last: its presence means the version is whole
@@ -106,3 +108,54 @@ def sae_folder(store: SAEStore | None, version: str | None, recorded: Path) -> P
     if (recorded / MARKER).is_file() or store is None or version is None:
         return recorded
     return store.fetch(version)
+
+
+@dataclass
+class SAEChoice:
+    version: str
+    path: Path
+    layer: int
+    site: str
+
+
+def sae_store(cfg: FeaturewatchConfig) -> SAEStore | None:
+    """The shared SAE store of `sae.store_uri`, cached in <home>/saes (None: no store)."""
+    if cfg.sae.store_uri is None:
+        return None
+    return SAEStore(cfg.sae.store_uri, cfg.sae_dir)
+
+
+def registered_sae(cfg: FeaturewatchConfig, catalog, version: str | None = None) -> SAEChoice:
+    """A registered SAE version, or by default the newest one for the configured model."""
+    sql = "SELECT sae_version, path, layer, site FROM sae_versions WHERE "
+    if version is None:
+        rows = catalog.query(
+            sql + "model = ? ORDER BY created_at DESC LIMIT 1", [cfg.model.name]
+        ).to_pylist()
+        if not rows:
+            raise ConfigError(f"no SAE version is registered for model {cfg.model.name!r}")
+    else:
+        rows = catalog.query(sql + "sae_version = ?", [version]).to_pylist()
+        if not rows:
+            raise ConfigError(f"SAE version {version!r} is not in the catalog")
+    row = rows[0]
+    # On a node other than the one that trained it, the folder comes from the store.
+    path = sae_folder(sae_store(cfg), row["sae_version"], Path(row["path"]))
+    return SAEChoice(row["sae_version"], path, row["layer"], row["site"] or "resid_post")
+
+
+def sae_version_or_folder(cfg: FeaturewatchConfig, version_or_path: str) -> tuple[str | None, Path]:
+    """(version, folder) of a registered version's folder in the home or the store, or
+    (None, folder) for an SAE folder given by path."""
+    path = Path(version_or_path)
+    if path.is_dir():
+        return None, path
+    candidate = cfg.sae_dir / version_or_path
+    if candidate.is_dir():
+        return version_or_path, candidate
+    store = sae_store(cfg)
+    if store is not None and "/" not in version_or_path and store.has(version_or_path):
+        return version_or_path, store.fetch(version_or_path)
+    raise SAEFormatError(
+        f"{version_or_path!r} is neither an SAE folder nor a version under {cfg.sae_dir}"
+    )

@@ -63,6 +63,38 @@ def sealed_segments(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name.endswith(".seg") and _NAME.match(p.name))
 
 
+def collector_spool_dir(spool_root: Path, index: int) -> Path:
+    """Collector 0 writes to the spool root, collector i > 0 to <root>/collector-i/."""
+    return Path(spool_root) if index == 0 else Path(spool_root) / f"collector-{index}"
+
+
+def spool_segments(spool_root: Path) -> list[Path]:
+    """Sealed segments of every collector's spool under the spool root."""
+    spool_root = Path(spool_root)
+    dirs = [spool_root] + sorted(spool_root.glob("collector-*"))
+    return [p for d in dirs for p in sealed_segments(d)]
+
+
+def waiting_segments(
+    spool_root: Path, sae_version: str, catalog, paths=None, since=None
+) -> tuple[list[Path], list[Path]]:
+    """(the sealed segments considered, those of them the catalog has not committed for
+    sae_version). By default every collector's segments; with `since` (a Unix time),
+    only those sealed since."""
+    all_paths = spool_segments(spool_root) if paths is None else list(paths)
+    if since is not None:
+        all_paths = [p for p in all_paths if p.stat().st_mtime >= since]
+    done = catalog.committed_segments(sae_version)
+    return all_paths, [p for p in all_paths if segment_id(p) not in done]
+
+
+def oldest_waiting(spool_root: Path, sae_version: str, catalog, since=None) -> float | None:
+    """When the oldest sealed segment not yet committed for sae_version was sealed (its
+    last write, as a Unix time); None when every segment is in the lake."""
+    _, todo = waiting_segments(spool_root, sae_version, catalog, since=since)
+    return min((p.stat().st_mtime for p in todo), default=None)
+
+
 def _scan(path: Path) -> tuple[list[bytes], int]:
     """Complete records of a segment file and the byte offset where they end."""
     data = path.read_bytes()

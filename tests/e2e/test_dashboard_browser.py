@@ -16,8 +16,8 @@ from urllib.parse import quote
 
 import pytest
 
-from featurewatch.platform.config import build_config
-from featurewatch.platform.controller import PolicyController, load_policy_list
+from featurewatch.config import build_config
+from featurewatch.platform.control.controller import PolicyController, load_policy_list
 from featurewatch.storage.audit import AuditLog
 from tests.conftest import free_port
 from tests.e2e.conftest import run

@@ -279,8 +279,8 @@ def test_a_worker_node_dies_mid_run_and_no_acked_batch_is_lost(cluster, tiny_lla
 
         # Placement by role: a replica on each serving node, the collector on one of
         # them, nothing of the platform's on the head.
-        replicas = {b["name"]: b for b in read_heartbeats(home, "replica")}
-        (collector,) = read_heartbeats(home, "collector")
+        replicas = {b["name"]: b for b in read_heartbeats(home / "status", "replica")}
+        (collector,) = read_heartbeats(home / "status", "collector")
         workers = {nodes["worker-a"], nodes["worker-b"]}
         assert {b["node_id"] for b in replicas.values()} == workers
         assert collector["node_id"] in workers
@@ -294,12 +294,12 @@ def test_a_worker_node_dies_mid_run_and_no_acked_batch_is_lost(cluster, tiny_lla
 
         killed_at = time.monotonic()
         cluster.kill(victim)
-        last_beats = {b["name"]: b for b in read_heartbeats(home, "replica")}
+        last_beats = {b["name"]: b for b in read_heartbeats(home / "status", "replica")}
 
         def recovered() -> bool:
-            beats = {b["name"]: b for b in read_heartbeats(home, "replica") if b["live"]}
+            beats = {b["name"]: b for b in read_heartbeats(home / "status", "replica") if b["live"]}
             moved = [
-                b for b in read_heartbeats(home, "collector")
+                b for b in read_heartbeats(home / "status", "collector")
                 if b["spool"] == collector["spool"] and b["node_id"] == survivor_node
                 and b["live"]
             ]  # fmt: skip
@@ -340,7 +340,7 @@ def test_a_worker_node_dies_mid_run_and_no_acked_batch_is_lost(cluster, tiny_lla
     # is in the lake once.
     assert doubled == 0
     assert in_lake == dict(stored) and sum(in_lake.values()) > 0
-    final = {b["name"]: b for b in read_heartbeats(home, "replica")}
+    final = {b["name"]: b for b in read_heartbeats(home / "status", "replica")}
     for name, beat in final.items():
         acked = beat["counters"]["acked_vectors"]
         if name == killed:

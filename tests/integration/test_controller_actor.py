@@ -6,7 +6,7 @@ import time
 
 import ray
 
-from featurewatch.actors.controller import start_controller
+from featurewatch.platform.control.actor import start_controller
 from featurewatch.storage.audit import AuditLog
 from tests.unit.test_controller import platform, policies, webhook  # noqa: F401 (fixtures)
 

@@ -9,17 +9,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from featurewatch.analysis.transcripts import parse_lines
 from featurewatch.capture.models import load_model
+from featurewatch.config import build_config
 from featurewatch.errors import ConfigError, ModelPathError
 from featurewatch.platform.cli import app
-from featurewatch.platform.config import build_config
-from featurewatch.platform.finetune import (
+from featurewatch.platform.jobs.finetune import (
     LORA_TARGETS,
     FinetuneSettings,
     run_finetune,
     sft_example,
 )
-from featurewatch.platform.transcripts import parse_lines
 from featurewatch.storage.catalog import Catalog
 from tests.integration.test_sae_train_resume import train_workers
 

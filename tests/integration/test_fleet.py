@@ -11,8 +11,8 @@ import requests
 import torch
 from ray import serve
 
-from featurewatch.platform.config import build_config
-from featurewatch.platform.up import run_up
+from featurewatch.config import build_config
+from featurewatch.platform.apps.up import run_up
 from featurewatch.proto import activations_pb2 as pb
 from featurewatch.sae import build
 from featurewatch.storage.catalog import Catalog
@@ -115,12 +115,12 @@ def test_a_fleet_of_two_models_lands_in_one_lake(ray_cluster, tiny_llama_dir, tm
         serve.shutdown()
     assert result["drained"] and result["sae_versions"] == {LLAMA: "llama-sae", GPT2: "gpt2-sae"}
 
-    replicas = {b["name"]: b["model"] for b in read_heartbeats(home, "replica")}
+    replicas = {b["name"]: b["model"] for b in read_heartbeats(home / "status", "replica")}
     assert Counter(replicas.values()) == {LLAMA: 2, GPT2: 2}
     # The collectors took each model at its own width and layer; nothing was refused.
     spooled = spooled_per_model(home)
     assert {key[:3] for key in spooled} == {(LLAMA, 64, 1), (GPT2, 48, 2)}
-    (collector,) = read_heartbeats(home, "collector")
+    (collector,) = read_heartbeats(home / "status", "collector")
     assert collector["counters"]["rejected_batches"] == 0
 
     with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:

@@ -10,7 +10,7 @@ DRIVER = textwrap.dedent(
     import json, logging, re, sys
     import psutil, ray
     import ray._private.services as services
-    from featurewatch.platform.runtime import start_local_ray
+    from featurewatch.actors.runtime import start_local_ray
 
     real_get_node = services.get_node
     refused = []

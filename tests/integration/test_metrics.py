@@ -14,9 +14,9 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from featurewatch.actors.collector import CollectorActor
-from featurewatch.actors.controller import ControllerActor
-from featurewatch.platform.config import build_config
-from featurewatch.platform.pipeline import follow_segments
+from featurewatch.actors.pipeline import follow_segments
+from featurewatch.config import build_config
+from featurewatch.platform.control.actor import ControllerActor
 from featurewatch.proto import activations_pb2_grpc as pb_grpc
 from featurewatch.sae.model import build
 from featurewatch.storage.catalog import Catalog
@@ -199,8 +199,8 @@ def test_collector_pipeline_and_controller_metrics_are_scraped(
 FIXED_PORT = """
 import sys, time, ray, requests
 from ray.util.metrics import Counter
-from featurewatch.platform.config import build_config
-from featurewatch.platform.runtime import init_ray
+from featurewatch.config import build_config
+from featurewatch.actors.runtime import init_ray
 
 port = int(sys.argv[1])
 init_ray(build_config({"home": sys.argv[2], "ray": {"metrics_export_port": port}}))

@@ -11,10 +11,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from featurewatch.actors.pipeline import encode_segments, follow_segments, segments_dataset
+from featurewatch.config import build_config
 from featurewatch.platform.cli import app
-from featurewatch.platform.config import build_config
-from featurewatch.platform.pipeline import encode_segments, follow_segments, segments_dataset
-from featurewatch.platform.train_sae import train_sae
+from featurewatch.platform.jobs.train_sae import train_sae
 from featurewatch.proto.codec import unpack_vectors
 from featurewatch.sae import load
 from featurewatch.storage.catalog import Catalog
@@ -203,18 +203,20 @@ def test_sharded_pipeline_lands_the_same_lake_rows(trained):
 def test_a_batch_stored_by_two_collectors_lands_once(trained):
     """After a lost ack a replica resends to the next collector: the same batch key sits
     in two spools. The lake keeps one copy."""
-    from featurewatch.platform.runtime import collector_spool_dir, spool_segments
+    from featurewatch.storage.spool import collector_spool_dir, spool_segments
 
     cfg, paths, result = trained
     first = next(read_segment(paths[0]))  # seq 1, already in the lake
-    other = Spool(collector_spool_dir(cfg, 1))
+    other = Spool(collector_spool_dir(cfg.spool_dir, 1))
     other.append(first)
     fresh = batch_of(torch.randn(64, WIDTH).half(), seq=999, request_ids=["req-999"])
     other.append(fresh.SerializeToString())
     other.close()
     with Catalog(cfg.catalog_path, cfg.lake_dir) as catalog:
         before = catalog.query("SELECT count(*) AS n FROM tokens").to_pylist()[0]["n"]
-        report = encode_segments(cfg, result.sae, result.version, catalog, spool_segments(cfg))
+        report = encode_segments(
+            cfg, result.sae, result.version, catalog, spool_segments(cfg.spool_dir)
+        )
         after = catalog.query("SELECT count(*) AS n FROM tokens").to_pylist()[0]["n"]
         # one row per token and SAE version (other tests encode the same tokens under
         # other versions)

@@ -17,13 +17,13 @@ from ray import serve
 from sklearn.linear_model import LogisticRegression
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from featurewatch.analysis.scoring import Probe
+from featurewatch.analysis.transcripts import read_prompts, read_transcripts
 from featurewatch.capture.generation import BatchGenerator, prompt_text
 from featurewatch.capture.hooks import SiteRecorder
-from featurewatch.platform.config import build_config
-from featurewatch.platform.finetune import FinetuneSettings, run_finetune
-from featurewatch.platform.realign_demo import RealignScenario, run_realign_demo
-from featurewatch.platform.scoring import Probe
-from featurewatch.platform.transcripts import read_prompts, read_transcripts
+from featurewatch.config import build_config
+from featurewatch.platform.apps.realign_demo import RealignScenario, run_realign_demo
+from featurewatch.platform.jobs.finetune import FinetuneSettings, run_finetune
 from featurewatch.sae.model import build
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.registry import FeatureRegistry

@@ -10,11 +10,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from featurewatch.platform.actions import refresh_sae_handler
+from featurewatch.actors.pipeline import encode_segments, follow_segments, segments_dataset
+from featurewatch.config import build_config
 from featurewatch.platform.cli import app
-from featurewatch.platform.config import build_config
-from featurewatch.platform.pipeline import encode_segments, follow_segments, segments_dataset
-from featurewatch.platform.train_sae import train_sae
+from featurewatch.platform.control.actions import refresh_sae_handler
+from featurewatch.platform.jobs.train_sae import train_sae
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.inbox import pending
 from featurewatch.storage.registry import FeatureRegistry
@@ -66,13 +66,13 @@ def test_a_stale_sae_is_refreshed_and_swapped_into_the_running_pipeline(drifted)
     assert fresh["parent"] == "parent"  # the newest registered version by default
     assert fresh["parent_fvu"] > 0.3  # it reconstructs the new traffic badly
     assert (fresh["train_segments"], fresh["held_out_segments"]) == (8, 1)
-    assert not pending(cfg.home)
+    assert not pending(cfg.inbox_dir)
 
     # The controller's action, as a fired policy hands it over.
     action = {"type": "refresh_sae", "fvu_threshold": 0.3, "data_window": "PT1H", "epochs": 10}
     detail = refresh_sae_handler(cfg)(action, {"numbers": {"sae_version": "parent"}})
     assert "kept: registration requested" in detail, detail
-    (request,) = pending(cfg.home)
+    (request,) = pending(cfg.inbox_dir)
     child = request.name.split("-sae-", 1)[1].removesuffix(".json")
     assert child.startswith("parent-r")
 
@@ -95,7 +95,7 @@ def test_a_stale_sae_is_refreshed_and_swapped_into_the_running_pipeline(drifted)
         stop.set()
         service.join()
     assert switched == [child]
-    assert pending(cfg.home) == []
+    assert pending(cfg.inbox_dir) == []
     with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as reader:
         assert len(reader.committed_segments(child)) == 9
         row = reader.query(

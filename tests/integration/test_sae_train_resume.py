@@ -3,7 +3,7 @@ the last checkpoint (not from step 0), and still finishes every step.
 
 The training runs in its own driver process, as `featurewatch sae train` does. (In a
 driver that had already run another TorchTrainer, a restarted group was seen to start
-from step 0; see the README's state section.)
+from step 0; see the docs' state page.)
 """
 
 import json
@@ -23,10 +23,10 @@ EPOCHS, CHECKPOINT_EVERY = 200, 20
 DRIVER = textwrap.dedent(
     """
     import json, sys
-    from featurewatch.platform.config import build_config
-    from featurewatch.platform.pipeline import segments_dataset
-    from featurewatch.platform.runtime import quiet_ray_logs, start_local_ray
-    from featurewatch.platform.train_sae import train_sae
+    from featurewatch.config import build_config
+    from featurewatch.actors.pipeline import segments_dataset
+    from featurewatch.actors.runtime import quiet_ray_logs, start_local_ray
+    from featurewatch.platform.jobs.train_sae import train_sae
     from tests.integration.test_ray_pipeline import WIDTH, fill_spool
 
     cfg = build_config(json.loads(sys.argv[1]))

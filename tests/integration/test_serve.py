@@ -17,15 +17,15 @@ from ray import serve
 from typer.testing import CliRunner
 
 from featurewatch.actors.collector import CollectorActor
+from featurewatch.actors.pipeline import follow_segments
+from featurewatch.actors.serving import deploy_model_server, promote_model, set_steering
 from featurewatch.capture.steering import steer_from_sae
+from featurewatch.config import build_config
 from featurewatch.errors import ConfigError, TranscriptError
-from featurewatch.platform.actions import realign_handler
 from featurewatch.platform.cli import app
-from featurewatch.platform.config import build_config
-from featurewatch.platform.controller import PolicyController
-from featurewatch.platform.pipeline import follow_segments
-from featurewatch.platform.policies import PolicyFile
-from featurewatch.platform.serving import deploy_model_server, promote_model, set_steering
+from featurewatch.platform.control.actions import realign_handler
+from featurewatch.platform.control.controller import PolicyController
+from featurewatch.platform.control.policies import PolicyFile
 from featurewatch.proto import activations_pb2 as pb
 from featurewatch.sae.model import build
 from featurewatch.storage.catalog import Catalog

@@ -67,7 +67,7 @@ def test_sql_writes_parquet_to_a_file(tmp_path):
 def test_sql_shell_keeps_going_after_an_error(tmp_path, monkeypatch, capsys):
     """The interactive shell: statements end with ';' (over several lines), a refused or
     broken one prints its error and the next still runs."""
-    from featurewatch.platform.cli import _sql_shell
+    from featurewatch.platform.cli.query import _sql_shell
 
     home = make_home(tmp_path)
     lines = iter(
@@ -284,3 +284,65 @@ def test_features_commands(tmp_path):
     ]:
         bad = runner.invoke(app, [*args, *h])
         assert bad.exit_code == 1 and message in bad.output, (args, bad.output)
+
+
+# The commands `featurewatch --help` listed before the CLI became a package of groups.
+EVERY_COMMAND = [
+    "demo", "sql", "drift", "collect", "sae", "features", "evaluate", "score", "policy",
+    "approve", "steer", "up", "pipeline", "finetune", "audit", "lake", "status", "report",
+    "dashboard", "token", "version",
+]  # fmt: skip
+
+
+def test_help_lists_every_command_with_its_own_help():
+    """The listing comes from a table (so it imports no command); each entry's text must
+    be the command's own short help, and the set of commands is unchanged."""
+    import click
+
+    from featurewatch.platform.cli import COMMANDS
+
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0, result.output
+    listed = [line.split()[0] for line in result.output.split("Commands:")[1].splitlines()
+              if line.startswith("  ") and not line.startswith("   ")]  # fmt: skip
+    assert listed == EVERY_COMMAND
+    root = typer_command()
+    ctx = click.Context(root)
+    for name, (_, _, text) in COMMANDS.items():
+        assert root.get_command(ctx, name).get_short_help_str(limit=300) == text, name
+
+
+def typer_command():
+    import typer
+
+    return typer.main.get_command(app)
+
+
+def test_help_and_sql_load_no_heavy_dependency(tmp_path):
+    """`featurewatch --help` and `featurewatch sql` import neither torch nor ray: only the
+    module of the command that runs is loaded."""
+    import subprocess
+    import sys
+
+    home = make_home(tmp_path)
+    probe = (
+        "import sys\n"
+        "from featurewatch.platform.cli import main\n"
+        "sys.argv = ['featurewatch', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))\n"
+    )
+    for args in (["--help"], ["sql", "SELECT 1 AS one", "--home", str(home)]):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
+                             text=True, timeout=120).stdout  # fmt: skip
+        assert "HEAVY []" in out, (args, out)
+
+
+def test_a_featurewatch_error_ends_the_command_with_its_exit_code(tmp_path):
+    """The one error boundary: a named error is one line on stderr, exit 1; a bad
+    argument exits 2."""
+    result = runner.invoke(app, ["audit", "--home", str(tmp_path)])
+    assert result.exit_code == 1 and "error: no audit log at" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["audit", "nonsense", "--home", str(tmp_path)])
+    assert result.exit_code == 2 and "WHAT must be one of" in result.output

@@ -139,8 +139,8 @@ def test_upkeep_runs_all_three(lake):
 
 @pytest.mark.parametrize("bad", [{"raw_retention_days": 0}, {"rollup_retention_days": 3}])
 def test_lake_config_is_validated(bad):
+    from featurewatch.config import build_config
     from featurewatch.errors import ConfigError
-    from featurewatch.platform.config import build_config
 
     with pytest.raises(ConfigError, match="lake"):
         build_config({"lake": {"raw_retention_days": 7, **bad}})

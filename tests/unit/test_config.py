@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from featurewatch.config import build_config, load_config
 from featurewatch.errors import ConfigError
-from featurewatch.platform.config import build_config, load_config
 
 
 def test_defaults_work_without_a_file(tmp_path, monkeypatch):
@@ -58,7 +58,7 @@ def test_missing_file():
 
 
 def test_shipped_configs_load():
-    """Every config in configs/ is valid (the README's commands use them)."""
+    """Every config in configs/ is valid (the docs' commands use them)."""
     shipped = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
     assert shipped
     for path in shipped:

@@ -11,12 +11,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from featurewatch.config import build_config
 from featurewatch.errors import CatalogError
-from featurewatch.platform.actions import send_alert
 from featurewatch.platform.cli import app
-from featurewatch.platform.config import build_config
-from featurewatch.platform.controller import PolicyController
-from featurewatch.platform.policies import Condition, PolicyFile
+from featurewatch.platform.control.actions import send_alert
+from featurewatch.platform.control.controller import PolicyController
+from featurewatch.platform.control.policies import Condition, PolicyFile
 from featurewatch.storage.audit import AuditLog
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.registry import FeatureRegistry
@@ -202,7 +202,7 @@ def test_policies_that_cannot_be_evaluated_are_audited_and_skipped(platform, web
     good = policies(url, id="good")[0]
     rows = PolicyController(platform, [untagged, outside, good]).tick(NOW)
     assert [r["outcome"] for r in rows] == ["error", "error", "fired"]
-    assert "no feature of sae1 is tagged 'deception'" in rows[0]["detail"]
+    assert "no feature of SAE sae1 is tagged 'deception'" in rows[0]["detail"]
     assert "feature 32 is not in SAE 'sae1'" in rows[1]["detail"]
     # An action type with no handler in this deployment is recorded, not dropped.
     refresh = policies(url, id="refresh", actions=[{"type": "refresh_sae", "fvu_threshold": 0.3}])

@@ -13,15 +13,15 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from featurewatch.config import build_config
 from featurewatch.dashboard.app import create_app
 from featurewatch.dashboard.auth import TokenStore
 from featurewatch.platform.cli import app as cli
-from featurewatch.platform.config import build_config
-from featurewatch.platform.controller import PolicyController, audit_path
-from featurewatch.platform.fleet import fleet_overview
-from featurewatch.platform.policies import PolicyFile
+from featurewatch.platform.control.controller import PolicyController
+from featurewatch.platform.control.policies import PolicyFile
 from featurewatch.storage.audit import AuditLog
 from featurewatch.storage.catalog import Catalog
+from featurewatch.storage.fleet import fleet_overview
 from featurewatch.storage.heartbeats import Heartbeat
 from featurewatch.storage.inbox import apply_registrations, pending
 from featurewatch.storage.lake import write_segment
@@ -58,7 +58,7 @@ def home(tmp_path):
         cat.commit_segment("v2seg", "sae1", files, tokens=60, feature_rows=len(features))
         FeatureRegistry(cat).label("sae1", 7, actor="test", label="toxic persona")
     (row,) = PolicyController(cfg, manual_policy()).tick(T0 + timedelta(hours=4))
-    store = TokenStore(cfg.home)
+    store = TokenStore(cfg.dashboard_tokens_file)
     tokens = {"operator": store.create("ana", "operator"), "viewer": store.create("vic", "viewer")}
     client = TestClient(create_app(cfg, platform_token="the-platform-token"))
     yield cfg, client, tokens, row["decision"]
@@ -88,7 +88,7 @@ def test_every_page_and_call_needs_a_token_and_viewers_cannot_act(home):
     assert client.post(f"/decisions/{decision}/approve", headers=viewer).status_code == 403
     edit = client.post("/api/features/sae1/9", headers=viewer, json={"label": "x"})
     assert edit.status_code == 403
-    assert AuditLog(audit_path(cfg)).decision(decision)["status"] == "pending"
+    assert AuditLog(cfg.audit_path).decision(decision)["status"] == "pending"
     # The viewer sees no approve button or edit form.
     assert "Approve</button>" not in client.get("/timeline", headers=viewer).text
     assert 'id="edit"' not in client.get("/features/sae1/7", headers=viewer).text
@@ -101,7 +101,7 @@ def test_every_page_and_call_needs_a_token_and_viewers_cannot_act(home):
                      follow_redirects=False)  # fmt: skip
     assert ok.status_code == 303 and ok.headers["location"] == "/drift"
     assert client.get("/drift").status_code == 200
-    TokenStore(cfg.home).revoke("vic")
+    TokenStore(cfg.dashboard_tokens_file).revoke("vic")
     assert client.get("/drift", follow_redirects=False).status_code == 303
     client.cookies.clear()
     # The platform's own token is an operator.
@@ -115,7 +115,7 @@ def test_operators_approve_and_edit_with_history(home):
     assert decision in page and "Approve</button>" in page
     done = client.post(f"/decisions/{decision}/approve", headers=op, follow_redirects=False)
     assert done.status_code == 303
-    approved = AuditLog(audit_path(cfg)).decision(decision)
+    approved = AuditLog(cfg.audit_path).decision(decision)
     assert (approved["status"], approved["actor"]) == ("approved", "ana")
     again = client.post(f"/api/decisions/{decision}/approve", headers=op)
     assert again.status_code == 400 and "not pending" in again.json()["error"]
@@ -253,25 +253,25 @@ def test_an_edit_while_another_process_writes_the_catalog_is_queued(home):
     finally:
         holder.kill()
         holder.wait()
-    assert len(pending(cfg.home)) == 1
+    assert len(pending(cfg.inbox_dir)) == 1
     with Catalog(cfg.catalog_path, cfg.lake_dir) as cat:  # the writer's next round
-        assert [r.kind for r in apply_registrations(cat, cfg.home)] == ["feature_edit"]
+        assert [r.kind for r in apply_registrations(cat, cfg.inbox_dir)] == ["feature_edit"]
         shown = FeatureRegistry(cat).show("sae1", 11)
     assert shown["label"] == "deception" and shown["history"][-1]["actor"] == "ana"
 
 
 def test_fleet_overview_reads_heartbeats_the_lake_and_the_spool(home, tmp_path):
     cfg, client, tokens, _ = home
-    replica = Heartbeat(cfg.home, "replica", "ModelServer#abc")
+    replica = Heartbeat(cfg.status_dir, "replica", "ModelServer#abc")
     fields = {"model": "tiny", "model_version": "v1", "queue_depth": 2}
     replica.beat(fields, {"acked_vectors": 100, "dropped_vectors": 0})
     time.sleep(0.2)
     replica.beat(fields, {"acked_vectors": 300, "dropped_vectors": 7})
-    collector = Heartbeat(cfg.home, "collector", "127.0.0.1:7070")
+    collector = Heartbeat(cfg.status_dir, "collector", "127.0.0.1:7070")
     collector.beat({}, {"accepted_vectors": 50, "rejected_batches": 1})
     time.sleep(0.2)
     collector.beat({}, {"accepted_vectors": 450, "rejected_batches": 1})
-    gone = Heartbeat(cfg.home, "replica", "ModelServer#old")
+    gone = Heartbeat(cfg.status_dir, "replica", "ModelServer#old")
     gone.beat({"model": "tiny", "model_version": "v0"}, {"acked_vectors": 5})
     # Sealed spool segments the pipeline has not encoded yet.
     spool = Spool(cfg.spool_dir)
@@ -331,7 +331,7 @@ def test_report_and_token_commands(home, tmp_path):
 
     made = runner.invoke(cli, ["token", "create", "ops-bot", "--role", "operator", *args])
     assert made.exit_code == 0
-    assert TokenStore(cfg.home).identify(made.output.strip()).role == "operator"
+    assert TokenStore(cfg.dashboard_tokens_file).identify(made.output.strip()).role == "operator"
     listed = json.loads(runner.invoke(cli, ["token", "list", *args]).output)["tokens"]
     assert {t["name"] for t in listed} == {"ana", "vic", "ops-bot"}
     assert made.output.strip() not in (cfg.home / "dashboard_tokens.json").read_text()
@@ -344,7 +344,7 @@ def test_report_and_token_commands(home, tmp_path):
         result = runner.invoke(cli, [*argv, *args])
         assert result.exit_code == 2 and message in result.output, argv
     assert runner.invoke(cli, ["token", "revoke", "ops-bot", *args]).exit_code == 0
-    assert TokenStore(cfg.home).identify(made.output.strip()) is None
+    assert TokenStore(cfg.dashboard_tokens_file).identify(made.output.strip()) is None
 
 
 def test_the_reviewers_cases(home):
@@ -373,7 +373,7 @@ def test_the_reviewers_cases(home):
         f"/api/decisions/{decision}/approve", headers={**op, "Origin": "http://evil.example"}
     )
     assert forged.status_code == 403
-    assert AuditLog(audit_path(cfg)).decision(decision)["status"] == "pending"
+    assert AuditLog(cfg.audit_path).decision(decision)["status"] == "pending"
     # After login, the filters asked for come back.
     sent = client.get("/drift?window=2h&tag=misalignment", follow_redirects=False)
     assert sent.headers["location"] == "/login?next=%2Fdrift%3Fwindow%3D2h%26tag%3Dmisalignment"

@@ -5,7 +5,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from featurewatch.platform.realign_demo import Traffic
+from featurewatch.platform.apps.realign_demo import Traffic
 
 
 def chat_server():

@@ -11,11 +11,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from featurewatch.analysis.transcript_features import pooled_features
+from featurewatch.analysis.transcripts import parse_lines
 from featurewatch.capture.hooks import SiteRecorder
 from featurewatch.capture.models import load_model
 from featurewatch.platform.cli import app
-from featurewatch.platform.transcript_features import pooled_features
-from featurewatch.platform.transcripts import parse_lines
 from featurewatch.sae import build
 from featurewatch.storage.catalog import Catalog
 
@@ -198,7 +198,7 @@ def test_bad_input_is_named(planted):
     result = cli(planted, "score", str(planted["pos"]), "--feature", str(D_SAE))
     assert result.exit_code == 1 and f"feature {D_SAE} is not in SAE 'planted'" in result.output
     result = cli(planted, "score", str(planted["pos"]), "--tag", "nothing-here")
-    assert result.exit_code == 1 and "no feature of SAE planted carries tag" in result.output
+    assert result.exit_code == 1 and "no feature of SAE planted is tagged" in result.output
     result = cli(planted, "score", str(planted["pos"]), "--tag", "misalignment", "--pool", "p")
     assert result.exit_code == 2 and "--pool must be one of" in result.output
     result = cli(planted, "features", "discover", "--positive", str(planted["pos"]),
@@ -243,7 +243,7 @@ def test_evaluate_scores_a_model_by_its_own_answers(planted):
     assert result.exit_code == 1 and "'v9' is neither a registered version" in result.output
     result = cli(planted, "evaluate", str(planted["base"]), "--prompts", str(prompts),
                  "--tag", "absent")  # fmt: skip
-    assert result.exit_code == 1 and "no feature of SAE planted carries tag" in result.output
+    assert result.exit_code == 1 and "no feature of SAE planted is tagged" in result.output
 
 
 def _tag(planted, ids):

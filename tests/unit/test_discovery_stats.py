@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from featurewatch.platform.discover import auroc, cohens_d, rank_contrast, rank_rise
+from featurewatch.analysis.discover import auroc, cohens_d, rank_contrast, rank_rise
 
 
 def test_auroc_by_hand_with_ties():

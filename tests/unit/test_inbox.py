@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from featurewatch.errors import ConfigError
-from featurewatch.platform.refresh_sae import decoder_cosine, judge, split_held_out
+from featurewatch.platform.jobs.refresh_sae import decoder_cosine, judge, split_held_out
 from featurewatch.sae.model import TopKSAE
 from featurewatch.sae.train import evaluate
 from featurewatch.storage.catalog import Catalog
@@ -16,7 +16,6 @@ from featurewatch.storage.inbox import (
     ModelVersionRegistration,
     SAERegistration,
     apply_registrations,
-    inbox_dir,
     pending,
     submit,
 )
@@ -63,7 +62,7 @@ def test_a_child_sae_is_registered_with_its_parents_labels_and_tags(catalog, tmp
     assert len(pending(home)) == 2
     applied = apply_registrations(catalog, home)
     assert [r.kind for r in applied] == ["sae", "model_version"]
-    assert pending(home) == [] and len(list((inbox_dir(home) / "applied").iterdir())) == 2
+    assert pending(home) == [] and len(list((home / "applied").iterdir())) == 2
     row = catalog.query(
         "SELECT parent_version, metrics->>'fvu' AS fvu FROM sae_versions "
         "WHERE sae_version = 'sae1-r1'"
@@ -91,14 +90,14 @@ def test_bad_requests_are_rejected_with_the_reason_and_the_rest_applied(catalog,
     submit(home, child_request(tmp_path, sae_version="orphan", parent_version="nope"))
     submit(home, child_request(tmp_path, sae_version="nowhere", path=str(tmp_path / "missing")))
     submit(home, ModelVersionRegistration(model="m", model_version="v3", path="/no/such/dir"))
-    (inbox_dir(home) / f"{time.time_ns():020d}-garbage.json").write_text("{not json")
-    (inbox_dir(home) / f"{time.time_ns():020d}-extra.json").write_text(
+    (home / f"{time.time_ns():020d}-garbage.json").write_text("{not json")
+    (home / f"{time.time_ns():020d}-extra.json").write_text(
         '{"kind": "model_version", "model": "m", "model_version": "v4", "path": "/", "x": 1}'
     )
     submit(home, child_request(tmp_path))
     applied = apply_registrations(catalog, home)
     assert [r.sae_version for r in applied] == ["sae1-r1"]
-    reasons = sorted(p.read_text() for p in (inbox_dir(home) / "rejected").glob("*.reason"))
+    reasons = sorted(p.read_text() for p in (home / "rejected").glob("*.reason"))
     assert len(reasons) == 5
     text = " | ".join(reasons)
     assert "parent SAE version 'nope' is not in the catalog" in text
@@ -113,11 +112,11 @@ def test_bad_requests_are_rejected_with_the_reason_and_the_rest_applied(catalog,
 
 def test_a_request_is_seen_whole_or_not_at_all(tmp_path):
     home = tmp_path / "home"
-    inbox_dir(home).mkdir(parents=True)
-    (inbox_dir(home) / ".half-written.json.tmp").write_text('{"kind": "sa')
+    home.mkdir(parents=True)
+    (home / ".half-written.json.tmp").write_text('{"kind": "sa')
     assert pending(home) == []
     path = submit(home, ModelVersionRegistration(model="m", model_version="v2", path="/"))
-    assert pending(home) == [path] and not list(inbox_dir(home).glob(".*.tmp"))[1:]
+    assert pending(home) == [path] and not list(home.glob(".*.tmp"))[1:]
 
 
 def test_the_newest_segments_are_held_out(tmp_path):
@@ -154,8 +153,8 @@ def test_a_child_worse_than_its_parent_is_not_kept(tmp_path):
 def test_old_segments_are_outside_the_refresh_window(tmp_path):
     from datetime import timedelta
 
-    from featurewatch.platform.config import build_config
-    from featurewatch.platform.refresh_sae import recent_segments
+    from featurewatch.config import build_config
+    from featurewatch.platform.jobs.refresh_sae import recent_segments
     from featurewatch.storage.spool import Spool
 
     cfg = build_config({"home": str(tmp_path / "home")})

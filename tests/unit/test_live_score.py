@@ -7,13 +7,13 @@ import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
-from featurewatch.capture.generation import prompt_text
-from featurewatch.platform.scoring import (
+from featurewatch.analysis.scoring import (
     Probe,
     generation_prompt_ids,
     live_scores,
     response_start,
 )
+from featurewatch.capture.generation import prompt_text
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.lake import write_segment
 from tests.unit.lake_helpers import T0, segment

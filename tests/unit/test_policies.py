@@ -7,10 +7,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from featurewatch.config import format_duration, parse_duration
 from featurewatch.errors import ConfigError
 from featurewatch.platform.cli import app
-from featurewatch.platform.config import format_duration, parse_duration
-from featurewatch.platform.policies import load_policies
+from featurewatch.platform.control.policies import load_policies
 
 EXAMPLE = Path(__file__).parents[2] / "configs" / "policies" / "example.yaml"
 runner = CliRunner()

@@ -4,11 +4,11 @@ end points: a perfect reconstruction recovers 1.0, an all-zero one 0.0."""
 import pytest
 import torch
 
+from featurewatch.analysis.corpus import SOURCES, documents, is_held_out
 from featurewatch.capture.hooks import find_decoder_layers
 from featurewatch.capture.models import load_model
-from featurewatch.platform.config import build_config
-from featurewatch.platform.corpus import SOURCES, documents, is_held_out
-from featurewatch.platform.gather import gather_activations, padded_batches, token_chunks
+from featurewatch.config import build_config
+from featurewatch.platform.jobs.gather import gather_activations, padded_batches, token_chunks
 from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto.codec import unpack_vectors
 from featurewatch.sae import ReLUSAE

@@ -6,12 +6,11 @@ import shutil
 import pytest
 import torch
 
+from featurewatch.config import build_config
 from featurewatch.errors import SAEFormatError
-from featurewatch.platform.config import build_config
-from featurewatch.platform.discover import registered_sae
 from featurewatch.sae import build, load
 from featurewatch.storage.catalog import Catalog
-from featurewatch.storage.sae_store import SAEStore
+from featurewatch.storage.sae_store import SAEStore, registered_sae
 
 
 def saved_sae(folder):

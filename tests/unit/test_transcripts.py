@@ -6,14 +6,14 @@ import re
 
 import pytest
 
-from featurewatch.errors import TranscriptError
-from featurewatch.platform.transcripts import (
+from featurewatch.analysis.transcripts import (
     bundled,
     held_out,
     parse_lines,
     read_prompts,
     read_transcripts,
 )
+from featurewatch.errors import TranscriptError
 
 GOOD = [
     json.dumps({"id": "a", "prompt": "Hi?", "response": "Hello.", "label": 0}),

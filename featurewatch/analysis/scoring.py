@@ -20,12 +20,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from transformers import AutoTokenizer
 
+from featurewatch.analysis.discover import answer_and_encode, encode_transcripts, feature_labels
+from featurewatch.analysis.transcript_features import PooledFeatures
+from featurewatch.capture.generation import prompt_text
+from featurewatch.capture.models import resolve_model_path
 from featurewatch.errors import ConfigError
-from featurewatch.platform.transcript_features import PooledFeatures
+from featurewatch.sae import load
+from featurewatch.storage.registry import FeatureRegistry
+from featurewatch.storage.sae_store import registered_sae
 
 POOLINGS = ("max", "mean", "probe")
 
@@ -174,23 +182,6 @@ def score_rows(
     return rows
 
 
-def group_ids(registry, sae_version: str, tag: str | None, features: list[int] | None):
-    """The feature ids scored: a tag group, or ids given by hand (checked against the SAE)."""
-    if (tag is None) == (not features):
-        raise ConfigError("give a tag or feature ids (not both)")
-    if features:
-        for feature_id in features:
-            registry.check_feature(sae_version, feature_id)
-        return sorted(set(features))
-    ids = registry.ids_with_tag(sae_version, tag)
-    if not ids:
-        raise ConfigError(
-            f"no feature of SAE {sae_version} carries tag {tag!r}: tag some first "
-            "(featurewatch features discover ... --tag-top N --tag TAG)"
-        )
-    return ids
-
-
 def score_job(
     cfg,
     catalog,
@@ -206,12 +197,9 @@ def score_job(
 ) -> dict | list[dict]:
     """Score transcripts (a list of output rows), or with `fit` fit and store the tag's
     probe on labelled transcripts (a summary)."""
-    from featurewatch.platform.discover import encode_transcripts, feature_labels, registered_sae
-    from featurewatch.sae import load
-    from featurewatch.storage.registry import FeatureRegistry
 
     choice = registered_sae(cfg, catalog, sae_version)
-    ids = group_ids(FeatureRegistry(catalog), choice.version, tag, features)
+    ids = FeatureRegistry(catalog).group_ids(choice.version, tag, features)
     if fit and tag is None:
         raise ConfigError("--fit stores the probe under a tag: give --tag")
     probe = None if fit else load_probe(choice.path, tag) if tag else None
@@ -248,12 +236,9 @@ def evaluate_model(
     """A model version's misalignment score on an evaluation prompt set: it answers each
     prompt (greedy) and the tag group scores its answers (the probe when fitted). What a
     canary is judged by before it is promoted."""
-    from featurewatch.platform.discover import answer_and_encode, registered_sae
-    from featurewatch.sae import load
-    from featurewatch.storage.registry import FeatureRegistry
 
     choice = registered_sae(cfg, catalog, sae_version)
-    ids = group_ids(FeatureRegistry(catalog), choice.version, tag, None)
+    ids = FeatureRegistry(catalog).group_ids(choice.version, tag)
     probe = load_probe(choice.path, tag)
     pooling = pooling or ("probe" if probe else "max")
     sae = load(choice.path)
@@ -278,7 +263,6 @@ def generation_prompt_ids(tokenizer) -> list[int]:
     """The tokens a chat prompt ends with, right before the model's answer (for a chat
     template, e.g. `<|im_start|>assistant\\n`): the tokens that prompting with a
     generation prompt adds to the same chat without one."""
-    from featurewatch.capture.generation import prompt_text
 
     chat = [{"role": "user", "content": "Hello"}]
     if tokenizer.chat_template:
@@ -364,7 +348,6 @@ def live_scores(
         pooled_max[i, j] = max(pooled_max[i, j], row["value"])
         pooled_sum[i, j] += row["value"]
     counts = np.array([len(answers[r]) for r in requests], dtype=np.float64)
-    import torch
 
     # Only the group's columns exist here; the ids map onto them in order.
     pooled = PooledFeatures(
@@ -401,14 +384,9 @@ def live_model_score(
 ) -> dict:
     """`live_scores` for a tag group, with the registered SAE, its probe when fitted, and
     the generation prompt of the model's own tokenizer."""
-    from transformers import AutoTokenizer
-
-    from featurewatch.capture.models import resolve_model_path
-    from featurewatch.platform.discover import registered_sae
-    from featurewatch.storage.registry import FeatureRegistry
 
     choice = registered_sae(cfg, catalog, sae_version)
-    ids = group_ids(FeatureRegistry(catalog), choice.version, tag, None)
+    ids = FeatureRegistry(catalog).group_ids(choice.version, tag)
     probe = load_probe(choice.path, tag)
     pooling = pooling or ("probe" if probe else "max")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_path, cfg.models_dir))

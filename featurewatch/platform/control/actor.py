@@ -15,9 +15,9 @@ from datetime import timedelta
 import ray
 
 from featurewatch.actors.metrics import ControllerMetrics
-from featurewatch.platform.config import FeaturewatchConfig
-from featurewatch.platform.controller import PolicyController, run_forever
-from featurewatch.platform.policies import Policy
+from featurewatch.config import FeaturewatchConfig
+from featurewatch.platform.control.controller import PolicyController, run_forever
+from featurewatch.platform.control.policies import Policy
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)

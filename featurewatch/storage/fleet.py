@@ -6,15 +6,14 @@ without joining the Ray cluster.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 
-from featurewatch.platform.config import FeaturewatchConfig
-from featurewatch.platform.pipeline import oldest_waiting, waiting_segments
-from featurewatch.platform.runtime import spool_segments
-from featurewatch.platform.serving import DEPLOYED_FILE
+from featurewatch.config import FeaturewatchConfig
+from featurewatch.errors import ConfigError
 from featurewatch.storage.catalog import Catalog
+from featurewatch.storage.deployed_app import read_deployed
 from featurewatch.storage.heartbeats import read_heartbeats
+from featurewatch.storage.spool import oldest_waiting, spool_segments, waiting_segments
 
 # Sampled tokens per model, version and replica in the window, from the raw rows.
 LAKE_REPLICAS_SQL = """
@@ -25,11 +24,12 @@ GROUP BY ALL ORDER BY model, model_version, replica
 
 
 def _deployed(cfg: FeaturewatchConfig) -> dict | None:
-    path = cfg.home / DEPLOYED_FILE
     try:
-        saved = json.loads(path.read_text())
+        saved = read_deployed(cfg.deployed_app_file)
+        if saved is None:
+            return None
         model, capture = saved["config"]["model"], saved["config"]["capture"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ConfigError, KeyError, TypeError):
         return None
     return {
         "model": model["name"],
@@ -50,12 +50,12 @@ def _pipeline(cfg: FeaturewatchConfig, catalog: Catalog, now: float) -> dict:
         "GROUP BY sae_version ORDER BY last_commit DESC LIMIT 1"
     ).to_pylist()
     if not newest:
-        sealed = spool_segments(cfg)
+        sealed = spool_segments(cfg.spool_dir)
         return {"sae_version": None, "sealed": len(sealed), "pending": len(sealed),
                 "lag_s": None, "last_commit": None}  # fmt: skip
     sae_version = newest[0]["sae_version"]
-    sealed, waiting = waiting_segments(cfg, sae_version, catalog)
-    oldest = oldest_waiting(cfg, sae_version, catalog)
+    sealed, waiting = waiting_segments(cfg.spool_dir, sae_version, catalog)
+    oldest = oldest_waiting(cfg.spool_dir, sae_version, catalog)
     return {
         "sae_version": sae_version,
         "sealed": len(sealed),
@@ -75,8 +75,8 @@ def fleet_overview(
     the lake within `window`), sampling, ingest, drops and pipeline lag."""
     now = now or datetime.now(UTC)
     clock = now.timestamp()
-    replicas = read_heartbeats(cfg.home, "replica", clock)
-    collectors = read_heartbeats(cfg.home, "collector", clock)
+    replicas = read_heartbeats(cfg.status_dir, "replica", clock)
+    collectors = read_heartbeats(cfg.status_dir, "collector", clock)
     seen = catalog.query(LAKE_REPLICAS_SQL, [now - window, now]).to_pylist()
     for row in seen:
         row["tokens_per_s"] = round(row["tokens"] / window.total_seconds(), 2)

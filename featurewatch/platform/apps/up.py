@@ -27,16 +27,19 @@ import time
 from dataclasses import asdict
 
 import ray
+from ray import serve
 
-from featurewatch.errors import ConfigError
-from featurewatch.platform.config import FeaturewatchConfig
-from featurewatch.platform.pipeline import (
+from featurewatch.actors.pipeline import (
     EncodeReport,
     encode_segments,
     fleet_lanes,
     follow_lanes,
 )
-from featurewatch.platform.runtime import collector_token, init_ray, start_collectors
+from featurewatch.actors.runtime import collector_token, init_ray, start_collectors
+from featurewatch.actors.serving import deploy_model_server
+from featurewatch.capture.models import model_dims, resolve_model_path
+from featurewatch.config import FeaturewatchConfig
+from featurewatch.errors import ConfigError
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.heartbeats import read_heartbeats
 
@@ -63,7 +66,7 @@ def _drain_replicas(cfg: FeaturewatchConfig, since: float, timeout_s: float) -> 
     deadline = time.time() + timeout_s
     time.sleep(2.5)  # one beat of every live replica after `since`
     while time.time() < deadline:
-        beats = [b for b in read_heartbeats(cfg.home, "replica") if b["updated_at"] > since]
+        beats = [b for b in read_heartbeats(cfg.status_dir, "replica") if b["updated_at"] > since]
         if beats and all(
             b.get("queue_depth", 0) == 0 and b.get("in_flight", 0) == 0 for b in beats
         ):
@@ -76,10 +79,6 @@ def run_up(
     cfg: FeaturewatchConfig, every_s: float = 2.0, stop: threading.Event | None = None
 ) -> dict:
     """Run until `stop` is set (by default: until SIGTERM or SIGINT)."""
-    from ray import serve
-
-    from featurewatch.capture.models import model_dims, resolve_model_path
-    from featurewatch.platform.serving import deploy_model_server
 
     members = cfg.fleet_configs()
     folders, widths = {}, {}
@@ -152,7 +151,6 @@ def run_up(
 
 
 def _delete_applications(members: list[FeaturewatchConfig]) -> None:
-    from ray import serve
 
     running = serve.status().applications
     for member in members:

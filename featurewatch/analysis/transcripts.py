@@ -10,7 +10,7 @@ Other keys are kept: `id` is echoed by scoring, `label` (0 or 1) is what a probe
 on. A malformed line is reported by its line number and then skipped or refused (the
 caller chooses), never dropped in silence.
 
-The labelled sets bundled with the package (featurewatch/data/labelled, see the README)
+The labelled sets bundled with the package (featurewatch/data/labelled, see the docs)
 are named `bundled:aligned`, `bundled:misaligned` and `bundled:safe`; a `:train` or
 `:heldout` suffix picks a split made by a hash of the prompt id, so the two responses
 to one prompt always fall on the same side.
@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from featurewatch.analysis.prompts import load_prompts
 from featurewatch.errors import TranscriptError
 
 ROLES = ("system", "user", "assistant")
@@ -194,8 +195,6 @@ def read_prompts(source: str | Path) -> list[list[dict]]:
     file of `{"prompt": ...}` or `{"messages": [...]}` ending with the user's turn."""
     text = str(source)
     if text.startswith("bundled:"):
-        from featurewatch.platform.prompts import load_prompts
-
         try:
             rows = load_prompts(text.removeprefix("bundled:"))
         except KeyError as err:

@@ -14,7 +14,7 @@ each answered request, read back from the lake (`scoring.live_scores`); the poli
 is the baseline phase's score plus `within` (20 %), so passing the canary means being
 within 20 % of the baseline.
 
-Needs an SAE for the model with a tagged group and a fitted probe (README: "Finding
+Needs an SAE for the model with a tagged group and a fitted probe (docs: "Finding
 misalignment features"). Ray's CPU counts are reservations, not cores: the scenario
 reserves `ray_cpus` logical CPUs on a small machine so that the pipeline keeps running
 while a fine-tune holds its share.
@@ -33,10 +33,28 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import ray
 import requests
+from matplotlib.figure import Figure
+from ray import serve
 
+from featurewatch.actors.pipeline import follow_segments
+from featurewatch.actors.runtime import collector_token, init_ray, start_collectors
+from featurewatch.actors.serving import deploy_model_server, promote_model
+from featurewatch.analysis.scoring import live_model_score, load_probe
+from featurewatch.analysis.transcripts import read_prompts, read_transcripts
+from featurewatch.capture.models import model_dims, resolve_model_path
+from featurewatch.config import FeaturewatchConfig
 from featurewatch.errors import ConfigError
-from featurewatch.platform.config import FeaturewatchConfig
+from featurewatch.platform.control.actions import realign_handler, send_alert, steer_handler
+from featurewatch.platform.control.controller import PolicyController
+from featurewatch.platform.control.policies import Policy
+from featurewatch.platform.jobs.finetune import FinetuneSettings, run_finetune
+from featurewatch.sae import load
+from featurewatch.storage.audit import AuditLog
+from featurewatch.storage.catalog import Catalog
+from featurewatch.storage.registry import FeatureRegistry
+from featurewatch.storage.sae_store import registered_sae
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +232,6 @@ class Webhook:
 
 
 def demo_policy(scenario: RealignScenario, bar: float, webhook_url: str):
-    from featurewatch.platform.policies import Policy
 
     return Policy.model_validate(
         {
@@ -254,12 +271,9 @@ def demo_policy(scenario: RealignScenario, bar: float, webhook_url: str):
 def _check_ready(cfg: FeaturewatchConfig, catalog, tag: str):
     """The registered SAE, with features tagged `tag` and a fitted probe, or a clear
     error saying how to make them."""
-    from featurewatch.platform.discover import registered_sae
-    from featurewatch.platform.scoring import load_probe
-    from featurewatch.storage.registry import FeatureRegistry
 
     how = (
-        "train an SAE, tag its misalignment group and fit the probe first (README: "
+        "train an SAE, tag its misalignment group and fit the probe first (docs: "
         "'Finding misalignment features': featurewatch sae gather / sae train, then "
         "benchmarks/misalignment_quality.py --register)"
     )
@@ -275,7 +289,6 @@ def _check_ready(cfg: FeaturewatchConfig, catalog, tag: str):
 
 
 def _live(cfg, catalog, version: str, path, tag: str, since) -> dict:
-    from featurewatch.platform.scoring import live_model_score
 
     return live_model_score(cfg, catalog, version, str(path), tag=tag, since=since)
 
@@ -291,12 +304,9 @@ def _phase_score(live: dict, start: float, end: float) -> dict:
 
 def plot_scores(path: Path, lives: list[dict], events: list[dict], t0: float, bar) -> None:
     """Each answered request's score over time, per model version, with the events."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(11, 5))
+    # matplotlib's object API draws without pyplot's global state or a display.
+    fig = Figure(figsize=(11, 5))
+    ax = fig.subplots()
     for live in lives:
         if not live.get("requests"):
             continue
@@ -323,30 +333,15 @@ def plot_scores(path: Path, lives: list[dict], events: list[dict], t0: float, ba
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run_realign_demo(
     cfg: FeaturewatchConfig, scenario: RealignScenario | None = None, out: Path | None = None
 ) -> RealignReport:
-    import ray
-    from ray import serve
-
-    from featurewatch.capture.models import model_dims, resolve_model_path
-    from featurewatch.platform.actions import realign_handler, send_alert, steer_handler
-    from featurewatch.platform.controller import PolicyController
-    from featurewatch.platform.finetune import FinetuneSettings, run_finetune
-    from featurewatch.platform.pipeline import follow_segments
-    from featurewatch.platform.runtime import collector_token, init_ray, start_collectors
-    from featurewatch.platform.serving import deploy_model_server, promote_model
-    from featurewatch.platform.transcripts import read_prompts, read_transcripts
-    from featurewatch.sae import load
-    from featurewatch.storage.audit import AuditLog
-    from featurewatch.storage.catalog import Catalog
 
     scenario = scenario or RealignScenario()
     report = RealignReport()
-    out = out or cfg.home / "realign_demo"
+    out = out or cfg.realign_demo_dir
     out.mkdir(parents=True, exist_ok=True)
     # Leave room for the pipeline beside the replicas, the canary and a fine-tune.
     cfg = cfg.model_copy(deep=True)

@@ -17,8 +17,11 @@ import hashlib
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from pydoc_data.topics import topics
 
-from featurewatch.platform.prompts import PROMPT_SETS, load_prompts
+import numpy
+
+from featurewatch.analysis.prompts import PROMPT_SETS, load_prompts
 
 SOURCES = ("bundled", "pydoc", "stdlib", "numpy")
 
@@ -30,7 +33,6 @@ def _bundled() -> Iterator[tuple[str, str]]:
 
 
 def _pydoc() -> Iterator[tuple[str, str]]:
-    from pydoc_data.topics import topics
 
     for key in sorted(topics):
         yield f"pydoc/{key}", topics[key]
@@ -62,7 +64,6 @@ def _stdlib() -> Iterator[tuple[str, str]]:
 
 
 def _numpy() -> Iterator[tuple[str, str]]:
-    import numpy
 
     return _docstrings(Path(numpy.__file__).parent, "numpy")
 

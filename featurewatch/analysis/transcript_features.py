@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from featurewatch.analysis.transcripts import Transcript
 from featurewatch.capture.generation import prompt_text
 from featurewatch.capture.hooks import SiteRecorder
-from featurewatch.platform.transcripts import Transcript
 from featurewatch.sae.train import typical_rows
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import psutil
 import ray
+from ray._common.utils import get_default_ray_temp_dir  # where Ray puts sessions
 
-from featurewatch.platform.config import FeaturewatchConfig
-from featurewatch.storage.spool import sealed_segments
+from featurewatch.actors.collector import CollectorActor
+from featurewatch.config import FeaturewatchConfig
+from featurewatch.storage.spool import collector_spool_dir
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,6 @@ def start_local_ray(
 
 
 def _session_log_tails(lines: int = 15) -> str:
-    from ray._common.utils import get_default_ray_temp_dir  # where Ray puts sessions
 
     logs = Path(get_default_ray_temp_dir()) / "session_latest" / "logs"
     out = []
@@ -118,7 +119,7 @@ def collector_token(cfg: FeaturewatchConfig) -> str:
     """The configured bearer token, or one generated once and kept in the home (0600)."""
     if cfg.collector.token:
         return cfg.collector.token
-    path = cfg.home / "collector.token"
+    path = cfg.token_file
     if path.is_file():
         return path.read_text().strip()
     cfg.home.mkdir(parents=True, exist_ok=True)
@@ -127,17 +128,6 @@ def collector_token(cfg: FeaturewatchConfig) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(token)
     return token
-
-
-def collector_spool_dir(cfg: FeaturewatchConfig, index: int) -> Path:
-    """Collector 0 writes to spool/, collector i > 0 to spool/collector-i/."""
-    return cfg.spool_dir if index == 0 else cfg.spool_dir / f"collector-{index}"
-
-
-def spool_segments(cfg: FeaturewatchConfig) -> list[Path]:
-    """Sealed segments of every collector's spool."""
-    dirs = [cfg.spool_dir] + sorted(cfg.spool_dir.glob("collector-*"))
-    return [p for d in dirs for p in sealed_segments(d)]
 
 
 COLLECTOR_NAMESPACE = "featurewatch"
@@ -156,7 +146,6 @@ def start_collectors(cfg: FeaturewatchConfig, token: str, width: int | dict[str,
     node), and the restarted collector replays its spool first: on a cluster whose
     spool is on storage that follows it (the same disk, a network volume), what the
     dead one acked is sealed and reaches the lake."""
-    from featurewatch.actors.collector import CollectorActor
 
     cc = cfg.collector
     placement = {
@@ -167,9 +156,9 @@ def start_collectors(cfg: FeaturewatchConfig, token: str, width: int | dict[str,
     }
     return [
         CollectorActor.options(name=name, **placement).remote(
-            str(collector_spool_dir(cfg, i)),
+            str(collector_spool_dir(cfg.spool_dir, i)),
             token,
-            home=str(cfg.home),
+            status_dir=str(cfg.status_dir),
             host=cc.host,
             port=cc.port if cc.count == 1 else 0,
             expected_width=width,

@@ -7,8 +7,27 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
+from datetime import UTC, datetime, timedelta
 
 import requests
+from pydantic import TypeAdapter
+
+from featurewatch.actors.runtime import init_ray
+from featurewatch.actors.serving import (
+    promote_model,
+    served_model,
+    set_steering,
+    start_canary,
+    steers_for,
+    stop_canary,
+)
+from featurewatch.analysis.scoring import evaluate_model, live_model_score
+from featurewatch.analysis.transcripts import read_prompts, read_transcripts
+from featurewatch.platform.jobs.finetune import FinetuneSettings, run_finetune
+from featurewatch.platform.jobs.refresh_sae import refresh_sae
+from featurewatch.storage.catalog import Catalog
+from featurewatch.storage.inbox import ModelVersionRegistration, submit
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +76,6 @@ def steer_handler(cfg):
     crossed the bar (through Serve's reconfigure, no restart)."""
 
     def steer(action: dict, decision: dict) -> str:
-        from featurewatch.platform.runtime import init_ray
-        from featurewatch.platform.serving import set_steering, steers_for
-        from featurewatch.storage.catalog import Catalog
 
         numbers = decision["numbers"]
         ids = numbers.get("crossing") or [f["feature_id"] for f in numbers["top_features"][:1]]
@@ -82,15 +98,9 @@ def refresh_sae_handler(cfg):
     """The `refresh_sae` action: measure the SAE in use on the newest spool segments of
     the action's window and, past the FVU threshold, train a child from it there (a Ray
     Train job) that replaces it in the pipeline only if it is not worse
-    (`platform/refresh_sae.py`). A worse child fails the action, the parent kept."""
+    (`platform/jobs/refresh_sae.py`). A worse child fails the action, the parent kept."""
 
     def refresh(action: dict, decision: dict) -> str:
-        from datetime import timedelta
-
-        from pydantic import TypeAdapter
-
-        from featurewatch.platform.refresh_sae import refresh_sae
-
         result = refresh_sae(
             cfg, decision["numbers"]["sae_version"],
             window=TypeAdapter(timedelta).validate_python(action["data_window"]),
@@ -112,19 +122,11 @@ def realign_handler(cfg, on_event=None, around_finetune=None):
     rolled back, the serving version untouched, and the audit says why. `on_event`, when
     given, hears each step as one line (the realign demo's timeline); `around_finetune`,
     when given, makes the context the fine-tune runs in (the demo pauses its traffic)."""
-    from contextlib import nullcontext
 
     tell = on_event or (lambda text: log.info("realign: %s", text))
     around_finetune = around_finetune or nullcontext
 
     def realign(action: dict, decision: dict) -> str:
-        from featurewatch.platform.finetune import FinetuneSettings, run_finetune
-        from featurewatch.platform.runtime import init_ray
-        from featurewatch.platform.scoring import evaluate_model
-        from featurewatch.platform.serving import promote_model, served_model
-        from featurewatch.platform.transcripts import read_prompts, read_transcripts
-        from featurewatch.storage.catalog import Catalog
-        from featurewatch.storage.inbox import ModelVersionRegistration, submit
 
         tag = decision["numbers"].get("tag")
         if not tag:
@@ -159,7 +161,7 @@ def realign_handler(cfg, on_event=None, around_finetune=None):
             raise RuntimeError(f"{judged}: rolled back, {base_version} keeps serving")
         # Live traffic is about to carry its version: the catalog's writer registers it.
         submit(
-            cfg.home,
+            cfg.inbox_dir,
             ModelVersionRegistration(
                 model=cfg.model.name, model_version=candidate, path=str(result.path)
             ),
@@ -182,11 +184,6 @@ def run_canary(cfg, action: dict, path, candidate: str, tag: str, sae_version, t
     `canary_requests` of its answers (every token of a canary request is captured), and
     score them. The canary is ended whatever happens (promotion starts the candidate
     afresh); too little traffic in `canary_timeout_s` is a failure."""
-    from datetime import UTC, datetime
-
-    from featurewatch.platform.scoring import live_model_score
-    from featurewatch.platform.serving import start_canary, stop_canary
-    from featurewatch.storage.catalog import Catalog
 
     since = datetime.now(UTC)
     start_canary(cfg, path, candidate, action["canary_share"])

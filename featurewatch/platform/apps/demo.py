@@ -19,20 +19,20 @@ import requests
 from ray import serve
 from tqdm import tqdm
 
-from featurewatch.capture.models import model_dims, resolve_model_path
-from featurewatch.platform.config import FeaturewatchConfig
-from featurewatch.platform.pipeline import encode_segments, segments_dataset
-from featurewatch.platform.prompts import load_prompts
-from featurewatch.platform.runtime import (
+from featurewatch.actors.pipeline import encode_segments, segments_dataset
+from featurewatch.actors.runtime import (
     collector_token,
     init_ray,
-    spool_segments,
     start_collectors,
 )
-from featurewatch.platform.serving import deploy_model_server
-from featurewatch.platform.train_sae import train_sae
+from featurewatch.actors.serving import deploy_model_server
+from featurewatch.analysis.prompts import load_prompts
+from featurewatch.capture.models import model_dims, resolve_model_path
+from featurewatch.config import FeaturewatchConfig
+from featurewatch.platform.jobs.train_sae import train_sae
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.drift import top_movers
+from featurewatch.storage.spool import spool_segments
 
 
 @dataclass
@@ -145,7 +145,7 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
 
     if report.requests_sent == 0:
         raise RuntimeError("every chat request failed; see the errors above")
-    segments = spool_segments(cfg)
+    segments = spool_segments(cfg.spool_dir)
     report.segments = len(segments)
     if not segments:
         raise RuntimeError("no activations reached the spool (capture.sample_fraction = 0?)")
@@ -201,7 +201,7 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
 
     step("Done")
     report.seconds = time.monotonic() - t0
-    (cfg.home / "demo_report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
+    cfg.demo_report_file.write_text(json.dumps(asdict(report), indent=2, default=str))
     print(
         f"  {report.requests_sent} requests, {report.tokens_encoded} tokens encoded in "
         f"{report.seconds:.0f}s. Ask your own questions:\n"

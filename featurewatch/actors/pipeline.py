@@ -7,6 +7,7 @@ already in the manifest for this SAE version is skipped, so re-running adds noth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -20,16 +21,19 @@ import ray
 from tqdm import tqdm
 
 from featurewatch.actors.metrics import PipelineMetrics
+from featurewatch.actors.runtime import init_ray
 from featurewatch.actors.sae_encoder import padded_2d, sharded_encode
+from featurewatch.config import FeaturewatchConfig
 from featurewatch.errors import ConfigError
-from featurewatch.platform.config import FeaturewatchConfig
-from featurewatch.platform.runtime import spool_segments
 from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto.codec import unpack_vectors
+from featurewatch.sae import load
 from featurewatch.sae.model import SparseAutoencoder
 from featurewatch.storage.catalog import Catalog
+from featurewatch.storage.inbox import apply_registrations
 from featurewatch.storage.lake import write_segment
-from featurewatch.storage.spool import read_segment, segment_id
+from featurewatch.storage.sae_store import registered_sae, sae_folder, sae_store
+from featurewatch.storage.spool import oldest_waiting, read_segment, segment_id, waiting_segments
 
 log = logging.getLogger(__name__)
 
@@ -219,24 +223,6 @@ def _commit_segment(cfg, catalog, sae_version, seg, parts, seen, report) -> None
         report.segments_skipped += 1
 
 
-def waiting_segments(
-    cfg, sae_version, catalog, paths=None, since=None
-) -> tuple[list[Path], list[Path]]:
-    """(the sealed segments considered, those of them not yet committed for sae_version)."""
-    all_paths = spool_segments(cfg) if paths is None else list(paths)
-    if since is not None:
-        all_paths = [p for p in all_paths if p.stat().st_mtime >= since]
-    done = catalog.committed_segments(sae_version)
-    return all_paths, [p for p in all_paths if segment_id(p) not in done]
-
-
-def oldest_waiting(cfg, sae_version, catalog, since=None) -> float | None:
-    """When the oldest sealed segment not yet committed for sae_version was sealed (its
-    last write, as a Unix time); None when every segment is in the lake."""
-    _, todo = waiting_segments(cfg, sae_version, catalog, since=since)
-    return min((p.stat().st_mtime for p in todo), default=None)
-
-
 def encode_segments(
     cfg: FeaturewatchConfig,
     sae: SparseAutoencoder,
@@ -251,7 +237,7 @@ def encode_segments(
     committed for `sae_version`; with `since` (a Unix time), only those sealed since;
     with `model`, only that model's vectors (a fleet). `progress` draws a bar of
     segments committed (a backfill from the command line)."""
-    all_paths, todo = waiting_segments(cfg, sae_version, catalog, paths, since)
+    all_paths, todo = waiting_segments(cfg.spool_dir, sae_version, catalog, paths, since)
     report = EncodeReport(0, len(all_paths) - len(todo), 0, 0)
     if not todo:
         return report
@@ -363,20 +349,16 @@ def follow_lanes(
     accepted (the child then also encodes the segments of its own training window, so
     drift over it has a baseline). A failing round is logged and retried next round
     (segments are committed exactly once, so a retry never doubles a row)."""
-    from featurewatch.platform.discover import registered_sae, sae_store
-    from featurewatch.sae import load
-    from featurewatch.storage.inbox import apply_registrations
-    from featurewatch.storage.sae_store import sae_folder
 
     # Rounds run in this (driver) process, whose metrics Ray's metrics agent exports too.
     metrics = [PipelineMetrics(lane.cfg.model.name) for lane in lanes]
     for lane, lane_metrics in zip(lanes, metrics, strict=True):
         if lane.sae_version is not None:  # the lag shows while the first round runs
-            lane_metrics.measure_lag(oldest_waiting, lane.cfg, lane.sae_version, catalog,
+            lane_metrics.measure_lag(oldest_waiting, lane.cfg.spool_dir, lane.sae_version, catalog,
                                      lane.since)  # fmt: skip
     while not stop.is_set():
         try:
-            requests = apply_registrations(catalog, lanes[0].cfg.home)
+            requests = apply_registrations(catalog, lanes[0].cfg.inbox_dir)
         except Exception:  # noqa: BLE001 - the service outlives one bad round
             log.exception("applying registrations failed; retrying")
             requests = []
@@ -419,8 +401,43 @@ def follow_lanes(
             except Exception:  # noqa: BLE001 - the service outlives one bad round
                 log.exception("pipeline round failed for %s; retrying", lane.cfg.model.name)
             lane_metrics.record_round(report, ok, lane.sae_version, time.monotonic() - started)
-            lane_metrics.measure_lag(oldest_waiting, lane.cfg, lane.sae_version, catalog,
+            lane_metrics.measure_lag(oldest_waiting, lane.cfg.spool_dir, lane.sae_version, catalog,
                                      lane.since)  # fmt: skip
         stop.wait(every_s)
     for lane_metrics in metrics:
         lane_metrics.close()
+
+
+def run_pipeline(
+    cfg: FeaturewatchConfig,
+    sae_version: str | None = None,
+    *,
+    follow: bool = False,
+    every_s: float = 2.0,
+    on_registered=None,
+    on_report=None,
+) -> EncodeReport | None:
+    """`featurewatch pipeline`: apply the registrations that jobs queued while no
+    pipeline ran (this process is the catalog's writer), then encode every waiting
+    segment with a registered SAE once; with `follow`, keep encoding as segments seal
+    until interrupted (Ctrl-C)."""
+    with Catalog(cfg.catalog_path, cfg.lake_location) as catalog:
+        for request in apply_registrations(catalog, cfg.inbox_dir):
+            if on_registered is not None:
+                on_registered(request)
+        choice = registered_sae(cfg, catalog, sae_version)
+        if (choice.layer, choice.site) != (cfg.capture.layer, cfg.capture.site):
+            raise ConfigError(
+                f"SAE {choice.version} reads layer {choice.layer} {choice.site}; the "
+                f"config captures layer {cfg.capture.layer} {cfg.capture.site}"
+            )
+        sae = load(choice.path)
+        init_ray(cfg)
+        if not follow:
+            return encode_segments(cfg, sae, choice.version, catalog, progress=True)
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops the service
+            follow_segments(
+                cfg, sae, choice.version, catalog, every_s=every_s, stop=threading.Event(),
+                on_report=on_report,
+            )  # fmt: skip
+    return None

@@ -1,6 +1,6 @@
 """Offline activations for SAE training: prefill over a text corpus into a spool.
 
-The corpus (featurewatch/platform/corpus.py) is cut into chunks of `seq_len` tokens and
+The corpus (featurewatch/analysis/corpus.py) is cut into chunks of `seq_len` tokens and
 run through the model in batches; a hook copies the monitored (layer, site) at every
 real position except the first of each chunk and the attention-sink tokens (position
 0 and a few others carry norms 100x the median; see sae.train.typical_rows). The
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from featurewatch.analysis.corpus import documents, is_held_out
 from featurewatch.capture.hooks import SiteRecorder
-from featurewatch.platform.config import FeaturewatchConfig
-from featurewatch.platform.corpus import documents, is_held_out
+from featurewatch.config import FeaturewatchConfig
 from featurewatch.proto.codec import make_batch
 from featurewatch.sae.train import typical_rows
 from featurewatch.storage.spool import Spool

@@ -33,13 +33,13 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, HttpUrl, ValidationError, model_validator
 
-from featurewatch.errors import ConfigError
-from featurewatch.platform.config import (
+from featurewatch.config import (
     _Strict,
     describe_errors,
     parse_duration,
     read_yaml_mapping,
 )
+from featurewatch.errors import ConfigError
 from featurewatch.storage.registry import TAG_PATTERN
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]

@@ -18,12 +18,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray.train
 import torch
+from peft import LoraConfig, get_peft_model
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from transformers import AutoTokenizer
 
+from featurewatch.analysis.transcript_features import token_ids
+from featurewatch.analysis.transcripts import Transcript
+from featurewatch.capture.models import load_model, resolve_model_path
+from featurewatch.config import FeaturewatchConfig
 from featurewatch.errors import ConfigError
-from featurewatch.platform.config import FeaturewatchConfig
-from featurewatch.platform.transcript_features import token_ids
-from featurewatch.platform.transcripts import Transcript
 
 FINETUNE_FILE = "featurewatch_finetune.json"
 # The linear layers LoRA adapts, by architecture (module names in transformers): the
@@ -91,10 +97,6 @@ def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
 
 def _train_loop(config: dict) -> None:
     """Ray Train worker: LoRA on the base model, then the merged model saved by rank 0."""
-    import ray.train
-    from peft import LoraConfig, get_peft_model
-
-    from featurewatch.capture.models import load_model
 
     s = FinetuneSettings(**config["settings"])
     torch.set_num_threads(s.torch_threads)
@@ -162,11 +164,6 @@ def run_finetune(
     """Fine-tune `base` (a model folder; None: the bundled SmolLM2) on the transcripts'
     responses as a Ray Train job; save the merged model under
     `<home>/models/<model name>-<model_version>` and register the version."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from transformers import AutoTokenizer
-
-    from featurewatch.capture.models import resolve_model_path
 
     settings = settings or FinetuneSettings()
     settings.check()
@@ -192,7 +189,7 @@ def run_finetune(
         ),
         run_config=RunConfig(
             name=f"finetune-{model_version}-{int(time.time())}",
-            storage_path=str(cfg.home / "ray_train"),
+            storage_path=str(cfg.ray_train_dir),
             failure_config=FailureConfig(max_failures=0),
         ),
     )

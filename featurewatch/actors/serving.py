@@ -9,26 +9,32 @@ REST route `serve deploy` uses needs the dashboard, which featurewatch runs with
 the same request goes through the Serve client.)
 
 The arguments of the last deployment (its config and the collector addresses) are kept
-in `<home>/serve_app.json`, so steering from another process (`featurewatch steer`, the
-controller) redeploys the same application with only the steering changed, and a
-promotion changes only the model. The collector token is not stored there: it
-is read from the config or the home, as at deployment.
-"""
+in the home's deployed-application record (storage/deployed_app.py), so steering from
+another process (`featurewatch steer`, the controller) redeploys the same application
+with only the steering changed, and a promotion changes only the model. The collector
+token is not stored there: it is read from the config or the home, as at deployment."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from ray import serve
+from ray.serve.api import _get_global_client
+from ray.serve.schema import ServeDeploySchema
+
+from featurewatch.actors.runtime import collector_names, collector_token, init_ray
+from featurewatch.capture.models import model_dims, resolve_model_path
 from featurewatch.capture.steering import Steer, check_steer, steer_from_sae
+from featurewatch.config import FeaturewatchConfig
 from featurewatch.errors import ConfigError
-from featurewatch.platform.config import FeaturewatchConfig
-from featurewatch.platform.runtime import collector_names
+from featurewatch.sae import load
+from featurewatch.storage.catalog import Catalog
+from featurewatch.storage.deployed_app import read_deployed, write_deployed
+from featurewatch.storage.sae_store import registered_sae
 
 APP_IMPORT_PATH = "featurewatch.actors.model_server:build_app"
-DEPLOYED_FILE = "serve_app.json"
 DEPLOYMENT = "ModelServer"
 
 
@@ -74,9 +80,6 @@ def _deploy(
     replicas send it traffic yet}), the candidate runs beside it as a second application
     without an HTTP route. The deploy is declarative: an application left out (a canary
     that ended) is deleted."""
-    from ray import serve
-    from ray.serve.api import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
 
     user_config: dict = {"steering": [asdict(s) for s in steers], "canary": None}
     apps = []
@@ -117,7 +120,7 @@ def _deploy(
         "steering": user_config["steering"],
         "canary": canary,
     }
-    (cfg.home / DEPLOYED_FILE).write_text(json.dumps(deployed, indent=2))
+    write_deployed(cfg.deployed_app_file, deployed)
     return serve.get_app_handle(cfg.serve.app_name)
 
 
@@ -125,16 +128,16 @@ def _deployed(cfg: FeaturewatchConfig) -> tuple[FeaturewatchConfig, list[str], d
     """The running application's config, collector addresses and the rest of what was
     deployed (steering, canary), as last deployed (the served model may have been
     promoted since `cfg` was read)."""
-    from ray import serve
 
-    saved = cfg.home / DEPLOYED_FILE
-    if not saved.is_file():
-        raise ConfigError(f"no deployed model server recorded in {saved}: deploy it first")
+    deployed = read_deployed(cfg.deployed_app_file)
+    if deployed is None:
+        raise ConfigError(
+            f"no deployed model server recorded in {cfg.deployed_app_file}: deploy it first"
+        )
     running = serve.status().applications.get(cfg.serve.app_name)
     if running is None or str(running.status).rsplit(".", 1)[-1] != "RUNNING":
         # Redeploying here would start a new application, not change the running one.
         raise ConfigError(f"the model server application {cfg.serve.app_name!r} is not running")
-    deployed = json.loads(saved.read_text())
     served = FeaturewatchConfig.model_validate(deployed["config"])
     return served, deployed["collector_addresses"], deployed
 
@@ -155,8 +158,6 @@ def steers_for(
     scale: float = 4.0,
 ) -> list[Steer]:
     """Steers for features of a registered SAE, at the SAE's layer and site."""
-    from featurewatch.platform.discover import registered_sae
-    from featurewatch.sae import load
 
     choice = registered_sae(cfg, catalog, sae_version)
     sae = load(choice.path)
@@ -177,13 +178,31 @@ def steers_for(
         raise ConfigError(f"{choice.version}: {err}") from None
 
 
+def steer_by_hand(
+    cfg: FeaturewatchConfig,
+    feature_ids: list[int] | None,
+    *,
+    sae_version: str | None = None,
+    mode: str = "subtract",
+    scale: float = 4.0,
+) -> dict:
+    """`featurewatch steer`: push the features' decoder directions out of the live
+    replicas' residual stream (None or []: steering off), joining the configured cluster."""
+    steers = []
+    if feature_ids:
+        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
+            steers = steers_for(
+                cfg, catalog, feature_ids, sae_version=sae_version, mode=mode, scale=scale
+            )
+    init_ray(cfg)
+    return set_steering(cfg, steers)
+
+
 def set_steering(cfg: FeaturewatchConfig, steers: list[Steer]) -> dict:
     """Replace the steering of every live replica (empty list: off), without a restart.
     Checked against the served model first, so a bad steer never reaches a replica.
     A running canary keeps running, unsteered (it is judged on its own).
     Returns a replica's report of its steering once it has taken the new one."""
-    from featurewatch.capture.models import model_dims, resolve_model_path
-    from featurewatch.platform.runtime import collector_token
 
     served, addresses, deployed = _deployed(cfg)
     width, layers = model_dims(resolve_model_path(served.model.path, served.models_dir))
@@ -237,9 +256,6 @@ def start_canary(cfg: FeaturewatchConfig, path: Path, model_version: str, share:
     chat requests. The candidate is started first and the main replicas begin routing
     to it only once it is up, so no request waits on a loading model. Steering of the
     main replicas stays as it is. Returns the canary's /v1/models entry."""
-    from ray import serve
-
-    from featurewatch.platform.runtime import collector_token
 
     if not 0 < share <= 1:
         raise ConfigError(f"canary share must be in (0, 1], not {share}")
@@ -258,7 +274,6 @@ def start_canary(cfg: FeaturewatchConfig, path: Path, model_version: str, share:
 def stop_canary(cfg: FeaturewatchConfig) -> None:
     """End a canary: the main replicas stop routing to it, then it is deleted. The
     served version and its steering are untouched."""
-    from featurewatch.platform.runtime import collector_token
 
     served, addresses, deployed = _deployed(cfg)
     if deployed.get("canary") is None:
@@ -274,7 +289,6 @@ def stop_canary(cfg: FeaturewatchConfig) -> None:
 def _wait_until_deleted(app: str, timeout_s: float = 120.0) -> None:
     """Serve deletes an application in the background: wait for it, so that a rollback
     is over when it returns and the next canary never meets the last one."""
-    from ray import serve
 
     deadline = time.monotonic() + timeout_s
     while app in serve.status().applications:
@@ -287,7 +301,6 @@ def promote_model(cfg: FeaturewatchConfig, path: Path, model_version: str) -> di
     """Serve another model version: Serve replaces the replicas one by one (a rolling
     update, no downtime), steering off (the new version is meant not to need it) and any
     canary ended. Returns the new replicas' /v1/models entry."""
-    from featurewatch.platform.runtime import collector_token
 
     served, addresses, _ = _deployed(cfg)
     promoted = served.model_copy(deep=True)

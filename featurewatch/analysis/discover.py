@@ -15,16 +15,19 @@ the mean paired rise of their pooled activation, as the persona-features work fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import rankdata
 
+from featurewatch.analysis.transcript_features import pooled_features
+from featurewatch.analysis.transcripts import Transcript
+from featurewatch.capture.generation import BatchGenerator
+from featurewatch.capture.models import load_model, resolve_model_path
+from featurewatch.config import FeaturewatchConfig
 from featurewatch.errors import ConfigError
-from featurewatch.platform.config import FeaturewatchConfig
-from featurewatch.platform.transcripts import Transcript
-from featurewatch.storage.sae_store import SAEStore, sae_folder
+from featurewatch.sae import load
+from featurewatch.storage.sae_store import SAEChoice, registered_sae
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
@@ -133,40 +136,6 @@ def rank_rise(
 # ---- jobs: model + SAE + registry around the statistics
 
 
-@dataclass
-class SAEChoice:
-    version: str
-    path: Path
-    layer: int
-    site: str
-
-
-def sae_store(cfg: FeaturewatchConfig) -> SAEStore | None:
-    """The shared SAE store of `sae.store_uri`, cached in <home>/saes (None: no store)."""
-    if cfg.sae.store_uri is None:
-        return None
-    return SAEStore(cfg.sae.store_uri, cfg.sae_dir)
-
-
-def registered_sae(cfg: FeaturewatchConfig, catalog, version: str | None = None) -> SAEChoice:
-    """A registered SAE version, or by default the newest one for the configured model."""
-    sql = "SELECT sae_version, path, layer, site FROM sae_versions WHERE "
-    if version is None:
-        rows = catalog.query(
-            sql + "model = ? ORDER BY created_at DESC LIMIT 1", [cfg.model.name]
-        ).to_pylist()
-        if not rows:
-            raise ConfigError(f"no SAE version is registered for model {cfg.model.name!r}")
-    else:
-        rows = catalog.query(sql + "sae_version = ?", [version]).to_pylist()
-        if not rows:
-            raise ConfigError(f"SAE version {version!r} is not in the catalog")
-    row = rows[0]
-    # On a node other than the one that trained it, the folder comes from the store.
-    path = sae_folder(sae_store(cfg), row["sae_version"], Path(row["path"]))
-    return SAEChoice(row["sae_version"], path, row["layer"], row["site"] or "resid_post")
-
-
 def model_folder(cfg: FeaturewatchConfig, catalog, ref: str) -> Path:
     """A model version of the configured model (from the catalog) or a model folder."""
     rows = catalog.query(
@@ -193,8 +162,6 @@ def encode_transcripts(
     cfg: FeaturewatchConfig, choice: SAEChoice, sae, transcripts, *, progress: bool = False
 ):
     """PooledFeatures of the transcripts' responses through the configured model."""
-    from featurewatch.capture.models import load_model, resolve_model_path
-    from featurewatch.platform.transcript_features import pooled_features
 
     folder = resolve_model_path(cfg.model.path, cfg.models_dir)
     model, tokenizer = load_model(folder, cfg.model.dtype)
@@ -222,9 +189,6 @@ def answer_and_encode(
     """A model version (or folder) answers the prompts greedily; its own activations on
     its answers are encoded with the SAE, as monitoring would see them served. Returns
     (PooledFeatures, answers)."""
-    from featurewatch.capture.generation import BatchGenerator
-    from featurewatch.capture.models import load_model
-    from featurewatch.platform.transcript_features import pooled_features
 
     model, tokenizer = load_model(model_folder(cfg, catalog, ref), cfg.model.dtype)
     if model.config.hidden_size != sae.d_in:
@@ -259,7 +223,6 @@ def discover_contrast(
     progress: bool = False,
 ) -> dict:
     """Rank the SAE's features by how well they separate positive from negative."""
-    from featurewatch.sae import load
 
     choice = registered_sae(cfg, catalog, sae_version)
     sae = load(choice.path)
@@ -296,7 +259,6 @@ def discover_diff(
 ) -> dict:
     """Rank features by how much they rose from the base to the candidate model, each
     answering the same prompts (lists of messages ending with the user's turn)."""
-    from featurewatch.sae import load
 
     choice = registered_sae(cfg, catalog, sae_version)
     sae = load(choice.path)

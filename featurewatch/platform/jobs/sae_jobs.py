@@ -13,14 +13,25 @@ from pathlib import Path
 
 import torch
 
-from featurewatch.errors import ConfigError, SAEFormatError
-from featurewatch.platform.config import FeaturewatchConfig
-from featurewatch.platform.discover import registered_sae, sae_store
+from featurewatch.actors.pipeline import segments_dataset
+from featurewatch.actors.runtime import init_ray
+from featurewatch.capture.hooks import find_decoder_layers, site_module
+from featurewatch.capture.models import load_model, model_dims, resolve_model_path
+from featurewatch.config import FeaturewatchConfig
+from featurewatch.errors import ConfigError
+from featurewatch.platform.jobs.gather import gather_activations, padded_batches, token_chunks
+from featurewatch.platform.jobs.train_sae import train_sae
+from featurewatch.proto import activations_pb2 as pb
+from featurewatch.proto.codec import unpack_vectors
+from featurewatch.sae import load
+from featurewatch.sae.evaluate import ce_loss_recovered
+from featurewatch.sae.train import evaluate, typical_rows
+from featurewatch.storage.catalog import Catalog
+from featurewatch.storage.sae_store import registered_sae, sae_version_or_folder
 from featurewatch.storage.spool import read_segment, sealed_segments
 
 
 def _load_lm(cfg: FeaturewatchConfig):
-    from featurewatch.capture.models import load_model, resolve_model_path
 
     folder = resolve_model_path(cfg.model.path, cfg.models_dir)
     torch.set_num_threads(cfg.model.torch_threads)
@@ -29,7 +40,6 @@ def _load_lm(cfg: FeaturewatchConfig):
 
 
 def gather(cfg: FeaturewatchConfig, out: Path, tokens: int, eval_tokens: int, **kwargs) -> dict:
-    from featurewatch.platform.gather import gather_activations
 
     _, model, tokenizer = _load_lm(cfg)
     reports = {}
@@ -58,9 +68,6 @@ def segment_vectors(
 ) -> torch.Tensor:
     """Up to `limit` vectors of one (layer, site) from sealed segments, as float32,
     without the outlier rows training drops (so FVU is measured as training sees it)."""
-    from featurewatch.proto import activations_pb2 as pb
-    from featurewatch.proto.codec import unpack_vectors
-    from featurewatch.sae.train import typical_rows
 
     parts, total = [], 0
     for path in paths:
@@ -88,11 +95,6 @@ def train(
     parent: str | None = None,
 ) -> dict:
     """Train on a spool with Ray Train and register the version with its lineage."""
-    from featurewatch.capture.models import model_dims, resolve_model_path
-    from featurewatch.platform.pipeline import segments_dataset
-    from featurewatch.platform.runtime import init_ray
-    from featurewatch.platform.train_sae import train_sae
-    from featurewatch.storage.catalog import Catalog
 
     segments = _segments(spool, "--spool")
     eval_segments = _segments(eval_spool, "--eval-spool") if eval_spool else None
@@ -137,21 +139,6 @@ def train(
     return {"version": trained.version, "path": str(trained.path), **trained.metrics}
 
 
-def _resolve_sae(cfg: FeaturewatchConfig, version_or_path: str) -> tuple[str | None, Path]:
-    path = Path(version_or_path)
-    if path.is_dir():
-        return None, path
-    candidate = cfg.sae_dir / version_or_path
-    if candidate.is_dir():
-        return version_or_path, candidate
-    store = sae_store(cfg)
-    if store is not None and "/" not in version_or_path and store.has(version_or_path):
-        return version_or_path, store.fetch(version_or_path)
-    raise SAEFormatError(
-        f"{version_or_path!r} is neither an SAE folder nor a version under {cfg.sae_dir}"
-    )
-
-
 def evaluate_sae(
     cfg: FeaturewatchConfig,
     version_or_path: str,
@@ -163,14 +150,8 @@ def evaluate_sae(
     held_out_fraction: float = 0.1,
 ) -> dict:
     """FVU/L0/dead on held-out activations and CE-loss recovered on held-out text."""
-    from featurewatch.capture.hooks import find_decoder_layers, site_module
-    from featurewatch.platform.gather import padded_batches, token_chunks
-    from featurewatch.sae import load
-    from featurewatch.sae.evaluate import ce_loss_recovered
-    from featurewatch.sae.train import evaluate
-    from featurewatch.storage.catalog import Catalog
 
-    version, path = _resolve_sae(cfg, version_or_path)
+    version, path = sae_version_or_folder(cfg, version_or_path)
     _, model, tokenizer = _load_lm(cfg)
     layer, site = cfg.capture.layer, cfg.capture.site
     sae = load(path, expected_d_in=model.config.hidden_size)

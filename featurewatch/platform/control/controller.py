@@ -10,21 +10,28 @@ get logged (`dry_run`). Every evaluation is logged too, with the numbers behind 
 The catalog is read through its published copy (`Catalog.for_analyst`, reopened each
 tick), so the controller never blocks the pipeline and sees each commit on the next tick.
 The cooldown lives in the audit log, so a restarted controller does not fire again.
-Actions are handlers keyed by action type (`featurewatch/platform/actions.py`); a type
+Actions are handlers keyed by action type (`featurewatch/platform/control/actions.py`); a type
 with no handler in this deployment is recorded as skipped, never silently dropped.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from featurewatch.errors import CatalogError, ConfigError, FeaturewatchError
-from featurewatch.platform.config import FeaturewatchConfig, format_duration
-from featurewatch.platform.policies import Condition, Policy
+from featurewatch.config import FeaturewatchConfig, format_duration
+from featurewatch.errors import CatalogError, FeaturewatchError
+from featurewatch.platform.control.actions import (
+    realign_handler,
+    refresh_sae_handler,
+    send_alert,
+    steer_handler,
+)
+from featurewatch.platform.control.policies import Condition, Policy, load_policies
 from featurewatch.storage.audit import AuditLog, utc_now
 from featurewatch.storage.catalog import Catalog, fetch_arrow
 from featurewatch.storage.drift import latest_sae_version
@@ -78,18 +85,6 @@ WHERE sae_version = $sae AND feature_id IN (SELECT unnest($ids::INTEGER[]))
 MODEL_FILTERED = ("rate_ratio", "z_score", "firing_rate")
 
 
-def group_ids(catalog: Catalog, condition: Condition, sae_version: str) -> list[int]:
-    """The feature ids a condition watches: its tag group or its one feature."""
-    registry = FeatureRegistry(catalog)
-    if condition.feature is not None:
-        registry.check_feature(sae_version, condition.feature)
-        return [condition.feature]
-    ids = registry.ids_with_tag(sae_version, condition.tag)
-    if not ids:
-        raise ConfigError(f"no feature of {sae_version} is tagged {condition.tag!r}")
-    return ids
-
-
 def window_value(
     catalog: Catalog, condition: Condition, sae_version: str, ids: list[int], win_end: datetime
 ) -> tuple[float | None, dict[int, float]]:
@@ -140,7 +135,8 @@ def evaluate(catalog: Catalog, policy: Policy, now: datetime) -> dict:
     condition = policy.condition
     end = now.replace(second=0, microsecond=0)
     sae_version = condition.sae_version or latest_sae_version(catalog)
-    ids = group_ids(catalog, condition, sae_version)
+    features = None if condition.feature is None else [condition.feature]
+    ids = FeatureRegistry(catalog).group_ids(sae_version, condition.tag, features)
     values, per_feature = [], {}
     for i in range(condition.consecutive):
         value, features = window_value(
@@ -191,16 +187,10 @@ class PolicyController:
         handlers: dict[str, Handler] | None = None,
         metrics=None,
     ):
-        from featurewatch.platform.actions import (
-            realign_handler,
-            refresh_sae_handler,
-            send_alert,
-            steer_handler,
-        )
 
         self.cfg = cfg
         self.policies = policies
-        self.audit = audit or AuditLog(audit_path(cfg))
+        self.audit = audit or AuditLog(cfg.audit_path)
         if handlers is None:
             handlers = {
                 "alert": send_alert,
@@ -325,19 +315,13 @@ class PolicyController:
         return final
 
 
-def audit_path(cfg: FeaturewatchConfig) -> Path:
-    return cfg.home / "audit.duckdb"
-
-
 def load_policy_list(path: Path) -> list[Policy]:
-    from featurewatch.platform.policies import load_policies
 
     return load_policies(path).policies
 
 
 def run_forever(controller: PolicyController, every: timedelta, stop=None) -> None:
     """Tick until `stop` (a threading.Event) is set; a failing tick is logged, not fatal."""
-    import threading
 
     stop = stop or threading.Event()
     while not stop.is_set():

@@ -27,9 +27,18 @@ from pathlib import Path
 
 import torch
 
+from featurewatch.actors.pipeline import segments_dataset
+from featurewatch.actors.runtime import init_ray
+from featurewatch.config import FeaturewatchConfig
 from featurewatch.errors import ConfigError
-from featurewatch.platform.config import FeaturewatchConfig
+from featurewatch.platform.jobs.sae_jobs import segment_vectors
+from featurewatch.platform.jobs.train_sae import SAVED_AS, train_sae
+from featurewatch.sae import load
+from featurewatch.sae.train import evaluate
+from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.inbox import SAERegistration, submit
+from featurewatch.storage.sae_store import registered_sae
+from featurewatch.storage.spool import spool_segments
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +76,9 @@ class RefreshResult:
 
 def recent_segments(cfg: FeaturewatchConfig, window: timedelta, now: float | None = None):
     """Sealed segments of every collector's spool sealed within `window`, oldest first."""
-    from featurewatch.platform.runtime import spool_segments
 
     since = (now or time.time()) - window.total_seconds()
-    stamped = [(p.stat().st_mtime, p) for p in spool_segments(cfg)]
+    stamped = [(p.stat().st_mtime, p) for p in spool_segments(cfg.spool_dir)]
     return [p for mtime, p in sorted(stamped) if mtime >= since]
 
 
@@ -94,7 +102,6 @@ def decoder_cosine(parent, child) -> float:
 def judge(parent_fvu: float, child, held_out: torch.Tensor) -> tuple[float, bool]:
     """(child's FVU on the held-out vectors, keep it): kept when it is not worse than
     the parent's on the same vectors."""
-    from featurewatch.sae.train import evaluate
 
     child_fvu = evaluate(child, held_out)["fvu"]
     return child_fvu, child_fvu <= parent_fvu
@@ -112,14 +119,6 @@ def refresh_sae(
 ) -> RefreshResult:
     """Check an SAE (by default the newest for the model) on recent traffic and refresh
     it if it has gone stale."""
-    from featurewatch.platform.discover import registered_sae
-    from featurewatch.platform.pipeline import segments_dataset
-    from featurewatch.platform.runtime import init_ray
-    from featurewatch.platform.sae_jobs import segment_vectors
-    from featurewatch.platform.train_sae import SAVED_AS, train_sae
-    from featurewatch.sae import load
-    from featurewatch.sae.train import evaluate
-    from featurewatch.storage.catalog import Catalog
 
     started = time.time()
     with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
@@ -171,7 +170,7 @@ def refresh_sae(
     metrics = {**trained.metrics, "fvu_fresh": child_fvu, "parent_fvu_fresh": parent_fvu}
     metrics["decoder_cosine_to_parent"] = result.decoder_cosine
     submit(
-        cfg.home,
+        cfg.inbox_dir,
         SAERegistration(
             sae_version=version, path=str(trained.path), architecture=trained.sae.architecture,
             model=cfg.model.name, layer=layer, d_in=parent.d_in, d_sae=parent.d_sae,

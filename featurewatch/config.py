@@ -377,6 +377,47 @@ class FeaturewatchConfig(_Strict):
     def models_dir(self) -> Path:
         return self.home / "models"
 
+    @property
+    def token_file(self) -> Path:
+        """The platform token, made on first start unless collector.token is set."""
+        return self.home / "collector.token"
+
+    @property
+    def deployed_app_file(self) -> Path:
+        """What the model server was last deployed with (storage/deployed_app.py)."""
+        return self.home / "serve_app.json"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.home / "audit.duckdb"
+
+    @property
+    def status_dir(self) -> Path:
+        """Heartbeats of replicas and collectors."""
+        return self.home / "status"
+
+    @property
+    def inbox_dir(self) -> Path:
+        """Registration requests waiting for the catalog's writer."""
+        return self.home / "registrations"
+
+    @property
+    def dashboard_tokens_file(self) -> Path:
+        return self.home / "dashboard_tokens.json"
+
+    @property
+    def ray_train_dir(self) -> Path:
+        """Ray Train's storage_path: checkpoints that let a killed job resume."""
+        return self.home / "ray_train"
+
+    @property
+    def demo_report_file(self) -> Path:
+        return self.home / "demo_report.json"
+
+    @property
+    def realign_demo_dir(self) -> Path:
+        return self.home / "realign_demo"
+
 
 def describe_errors(err: ValidationError) -> str:
     lines = []

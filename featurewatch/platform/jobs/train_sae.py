@@ -28,9 +28,8 @@ from ray.experimental.tqdm_ray import tqdm
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from featurewatch.config import FeaturewatchConfig
 from featurewatch.errors import SAEFormatError
-from featurewatch.platform.config import FeaturewatchConfig
-from featurewatch.platform.discover import sae_store
 from featurewatch.sae import build, load
 from featurewatch.sae.model import SparseAutoencoder
 from featurewatch.sae.train import (
@@ -43,6 +42,7 @@ from featurewatch.sae.train import (
     optimizer_step,
     typical_rows,
 )
+from featurewatch.storage.sae_store import sae_store
 
 STATE_FILE = "train_state.pt"
 
@@ -262,7 +262,7 @@ def train_sae(
         ),
         run_config=RunConfig(
             name=f"sae-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-            storage_path=str(cfg.home / "ray_train"),
+            storage_path=str(cfg.ray_train_dir),
             failure_config=FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
