@@ -8,7 +8,7 @@ Two things live here:
   ends it with `error: <message>` on stderr and the error's exit code (2 for a bad
   argument, 1 otherwise); anything else is a bug and keeps its traceback.
 - Loading on demand: the jobs behind some commands import torch, transformers, peft and
-  Ray (about 8 s on 2 cores). `COMMANDS` names each command's module, and only the
+  Ray (seconds to import). `COMMANDS` names each command's module, and only the
   module of the command that runs is imported, so `featurewatch --help` or a quick
   `featurewatch sql` never waits for the others (click's documented lazy-group pattern).
   Each module imports what it needs at its top, so the dependency graph stays visible.
