@@ -2,10 +2,13 @@
 merged model is saved and registered; bad settings are refused before a job starts, and
 a job whose worker is killed leaves no model and registers nothing."""
 
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import ray
 import torch
 from typer.testing import CliRunner
 
@@ -82,6 +85,15 @@ def test_bad_settings_are_refused_before_a_job_starts(setup, tmp_path):
         run_finetune(cfg, tmp_path / "no-model", transcripts, "x")
 
 
+def steps_logged(worker) -> int:
+    """The last step a Ray Train worker printed to its log ("finetune step N/...")."""
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    steps = [0]
+    for log in logs.glob(f"worker-*-{worker.pid}.out"):
+        steps += [int(m) for m in re.findall(r"finetune step (\d+)/", log.read_text())]
+    return max(steps)
+
+
 def test_a_killed_job_leaves_no_model_and_registers_nothing(setup):
     cfg, base, transcripts = setup
     settings = FinetuneSettings(steps=100_000, lr=1e-3, batch_size=1, torch_threads=1)
@@ -97,11 +109,14 @@ def test_a_killed_job_leaves_no_model_and_registers_nothing(setup):
     started = time.time() - 1
     job = threading.Thread(target=run)
     job.start()
-    deadline = time.monotonic() + 120
-    while not train_workers(started) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(3)  # let it train a little
-    (worker,) = train_workers(started)
+    # Kill the worker once it really trains: a worker killed while Ray Train is still
+    # starting its group is replaced (startup is retried, not counted as a failure), and
+    # the job would go on. Its progress lines reach its log file in the session's logs.
+    deadline = time.monotonic() + 240
+    while not (training := [w for w in train_workers(started) if steps_logged(w) >= 20]):
+        assert time.monotonic() < deadline, "the fine-tune never started training"
+        time.sleep(0.5)
+    (worker,) = training
     worker.kill()
     job.join(timeout=120)
     assert "fine-tune killed failed" in outcome["error"]
