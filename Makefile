@@ -16,13 +16,20 @@ $(PY):
 
 # torch first, pinned: pip takes the CPU build that lies on disk. A looser pin (or the
 # project's range alone) would pull a multi-GB CUDA build.
+# vLLM's CPU build (the vllm extra) brings PyPI's torchvision, torchaudio and torchcodec:
+# CUDA builds that fail to load beside the CPU torch and break vLLM's import of
+# transformers. Nothing here uses them, so every install step removes them again.
+DROP_CUDA_EXTRAS := $(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet -e '.[vllm]'
+	$(DROP_CUDA_EXTRAS)
 	touch $@
 
 $(DEV_STAMP): $(STAMP)
-	$(PIP) install --quiet -e '.[dev,docs]'
+	$(PIP) install --quiet -e '.[vllm,dev,docs]'
+	$(DROP_CUDA_EXTRAS)
 	touch $@
 
 # The dashboard's browser test drives Debian's chromium through Playwright (Playwright's
@@ -52,7 +59,7 @@ test: $(DEV_STAMP) $(BROWSER_STAMP)
 # No --quiet: it hides the warnings that --strict counts, and the build then passes.
 # A venv made before the docs extra existed gets it here.
 docs: $(DEV_STAMP)
-	test -x $(VENV)/bin/mkdocs || $(PIP) install --quiet -e '.[docs]'
+	test -x $(VENV)/bin/mkdocs || ($(PIP) install --quiet -e '.[vllm,docs]' && $(DROP_CUDA_EXTRAS))
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: $(DEV_STAMP)
