@@ -65,6 +65,7 @@ def segment_columns(path: str, model: str | None = None) -> dict[str, np.ndarray
                 "batch_key",
                 "token_id",
                 "token_text",
+                "engine",
                 "ts_ns",
             )
         },
@@ -86,6 +87,7 @@ def segment_columns(path: str, model: str | None = None) -> dict[str, np.ndarray
         cols["batch_key"] += [f"{batch.replica_id}/{batch.stream_epoch}/{batch.seq}"] * n
         cols["token_id"] += list(batch.token_id)
         cols["token_text"] += list(batch.token_text) if batch.token_text else [""] * n
+        cols["engine"] += [batch.engine] * n
         cols["ts_ns"] += list(batch.ts_unix_nanos)
     out = {k: np.asarray(v) for k, v in cols.items()}
     out["vector"] = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
@@ -157,6 +159,8 @@ def _segment_tables(cols: dict[str, np.ndarray], sae_version: str, token_text: s
             "token_text": pa.array(_privacy(cols["token_text"].astype(str), token_text)),
             "recon_error": pa.array(cols["recon_error"].astype(np.float32)),
             "segment_id": pa.array(cols["segment_id"].astype(str)),
+            # "" from a sender older than the field: unknown, so NULL
+            "engine": pa.array([e or None for e in cols["engine"].astype(str).tolist()]),
         }
     )
     # Sparse rows: one per (token, active feature).

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$featurewatch/proto/activations.proto\x12\x0f\x66\x65\x61turewatch.v1\"\xd9\x02\n\x0f\x41\x63tivationBatch\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x14\n\x0cstream_epoch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\r\n\x05layer\x18\x06 \x01(\r\x12\x0c\n\x04site\x18\x07 \x01(\t\x12%\n\x05\x64type\x18\x08 \x01(\x0e\x32\x16.featurewatch.v1.DType\x12\x0c\n\x04rows\x18\t \x01(\r\x12\r\n\x05width\x18\n \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x0b \x01(\x0c\x12\x13\n\x0brequest_ids\x18\x0c \x03(\t\x12\x15\n\rrequest_index\x18\r \x03(\r\x12\x11\n\ttoken_pos\x18\x0e \x03(\r\x12\x10\n\x08token_id\x18\x0f \x03(\r\x12\x15\n\rts_unix_nanos\x18\x10 \x03(\x03\x12\x12\n\ntoken_text\x18\x11 \x03(\t\"O\n\x03\x41\x63k\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x14\n\x0cstream_epoch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x11\n\tduplicate\x18\x04 \x01(\x08*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03\x32\x91\x01\n\tCollector\x12\x44\n\x06Stream\x12 .featurewatch.v1.ActivationBatch\x1a\x14.featurewatch.v1.Ack(\x01\x30\x01\x12>\n\x04Push\x12 .featurewatch.v1.ActivationBatch\x1a\x14.featurewatch.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$featurewatch/proto/activations.proto\x12\x0f\x66\x65\x61turewatch.v1\"\xe9\x02\n\x0f\x41\x63tivationBatch\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x14\n\x0cstream_epoch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\r\n\x05layer\x18\x06 \x01(\r\x12\x0c\n\x04site\x18\x07 \x01(\t\x12%\n\x05\x64type\x18\x08 \x01(\x0e\x32\x16.featurewatch.v1.DType\x12\x0c\n\x04rows\x18\t \x01(\r\x12\r\n\x05width\x18\n \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x0b \x01(\x0c\x12\x13\n\x0brequest_ids\x18\x0c \x03(\t\x12\x15\n\rrequest_index\x18\r \x03(\r\x12\x11\n\ttoken_pos\x18\x0e \x03(\r\x12\x10\n\x08token_id\x18\x0f \x03(\r\x12\x15\n\rts_unix_nanos\x18\x10 \x03(\x03\x12\x12\n\ntoken_text\x18\x11 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x12 \x01(\t\"O\n\x03\x41\x63k\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x14\n\x0cstream_epoch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x11\n\tduplicate\x18\x04 \x01(\x08*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03\x32\x91\x01\n\tCollector\x12\x44\n\x06Stream\x12 .featurewatch.v1.ActivationBatch\x1a\x14.featurewatch.v1.Ack(\x01\x30\x01\x12>\n\x04Push\x12 .featurewatch.v1.ActivationBatch\x1a\x14.featurewatch.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'featurewatch.proto.activations_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=486
-  _globals['_DTYPE']._serialized_end=556
+  _globals['_DTYPE']._serialized_start=502
+  _globals['_DTYPE']._serialized_end=572
   _globals['_ACTIVATIONBATCH']._serialized_start=58
-  _globals['_ACTIVATIONBATCH']._serialized_end=403
-  _globals['_ACK']._serialized_start=405
-  _globals['_ACK']._serialized_end=484
-  _globals['_COLLECTOR']._serialized_start=559
-  _globals['_COLLECTOR']._serialized_end=704
+  _globals['_ACTIVATIONBATCH']._serialized_end=419
+  _globals['_ACK']._serialized_start=421
+  _globals['_ACK']._serialized_end=500
+  _globals['_COLLECTOR']._serialized_start=575
+  _globals['_COLLECTOR']._serialized_end=720
 # @@protoc_insertion_point(module_scope)

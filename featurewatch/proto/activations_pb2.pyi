@@ -19,7 +19,7 @@ BFLOAT16: DType
 FLOAT32: DType
 
 class ActivationBatch(_message.Message):
-    __slots__ = ("replica_id", "stream_epoch", "seq", "model", "model_version", "layer", "site", "dtype", "rows", "width", "data", "request_ids", "request_index", "token_pos", "token_id", "ts_unix_nanos", "token_text")
+    __slots__ = ("replica_id", "stream_epoch", "seq", "model", "model_version", "layer", "site", "dtype", "rows", "width", "data", "request_ids", "request_index", "token_pos", "token_id", "ts_unix_nanos", "token_text", "engine")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     STREAM_EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class ActivationBatch(_message.Message):
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TS_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_TEXT_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     stream_epoch: int
     seq: int
@@ -54,7 +55,8 @@ class ActivationBatch(_message.Message):
     token_id: _containers.RepeatedScalarFieldContainer[int]
     ts_unix_nanos: _containers.RepeatedScalarFieldContainer[int]
     token_text: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, replica_id: _Optional[str] = ..., stream_epoch: _Optional[int] = ..., seq: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., layer: _Optional[int] = ..., site: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., rows: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ..., request_index: _Optional[_Iterable[int]] = ..., token_pos: _Optional[_Iterable[int]] = ..., token_id: _Optional[_Iterable[int]] = ..., ts_unix_nanos: _Optional[_Iterable[int]] = ..., token_text: _Optional[_Iterable[str]] = ...) -> None: ...
+    engine: str
+    def __init__(self, replica_id: _Optional[str] = ..., stream_epoch: _Optional[int] = ..., seq: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., layer: _Optional[int] = ..., site: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., rows: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ..., request_index: _Optional[_Iterable[int]] = ..., token_pos: _Optional[_Iterable[int]] = ..., token_id: _Optional[_Iterable[int]] = ..., ts_unix_nanos: _Optional[_Iterable[int]] = ..., token_text: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("replica_id", "stream_epoch", "seq", "duplicate")

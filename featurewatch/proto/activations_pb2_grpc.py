@@ -50,7 +50,8 @@ class CollectorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Stream(self, request_iterator, context):
-        """Bidirectional: batches in, one Ack per batch out, sent only once the batch is durable.
+        """Bidirectional: batches in, Acks out (each covering every earlier seq of the call),
+        sent only once those batches are durable.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

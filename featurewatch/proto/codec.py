@@ -21,6 +21,8 @@ WIRE_DTYPES: dict[int, tuple[torch.dtype, int]] = {
     pb.FLOAT32: (torch.float32, 4),
 }
 DTYPE_BY_NAME = {"float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16, "float32": pb.FLOAT32}
+# The serving engines a batch may name ("" from senders older than the field).
+ENGINES = ("", "hf", "vllm")
 # Model ids become lake partition folders: keep them path-safe.
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ENUM_BY_TORCH = {torch_dtype: enum for enum, (torch_dtype, _) in WIRE_DTYPES.items()}
@@ -40,6 +42,7 @@ def make_batch(
     ts_unix_nanos: list[int],
     token_text: list[str] | None = None,
     replica_id: str = "",
+    engine: str = "hf",
 ) -> pb.ActivationBatch:
     """Pack [rows, width] vectors and their per-row metadata into one message."""
     if vectors.dtype not in _ENUM_BY_TORCH:
@@ -63,6 +66,7 @@ def make_batch(
         token_id=token_id,
         ts_unix_nanos=ts_unix_nanos,
         token_text=token_text or [],
+        engine=engine,
     )
 
 
@@ -84,6 +88,10 @@ def validate_batch(
     `expected_width` per model ({model: width}, a fleet's) is also the allow-list."""
     if batch.seq == 0:
         raise BatchValidationError("seq", "must be >= 1")
+    if batch.engine not in ENGINES:
+        raise BatchValidationError(
+            "engine", f"unknown engine {batch.engine!r}; expected 'hf', 'vllm' or empty"
+        )
     if not batch.replica_id:
         raise BatchValidationError("replica_id", "must not be empty")
     if not batch.model:

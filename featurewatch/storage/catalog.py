@@ -28,7 +28,7 @@ import duckdb
 import pyarrow as pa
 
 from featurewatch.errors import CatalogError
-from featurewatch.storage.lake import PARTITION_COLUMNS, SCHEMAS
+from featurewatch.storage.lake import GROWN_TABLES, PARTITION_COLUMNS, SCHEMAS
 from featurewatch.storage.lake_store import LakeStore, as_lake_store
 from featurewatch.storage.macros import MACROS_SQL, ROLLUPS_VIEW_SQL
 
@@ -487,9 +487,12 @@ class Catalog:
         if paths:
             files = ", ".join(_sql_str(self.lake.url(p)) for p in paths)
             types = ", ".join(f"'{c}': {HIVE_TYPES[c]}" for c in PARTITION_COLUMNS[table_name])
+            # Files written before a column was added lack it: matched by name, their
+            # rows read NULL there (by position, DuckDB refuses the mix).
+            by_name = ", union_by_name = true" if table_name in GROWN_TABLES else ""
             body = (
                 f"SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
-                f"hive_types = {{{types}}})"
+                f"hive_types = {{{types}}}{by_name})"
             )
             if where:
                 body += f" WHERE {where}"

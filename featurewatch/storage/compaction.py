@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from featurewatch.config import LakeConfig
 from featurewatch.storage.catalog import Catalog
-from featurewatch.storage.lake import SCHEMAS
+from featurewatch.storage.lake import SCHEMAS, conform
 from featurewatch.storage.lake_store import LakeStore, as_lake_store
 from featurewatch.storage.rollups import fold_closed_hours, fold_day
 
@@ -111,7 +111,7 @@ def _write_table(lake: LakeStore, directory: str, sae_version: str, table_name: 
             pending, held = [], 0
             for src in rows:
                 for batch in src.iter_batches(batch_size=65_536):
-                    pending.append(batch)
+                    pending.append(conform(batch, schema))
                     held += batch.num_rows
                     if held >= ROWS_PER_WRITE:
                         writer.write_table(pa.Table.from_batches(pending).cast(schema))

@@ -42,6 +42,9 @@ TOKENS_SCHEMA = pa.schema(
         # ||x - x_hat||^2 / ||x||^2: rises when the dictionary goes stale on new traffic.
         ("recon_error", pa.float32()),
         ("segment_id", pa.string()),
+        # the serving engine that computed the vector: 'hf' or 'vllm' (NULL in files
+        # written before the column existed)
+        ("engine", pa.string()),
     ]
 )
 ROLLUP_KEY_FIELDS = [
@@ -75,6 +78,19 @@ SCHEMAS = {
     "feature_daily": FEATURE_ROLLUPS_SCHEMA,
     "token_daily": TOKEN_ROLLUPS_SCHEMA,
 }
+# Tables that gained columns since their first files: `tokens` got `engine`. Older files
+# read NULL there (the catalog's views match columns by name; compaction fills them in).
+GROWN_TABLES = {"tokens"}
+
+
+def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """A batch of an older file in the table's current schema: missing columns NULL."""
+    missing = [f for f in schema if f.name not in batch.schema.names]
+    for field in missing:
+        batch = batch.append_column(field, pa.nulls(batch.num_rows, field.type))
+    return batch.select(schema.names).cast(schema) if missing else batch
+
+
 # Raw rows are partitioned by model, date and hour; rollups (a few rows per feature and
 # hour) by model and date only, so a week's baseline reads a handful of files.
 PARTITION_COLUMNS = {

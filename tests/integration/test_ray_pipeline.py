@@ -27,18 +27,20 @@ WIDTH = 16
 
 def fill_spool(spool_dir, segments=3, batches=4, rows=64, seed=0, first_seq=0):
     """Structured activations (sparse codes over a few directions, chosen by `seed`) in
-    several segments; batch sequence numbers follow `first_seq`."""
+    several segments; batch sequence numbers follow `first_seq`. The segments' batches
+    name the engines hf, vllm and none (an older sender) in turn."""
     gen = torch.Generator().manual_seed(seed)
     basis = torch.randn(12, WIDTH, generator=gen)
     spool = Spool(spool_dir)
     seq = first_seq
-    for _ in range(segments):
+    for s in range(segments):
         for _ in range(batches):
             seq += 1
             codes = torch.relu(torch.randn(rows, 12, generator=gen))
             codes *= torch.rand(rows, 12, generator=gen) < 0.25
             x = (codes @ basis).half()
-            b = batch_of(x, seq=seq, request_ids=[f"req-{seq}"])
+            engine = ("hf", "vllm", "")[s % 3]
+            b = batch_of(x, seq=seq, request_ids=[f"req-{seq}"], engine=engine)
             spool.append(b.SerializeToString())
         spool.seal()
     spool.close()
@@ -89,8 +91,13 @@ def test_pipeline_encodes_each_segment_exactly_once(trained):
             "WHERE sae_version = ?",
             version,
         ).to_pylist()
+        engines = catalog.query(
+            "SELECT engine, count(*) AS n FROM tokens GROUP BY engine ORDER BY engine"
+        ).to_pylist()
     assert n_tokens == report.tokens
     assert len(rows) == report.feature_rows
+    # each row says which engine computed it (NULL: a sender that did not say)
+    assert engines == [{"engine": e, "n": 4 * 64} for e in ("hf", "vllm", None)]
 
     # the lake holds exactly what the in-process SAE computes for the same vectors
     from featurewatch.proto import activations_pb2 as pb

@@ -36,6 +36,7 @@ def segment(start, n_tokens, fires, model_version="v1", request=None, replica="r
             "token_text": list(texts) if texts else ["tok"] * n_tokens,
             "recon_error": pa.array([0.1] * n_tokens, pa.float32()),
             "segment_id": ["s"] * n_tokens,
+            "engine": ["hf"] * n_tokens,
         }
     )
     rows = [(i, fid, v) for fid, values in fires.items() for i, v in enumerate(values)]

@@ -58,6 +58,8 @@ def test_each_bad_field_is_named():
     _bad("dtype", batch_of(x, dtype=42))
     _bad("data", batch_of(x, data=batch_of(x).data[:-2]))
     _bad("rows", batch_of(x, rows=0))
+    _bad("engine", batch_of(x, engine="tgi"))
+    _bad("engine", batch_of(x, engine="HF"))  # exact, no case folding
     _bad("seq", batch_of(x, seq=0))
     _bad("replica_id", batch_of(x, replica_id=""))
     _bad("model", batch_of(x, model=""))
@@ -109,3 +111,12 @@ def test_a_fleets_widths_are_checked_per_model_and_are_its_allow_list():
         validate_batch(batch_of(torch.zeros(2, 48).half()), expected_width=widths)
     with pytest.raises(BatchValidationError, match="model: unknown model 'other'"):
         validate_batch(batch_of(torch.zeros(2, 16).half(), model="other"), expected_width=widths)
+
+
+def test_the_engine_travels_and_an_older_sender_may_leave_it_empty():
+    x = torch.randn(2, 8)
+    assert batch_of(x).engine == "hf"  # make_batch's default: the transformers replica
+    for engine in ("vllm", ""):
+        b = pb.ActivationBatch.FromString(batch_of(x, engine=engine).SerializeToString())
+        validate_batch(b, expected_width=8)
+        assert b.engine == engine

@@ -3,6 +3,7 @@ answers, hourly rollups, old files kept for a grace period, ages enforced."""
 
 from datetime import timedelta
 
+import pyarrow.parquet as pq
 import pytest
 
 from featurewatch.storage.compaction import (
@@ -258,3 +259,19 @@ def test_days_view_counts_each_day_once_and_skips_folded_hour_files(lake):
     ).fetchone()
     (hour_file,) = [p for p in files_of(cat, "feature_rollups") if "compacted" in p]
     assert hour_file not in view_sql
+
+
+def test_files_from_before_the_engine_column_read_null_and_compact_with_new_ones(lake):
+    cat, commit = lake
+    if not cat.lake.local:
+        pytest.skip("rewrites a file in place to make it old: a local lake is enough")
+    commit(T0, 10, {1: [1.0]})
+    (old,) = files_of(cat, "tokens")
+    path = cat.lake.path(old)
+    pq.write_table(pq.read_table(path).drop_columns(["engine"]), path)  # as written before
+    commit(T0 + MINUTE, 5, {1: [2.0]})
+    engines = "SELECT engine, count(*) AS n FROM tokens GROUP BY engine ORDER BY engine"
+    assert cat.query(engines).to_pylist() == [{"engine": "hf", "n": 5}, {"engine": None, "n": 10}]
+    compact(cat, cat.lake, closed_before=T0 + HOUR)
+    assert len(files_of(cat, "tokens")) == 1
+    assert cat.query(engines).to_pylist() == [{"engine": "hf", "n": 5}, {"engine": None, "n": 10}]
