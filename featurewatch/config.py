@@ -96,6 +96,23 @@ class RayConfig(_Strict):
     )
 
 
+class VLLMOptions(_Strict):
+    max_model_len: int = Field(
+        2048, ge=16, le=131072, description="Longest prompt plus answer, in tokens."
+    )
+    max_num_seqs: int = Field(
+        32, ge=1, le=1024, description="Requests the engine schedules together at most."
+    )
+    kv_cache_gib: float = Field(
+        1.0, gt=0, le=1024, description="Memory for the paged KV cache, in GiB."
+    )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="Reuse the KV cache of a shared prompt prefix. Cached positions are "
+        "not recomputed, so they are not captured (only the uncached rest of a prompt is).",
+    )
+
+
 class ModelConfig(_Strict):
     name: str = Field(SMOLLM2, description="Model id written into every lake row.")
     path: str | None = Field(
@@ -115,6 +132,15 @@ class ModelConfig(_Strict):
         0.05, ge=0, description="How long a batch waits to fill before generating."
     )
     max_tokens_limit: int = Field(256, ge=1, description="Largest max_tokens a client may ask.")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf: a transformers generate loop batched by serve.batch; vllm: vLLM's "
+        "engine (continuous batching, paged KV cache) with its OpenAI-compatible API "
+        "(needs the vllm extra).",
+    )
+    vllm: VLLMOptions = Field(
+        default_factory=VLLMOptions, description="vLLM's engine settings (engine: vllm)."
+    )
 
 
 Site = Literal["resid_post", "mlp_out"]

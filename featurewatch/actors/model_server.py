@@ -311,6 +311,10 @@ class ModelServer:
             sender.close(flush_timeout=10.0)
 
 
+def check_settings(cfg, folder: Path) -> None:
+    """The transformers engine has no options beyond those the config already checks."""
+
+
 def build_app(args: dict):
     """The application `featurewatch.actors.serving` deploys by import path, so that a
     new user_config (steering) is a lightweight update of the running replicas."""

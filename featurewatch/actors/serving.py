@@ -16,6 +16,7 @@ token is not stored there: it is read from the config or the home, as at deploym
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,8 +35,31 @@ from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.deployed_app import read_deployed, write_deployed
 from featurewatch.storage.sae_store import registered_sae
 
-APP_IMPORT_PATH = "featurewatch.actors.model_server:build_app"
+# The replica of each engine, deployed by import path (vLLM is imported only by replicas
+# that serve with it).
+APP_IMPORT_PATHS = {
+    "hf": "featurewatch.actors.model_server:build_app",
+    "vllm": "featurewatch.actors.vllm_server:build_app",
+}
 DEPLOYMENT = "ModelServer"
+
+
+def check_servable(cfg: FeaturewatchConfig) -> tuple[Path, int]:
+    """(model folder, hidden width) once the model and its capture settings can be
+    served; before any replica starts, a ConfigError naming the field otherwise. The
+    engine's own module checks its options (vLLM validates them without loading weights)."""
+    name = cfg.model.name
+    folder = resolve_model_path(cfg.model.path, cfg.models_dir)
+    width, layers = model_dims(folder)
+    outside = [layer for layer in cfg.capture.layers if layer >= layers]
+    if outside:
+        raise ConfigError(
+            f"{name}: capture.layers {outside} out of range: the model has {layers} layers "
+            f"(0 to {layers - 1})"
+        )
+    module = importlib.import_module(APP_IMPORT_PATHS[cfg.model.engine].split(":")[0])
+    module.check_settings(cfg, folder)
+    return folder, width
 
 
 def canary_app_name(cfg: FeaturewatchConfig) -> str:
@@ -53,7 +77,7 @@ def _application(
     return {
         "name": name,
         "route_prefix": route_prefix,
-        "import_path": APP_IMPORT_PATH,
+        "import_path": APP_IMPORT_PATHS[cfg.model.engine],
         "args": {
             "config": cfg.model_dump(mode="json"),
             "collector_addresses": list(addresses),
@@ -85,6 +109,7 @@ def _deploy(
     apps = []
     if canary is not None:
         candidate = FeaturewatchConfig.model_validate(canary["config"])
+        check_servable(candidate)
         name = canary_app_name(cfg)
         apps.append(_application(candidate, name, None, addresses, token, {"steering": []}))
         if canary["routed"]:
@@ -144,7 +169,10 @@ def _deployed(cfg: FeaturewatchConfig) -> tuple[FeaturewatchConfig, list[str], d
 
 def deploy_model_server(cfg: FeaturewatchConfig, addresses: list[str], token: str):
     """Deploy (or update) the model server application; returns its handle. Serve must
-    be started (`serve.start`) with the HTTP options wanted."""
+    be started (`serve.start`) with the HTTP options wanted. Every model of the fleet is
+    checked first (check_servable), so a bad setting fails here, naming its field."""
+    for member in cfg.fleet_configs():
+        check_servable(member)
     return _deploy(cfg, addresses, token, [])
 
 

@@ -25,9 +25,8 @@ from featurewatch.actors.runtime import (
     init_ray,
     start_collectors,
 )
-from featurewatch.actors.serving import deploy_model_server
+from featurewatch.actors.serving import check_servable, deploy_model_server
 from featurewatch.analysis.prompts import load_prompts
-from featurewatch.capture.models import model_dims, resolve_model_path
 from featurewatch.config import FeaturewatchConfig
 from featurewatch.platform.jobs.train_sae import train_sae
 from featurewatch.storage.catalog import Catalog
@@ -107,10 +106,7 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
     cfg.home.mkdir(parents=True, exist_ok=True)
 
     step(f"Preparing {cfg.model.name} under {cfg.home} (first run converts the GGUF once)")
-    folder = resolve_model_path(cfg.model.path, cfg.models_dir)
-    d_model, layers = model_dims(folder)
-    if cfg.capture.layer >= layers:
-        raise ValueError(f"capture.layer {cfg.capture.layer} >= the model's {layers} layers")
+    folder, d_model = check_servable(cfg)
 
     step("Starting a local Ray cluster and the gRPC collector actor")
     init_ray(cfg)

@@ -36,10 +36,8 @@ from featurewatch.actors.pipeline import (
     follow_lanes,
 )
 from featurewatch.actors.runtime import collector_token, init_ray, start_collectors
-from featurewatch.actors.serving import deploy_model_server
-from featurewatch.capture.models import model_dims, resolve_model_path
+from featurewatch.actors.serving import check_servable, deploy_model_server
 from featurewatch.config import FeaturewatchConfig
-from featurewatch.errors import ConfigError
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.heartbeats import read_heartbeats
 
@@ -83,11 +81,7 @@ def run_up(
     members = cfg.fleet_configs()
     folders, widths = {}, {}
     for member in members:
-        name = member.model.name
-        folders[name] = resolve_model_path(member.model.path, member.models_dir)
-        widths[name], layers = model_dims(folders[name])
-        if max(member.capture.layers) >= layers:
-            raise ConfigError(f"{name}: capture.layers {member.capture.layers} but {layers} layers")
+        folders[member.model.name], widths[member.model.name] = check_servable(member)
     cfg.home.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
     if stop is None:
