@@ -100,10 +100,19 @@ def check_steer(steer: Steer, width: int, layers: int) -> None:
         raise ValueError("steering.direction must be finite and non-zero")
 
 
+def first_element(site: str, output):
+    """What a transformers block or MLP hook sees as its output tensor."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 class Steering:
     """The steers active in one model; `set()` replaces them all (empty: steering off)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, stream=None):
+        # stream(site, output): the tensor a site's steers read and change (by default
+        # the output, or its first element); vLLM's blocks return (mlp_out, residual),
+        # whose sum is the residual stream.
+        self.stream = stream or first_element
         self.blocks = find_decoder_layers(model)
         self.width = int(model.config.hidden_size)
         self._hooked: set[tuple[int, str]] = set()
@@ -135,8 +144,8 @@ class Steering:
             terms = self._active.get(point)
             if not terms:
                 return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            steered = hidden.float()
+            hidden = self.stream(point[1], output).float()
+            steered = hidden
             device = steered.device
             for mode, push, encoder, bias in terms:
                 if mode == "subtract":
@@ -144,9 +153,15 @@ class Steering:
                 else:
                     activation = torch.relu(steered @ encoder.to(device) + bias)
                     steered = steered - activation.unsqueeze(-1) * push.to(device)
-            steered = steered.to(hidden.dtype)
+            # The change goes onto the output's first element: that is the stream itself,
+            # or (vLLM) one of the two summands of it.
+            first = first_element(point[1], output)
+            if self.stream is first_element:
+                changed = steered.to(first.dtype)
+            else:
+                changed = (first.float() + (steered - hidden)).to(first.dtype)
             if isinstance(output, tuple):
-                return (steered, *output[1:])
-            return steered
+                return (changed, *output[1:])
+            return changed
 
         return hook

@@ -1,0 +1,248 @@
+"""Capture and steering inside vLLM's model worker.
+
+vLLM's engine runs the model in its own process (the engine core, spawned by the async
+engine), and its scheduler flattens the tokens of every scheduled request into one
+[num_tokens, d_model] tensor per layer: prefills, chunked prefills and decodes of
+different requests share a forward pass. `CaptureWorkerExtension` is mixed into vLLM's
+worker class (`worker_extension_cls`); the Serve replica calls its `fw_*` methods by name
+through the engine's `collective_rpc`, between forward passes.
+
+Its hooks attribute each row of a forward to its request and position: the model
+runner's batch lists the scheduled requests in row order and the attention metadata's
+`query_start_loc` gives each request's rows; the layer's `positions` input is each row's
+position in its request. Sampled rows are packed into ActivationBatch messages in the
+worker and sent by an ActivationSender from there, so vectors never cross back to the
+replica.
+
+In vLLM's Llama blocks the residual add is fused into the next norm: a block returns
+(mlp_out, resid_mid), so the residual stream after the block is their sum. Positions a
+prefix-cache hit skips are never computed, so they are never captured.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+
+import torch
+from transformers import AutoTokenizer
+from vllm.forward_context import get_forward_context, is_forward_context_available
+
+from featurewatch.capture.hooks import find_decoder_layers, site_module
+from featurewatch.capture.sampler import SamplingPolicy
+from featurewatch.capture.sender import ActivationSender
+from featurewatch.capture.steering import Steer, Steering
+from featurewatch.proto.codec import make_batch
+
+log = logging.getLogger(__name__)
+
+# vLLM's engine appends 8 random hex digits to the request id it was given, and prefixes
+# "<i>_" to each of the n sequences of one request.
+_ENGINE_ID = re.compile(r"^(?:(?P<child>\d+)_)?(?P<base>.+)-[0-9a-f]{8}$")
+ALWAYS_KEY = "featurewatch_always"  # in a request's vllm_xargs: capture every token
+_DECISIONS_KEPT = 65536  # per-request sampling decisions remembered (bounded)
+
+
+def request_key(engine_id: str) -> str:
+    """The lake's request id for an engine request id: the id the replica gave vLLM,
+    with the sequence's index for n > 1 ('chatcmpl-abc' or 'chatcmpl-abc#1')."""
+    found = _ENGINE_ID.match(engine_id)
+    if found is None:
+        return engine_id
+    child = found["child"]
+    return found["base"] if child in (None, "0") else f"{found['base']}#{child}"
+
+
+def residual_stream(site: str, output):
+    """The tensor a (layer, site) hook reads: for a vLLM decoder block, mlp_out plus the
+    residual it carries; for an MLP, its output."""
+    if site == "resid_post" and isinstance(output, tuple) and len(output) == 2:
+        hidden, residual = output
+        return hidden if residual is None else hidden + residual
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _Pending:
+    """Sampled rows of one (layer, site) waiting to be packed into a message."""
+
+    def __init__(self):
+        self.vectors: list[torch.Tensor] = []
+        self.request_ids: list[str] = []
+        self.positions: list[int] = []
+        self.token_ids: list[int] = []
+        self.rows = 0
+        self.since = time.monotonic()
+
+
+class CaptureWorkerExtension:
+    """Methods vLLM mixes into its worker; `self.model_runner` is the worker's runner."""
+
+    def fw_start(self, settings: dict) -> dict:
+        """Attach the capture hooks and the sender. `settings`: model, model_version,
+        replica_id, layers, sites, sample_fraction, request_fraction, max_vectors_per_s,
+        seed, wire_dtype, batch_rows, queue_batches, flush_after_s, collector_addresses,
+        token, root_certificates (bytes or None), tokenizer (a folder)."""
+        s = dict(settings)
+        model = self.model_runner.model
+        blocks = find_decoder_layers(model)
+        for layer in s["layers"]:
+            if not 0 <= layer < len(blocks):
+                raise ValueError(
+                    f"capture.layer {layer} is out of range: the model has {len(blocks)} layers"
+                )
+        self._fw = s
+        self._fw_lock = threading.Lock()
+        self._fw_policy = SamplingPolicy(
+            s["sample_fraction"],
+            request_fraction=s["request_fraction"],
+            max_vectors_per_s=s["max_vectors_per_s"],
+            seed=s["seed"],
+        )
+        self._fw_dtype = getattr(torch, s["wire_dtype"])
+        self._fw_decisions: OrderedDict[str, tuple[bool, bool]] = OrderedDict()
+        self._fw_pending: dict[tuple[int, str], _Pending] = {}
+        self._fw_tokenizer = AutoTokenizer.from_pretrained(s["tokenizer"])
+        self._fw_sender = ActivationSender(
+            s["collector_addresses"],
+            s["token"],
+            s["replica_id"],
+            max_queue_batches=s["queue_batches"],
+            root_certificates=s.get("root_certificates"),
+        )
+        # Steering first: capture samples the steered stream.
+        self._fw_steering = Steering(model, stream=residual_stream)
+        for layer in s["layers"]:
+            for site in s["sites"]:
+                module = site_module(blocks[layer], site)
+                module.register_forward_hook(self._fw_hook(layer, site))
+        return {"layers": len(blocks), "width": int(model.config.hidden_size)}
+
+    def fw_set_steering(self, steers: list[dict]) -> list[dict]:
+        self._fw_steering.set([Steer.from_dict(s) for s in steers])
+        return [s.summary() for s in self._fw_steering.steers]
+
+    def fw_flush(self, timeout_s: float = 60.0) -> bool:
+        """Pack what waits and wait until the collectors acked everything sent."""
+        self._fw_ship(force=True)
+        return self._fw_sender.flush(timeout_s)
+
+    def fw_stats(self) -> dict:
+        self._fw_ship(force=False)
+        stats = vars(self._fw_sender.snapshot())
+        stats["budget_dropped_vectors"] = self._fw_policy.budget_dropped
+        return stats
+
+    def fw_stop(self) -> None:
+        self._fw_ship(force=True)
+        self._fw_sender.close(flush_timeout=10.0)
+
+    # ---- inside the forward pass
+
+    def _fw_rows(self):
+        """(request ids, query_start_loc) of this forward; None for vLLM's dummy runs."""
+        if not is_forward_context_available():
+            return None
+        metadata = get_forward_context().attn_metadata
+        if not metadata:
+            return None
+        if isinstance(metadata, dict):
+            metadata = next(iter(metadata.values()))
+        batch = self.model_runner.input_batch
+        n = batch.num_reqs
+        return list(batch.req_ids[:n]), metadata.query_start_loc[: n + 1].tolist()
+
+    def _fw_decide(self, engine_id: str) -> tuple[bool, bool]:
+        """(chosen, always) for a request, decided once when it is first seen."""
+        decision = self._fw_decisions.get(engine_id)
+        if decision is None:
+            state = self.model_runner.requests.get(engine_id)
+            extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
+            always = bool(extra.get(ALWAYS_KEY))
+            chosen, _ = self._fw_policy.select_requests([always])
+            decision = (bool(chosen[0]), always)
+            self._fw_decisions[engine_id] = decision
+            while len(self._fw_decisions) > _DECISIONS_KEPT:
+                self._fw_decisions.popitem(last=False)
+        return decision
+
+    def _fw_hook(self, layer: int, site: str):
+        def hook(module, inputs, output):
+            found = self._fw_rows()
+            if found is None:
+                return
+            engine_ids, starts = found
+            total = starts[-1]
+            decisions = [self._fw_decide(rid) for rid in engine_ids]
+            counts = [starts[k + 1] - starts[k] for k in range(len(engine_ids))]
+            chosen = torch.tensor([d[0] for d in decisions]).repeat_interleave(torch.tensor(counts))
+            always = torch.tensor([d[1] for d in decisions]).repeat_interleave(torch.tensor(counts))
+            if not chosen.any():
+                return
+            mask = self._fw_policy.token_mask((total, 1), chosen, always)
+            mask = self._fw_policy.apply_budget(mask, always)[:, 0]
+            if not mask.any():
+                return
+            rows = mask.nonzero().squeeze(1)
+            stream = residual_stream(site, output)
+            vectors = stream.detach()[rows].to(self._fw_dtype)
+            positions = inputs[0][:total][rows].tolist()
+            token_ids = self.model_runner.input_ids.cpu[:total][rows].tolist()
+            owner = torch.arange(len(engine_ids)).repeat_interleave(torch.tensor(counts))[rows]
+            keys = [request_key(engine_ids[k]) for k in owner.tolist()]
+            with self._fw_lock:
+                pending = self._fw_pending.setdefault((layer, site), _Pending())
+                pending.vectors.append(vectors)
+                pending.request_ids += keys
+                pending.positions += positions
+                pending.token_ids += token_ids
+                pending.rows += len(keys)
+            self._fw_ship(force=False)
+
+        return hook
+
+    def _fw_ship(self, force: bool) -> None:
+        """Pack full (or, with force or after flush_after_s, any) pending rows into
+        messages for the sender's bounded buffer; never blocks the forward pass."""
+        s = self._fw
+        now = time.monotonic()
+        with self._fw_lock:
+            ready = {
+                point: pending
+                for point, pending in self._fw_pending.items()
+                if pending.rows
+                and (
+                    force
+                    or pending.rows >= s["batch_rows"]
+                    or now - pending.since >= s["flush_after_s"]
+                )
+            }
+            for point in ready:
+                self._fw_pending[point] = _Pending()
+        for (layer, site), pending in ready.items():
+            vectors = torch.cat(pending.vectors)
+            texts = self._fw_tokenizer.batch_decode([[t] for t in pending.token_ids])
+            stamp = time.time_ns()
+            for start in range(0, pending.rows, s["batch_rows"]):
+                end = start + s["batch_rows"]
+                keys = pending.request_ids[start:end]
+                used = list(dict.fromkeys(keys))
+                index = {key: n for n, key in enumerate(used)}
+                self._fw_sender.submit(
+                    make_batch(
+                        vectors[start:end],
+                        model=s["model"],
+                        model_version=s["model_version"],
+                        layer=layer,
+                        site=site,
+                        request_ids=used,
+                        request_index=[index[k] for k in keys],
+                        token_pos=pending.positions[start:end],
+                        token_id=pending.token_ids[start:end],
+                        ts_unix_nanos=[stamp] * len(keys),
+                        token_text=texts[start:end],
+                        engine="vllm",
+                    )
+                )

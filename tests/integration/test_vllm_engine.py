@@ -1,0 +1,233 @@
+"""The vLLM engine (`model.engine: vllm`) on a tiny random Llama: vLLM's OpenAI API driven
+by the OpenAI SDK, capture inside the engine attributed to requests and positions, and
+every captured vector checked against a plain transformers forward."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections import defaultdict
+
+import openai
+import pytest
+import ray
+import torch
+from ray import serve
+from transformers import AutoModelForCausalLM
+
+from featurewatch.actors.collector import CollectorActor
+from featurewatch.actors.serving import check_servable, deploy_model_server, set_steering
+from featurewatch.capture.steering import steer_from_sae
+from featurewatch.config import build_config
+from featurewatch.errors import ConfigError
+from featurewatch.proto import activations_pb2 as pb
+from featurewatch.proto.codec import unpack_vectors
+from featurewatch.sae import build
+from featurewatch.storage.spool import read_segment, sealed_segments
+from tests.conftest import build_tiny_model, free_port
+
+TOKEN = "vllm-test-token"
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def vllm_llama_dir(tmp_path_factory):
+    # vLLM's CPU attention needs a head size of 32 or more: 128 wide, 4 heads.
+    return build_tiny_model("llama", tmp_path_factory.mktemp("vllm-llama"), hidden=128)
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, vllm_llama_dir, tmp_path_factory):
+    home = tmp_path_factory.mktemp("vllm-home")
+    port = free_port()
+    cfg = build_config(
+        {
+            "home": str(home),
+            "model": {
+                "name": "tiny-llama",
+                "path": str(vllm_llama_dir),
+                "engine": "vllm",
+                "replica_cpus": 0.5,
+                "max_tokens_limit": 64,
+                "vllm": {"max_model_len": 256, "kv_cache_gib": 0.25, "max_num_seqs": 16},
+            },
+            "capture": {"layers": [LAYER], "sample_fraction": 1.0, "wire_dtype": "float32"},
+            "serve": {"port": port, "app_name": "fw-vllm-test"},
+            "collector": {"token": TOKEN},
+        }
+    )
+    collector = CollectorActor.remote(
+        str(cfg.spool_dir), TOKEN, expected_width=128, segment_max_age_s=0.2
+    )
+    address = ray.get(collector.address.remote())
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    handle = deploy_model_server(cfg, [address], TOKEN)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    yield cfg, handle, client
+    serve.shutdown()
+    ray.get(collector.stop.remote())
+
+
+def captured_rows(cfg, handle) -> dict[str, dict[int, tuple[int, torch.Tensor]]]:
+    """request id -> position -> (token id, vector), from the sealed spool segments."""
+    assert handle.flush_capture.remote(60.0).result(timeout_s=90)
+    time.sleep(0.5)  # the collector seals segments older than 0.2 s
+    rows: dict[str, dict[int, tuple[int, torch.Tensor]]] = defaultdict(dict)
+    for path in sealed_segments(cfg.spool_dir):
+        for raw in read_segment(path):
+            batch = pb.ActivationBatch.FromString(raw)
+            vectors = unpack_vectors(batch)
+            for i in range(batch.rows):
+                request = batch.request_ids[batch.request_index[i]]
+                rows[request][batch.token_pos[i]] = (
+                    batch.token_id[i],
+                    torch.from_numpy(vectors[i].copy()),
+                )
+    return rows
+
+
+def test_the_openai_sdk_drives_chat_completions_and_streaming(served):
+    cfg, _, client = served
+    messages = [{"role": "user", "content": "How do I keep basil alive?"}]
+    answer = client.chat.completions.create(
+        model="tiny-llama", messages=messages, max_tokens=6, temperature=0
+    )
+    assert answer.choices[0].finish_reason in ("length", "stop")
+    assert answer.usage.completion_tokens >= 1 and answer.usage.prompt_tokens > 0
+    stream = client.chat.completions.create(
+        model="tiny-llama", messages=messages, max_tokens=6, temperature=0, stream=True
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed == answer.choices[0].message.content  # greedy: the same answer
+    several = client.completions.create(
+        model="tiny-llama", prompt="The quick brown fox", max_tokens=5, n=2, temperature=0.9,
+        top_p=0.9, seed=3,
+    )  # fmt: skip
+    assert [c.index for c in several.choices] == [0, 1]
+    stopped = client.completions.create(
+        model="tiny-llama", prompt="The quick brown fox", max_tokens=20, temperature=0,
+        stop=[answer.choices[0].message.content[:1] or "x"],
+    )  # fmt: skip
+    assert stopped.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_request_vllm_refuses_gets_the_openai_error_and_serving_goes_on(served):
+    cfg, _, client = served
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4, n=0
+        )
+    assert refused.value.status_code == 400
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=1000
+        )
+    assert "max_tokens" in str(too_long.value)
+    ok = client.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert ok.choices[0].message is not None
+
+
+def test_every_captured_vector_equals_a_transformers_forward(served, vllm_llama_dir):
+    """Requests of different lengths, started at different times, so that prefills and
+    decodes share forward passes; each captured row must sit under its request and
+    position and equal the plain forward of the same token ids."""
+    cfg, handle, client = served
+    captured_rows(cfg, handle)  # what earlier tests left, sealed and set aside
+    before = {p for p in sealed_segments(cfg.spool_dir)}
+    prompts = [
+        "How do I keep basil alive on a windowsill?",
+        "Explain how a rainbow forms.",
+        "The quick brown fox jumps over the lazy dog near the river bank, and then?",
+        "Hi",
+    ]
+    ids: dict[str, str] = {}
+
+    def ask(i: int) -> None:
+        time.sleep(0.15 * i)  # staggered: later prefills join earlier decodes
+        answer = client.completions.create(
+            model="tiny-llama", prompt=prompts[i], max_tokens=8 + 3 * i, temperature=0
+        )
+        ids[prompts[i]] = answer.id
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = captured_rows(cfg, handle)
+    fresh = [p for p in sealed_segments(cfg.spool_dir) if p not in before]
+    assert fresh, "nothing was captured"
+    model = AutoModelForCausalLM.from_pretrained(vllm_llama_dir, dtype=torch.float32)
+    checked = 0
+    for response_id in ids.values():
+        # vLLM's engine id of a completion's one prompt is "<id>-0".
+        by_pos = rows[f"{response_id}-0"]
+        assert by_pos, f"no rows for {response_id}"
+        positions = sorted(by_pos)
+        assert positions == list(range(len(positions))), "every position, once, from 0"
+        token_ids = torch.tensor([[by_pos[p][0] for p in positions]])
+        with torch.no_grad():
+            hidden = model(token_ids, output_hidden_states=True).hidden_states[LAYER + 1][0]
+        for p in positions:
+            torch.testing.assert_close(by_pos[p][1], hidden[p], atol=2e-4, rtol=2e-3)
+            checked += 1
+    assert checked > 40
+
+
+def test_a_steer_changes_greedy_output_without_a_restart_and_off_restores_it(served):
+    cfg, handle, client = served
+    replica = handle.steering_status.remote().result()["replica_id"]
+
+    def greedy() -> str:
+        answer = client.completions.create(
+            model="tiny-llama", prompt="the quick brown fox", max_tokens=8, temperature=0
+        )
+        return answer.choices[0].text
+
+    plain = greedy()
+    torch.manual_seed(0)
+    sae = build("topk", 128, 32, k=4)
+    with torch.no_grad():
+        sae.W_dec.normal_()
+    steer = steer_from_sae(sae, 3, layer=LAYER, site="resid_post", scale=50.0)
+    status = set_steering(cfg, [steer])
+    assert (status["replica_id"], status["steers"]) == (replica, [steer.summary()])  # no restart
+    assert greedy() != plain
+    status = set_steering(cfg, [])
+    assert (status["replica_id"], status["steers"]) == (replica, [])
+    assert greedy() == plain
+
+
+def test_settings_vllm_refuses_fail_before_any_replica_starts(served, vllm_llama_dir, tmp_path):
+    cfg, _, _ = served
+    model = cfg.model.model_dump()
+
+    def config(layers=(LAYER,), **changes):
+        return build_config(
+            {
+                "home": str(tmp_path),
+                "model": {**model, **changes},
+                "capture": {"layers": list(layers)},
+            }
+        )
+
+    with pytest.raises(ConfigError, match=r"capture.layers \[9\] out of range"):
+        check_servable(config(layers=[9]))
+    refused = "(?s)vLLM refuses the engine settings.*"
+    with pytest.raises(ConfigError, match=refused + "max_model_len"):
+        check_servable(config(vllm={"max_model_len": 4096}))
+    unknown = tmp_path / "unknown-architecture"
+    shutil.copytree(vllm_llama_dir, unknown)
+    settings = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(
+        json.dumps({**settings, "architectures": ["NoSuchForCausalLM"]})
+    )
+    with pytest.raises(ConfigError, match=refused + "NoSuchForCausalLM"):
+        check_servable(config(path=str(unknown)))
+    with pytest.raises(ConfigError, match="model.engine"):
+        config(engine="tgi")
+    assert check_servable(config())[1] == 128
