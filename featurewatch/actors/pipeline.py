@@ -337,6 +337,25 @@ def follow_segments(
                  on_switch=on_switch)  # fmt: skip
 
 
+def take_registered_sae(lane: Lane, catalog: Catalog) -> bool:
+    """Give a lane without an SAE the newest registered for its model, if one reads the
+    captured layer and site; whether the lane has one now."""
+    try:
+        choice = registered_sae(lane.cfg, catalog)
+    except ConfigError:
+        return False
+    captured = (lane.cfg.capture.layer, lane.cfg.capture.site)
+    if (choice.layer, choice.site) != captured:
+        log.warning(
+            "pipeline: %s's newest SAE %s reads layer %s %s, not the captured layer %s %s: "
+            "not encoding with it", lane.cfg.model.name, choice.version, choice.layer,
+            choice.site, *captured,
+        )  # fmt: skip
+        return False
+    lane.sae, lane.sae_version = load(choice.path), choice.version
+    return True
+
+
 def follow_lanes(
     lanes: list[Lane],
     catalog: Catalog,
@@ -380,23 +399,8 @@ def follow_lanes(
                         lane.since = window[0].timestamp() if window else None
                         if on_switch is not None:
                             on_switch(lane.sae_version)
-                if lane.sae is None:
-                    try:
-                        choice = registered_sae(lane.cfg, catalog)
-                    except ConfigError:
-                        continue  # no SAE for this model yet: its vectors wait in the spool
-                    if (choice.layer, choice.site) != (
-                        lane.cfg.capture.layer,
-                        lane.cfg.capture.site,
-                    ):
-                        log.warning(
-                            "pipeline: %s's newest SAE %s reads layer %s %s, not the captured "
-                            "layer %s %s: not encoding with it", lane.cfg.model.name,
-                            choice.version, choice.layer, choice.site, lane.cfg.capture.layer,
-                            lane.cfg.capture.site,
-                        )  # fmt: skip
-                        continue
-                    lane.sae, lane.sae_version = load(choice.path), choice.version
+                if lane.sae is None and not take_registered_sae(lane, catalog):
+                    continue  # no SAE for this model yet: its vectors wait in the spool
                 report = encode_segments(lane.cfg, lane.sae, lane.sae_version, catalog,
                                          since=lane.since, model=lane.model)  # fmt: skip
                 if on_report is not None and report.segments_committed:

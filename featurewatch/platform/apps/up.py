@@ -34,6 +34,7 @@ from featurewatch.actors.pipeline import (
     encode_segments,
     fleet_lanes,
     follow_lanes,
+    take_registered_sae,
 )
 from featurewatch.actors.runtime import collector_token, init_ray, start_collectors
 from featurewatch.actors.serving import check_servable, deploy_model_server
@@ -128,7 +129,8 @@ def run_up(
             _delete_applications(members)
             ray.get([c.seal.remote() for c in collectors], timeout=60)
             for lane in lanes:
-                if lane.sae is not None:
+                # A stop before the first round found no lane its SAE yet.
+                if lane.sae is not None or take_registered_sae(lane, catalog):
                     report = encode_segments(
                         lane.cfg, lane.sae, lane.sae_version, catalog, model=lane.model
                     )
