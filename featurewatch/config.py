@@ -106,6 +106,13 @@ class VLLMOptions(_Strict):
     kv_cache_gib: float = Field(
         1.0, gt=0, le=1024, description="Memory for the paged KV cache, in GiB."
     )
+    max_num_batched_tokens: int | None = Field(
+        None,
+        ge=16,
+        le=1048576,
+        description="Tokens one forward pass takes at most (vLLM's default when unset); a "
+        "longer prompt is prefilled in chunks that share passes with other requests' decodes.",
+    )
     enable_prefix_caching: bool = Field(
         True,
         description="Reuse the KV cache of a shared prompt prefix. Cached positions are "

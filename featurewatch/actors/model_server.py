@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from featurewatch.actors.metrics import CaptureMetrics, Exporter
-from featurewatch.actors.runtime import COLLECTOR_NAMESPACE
+from featurewatch.actors.runtime import collector_lookup
 from featurewatch.capture.generation import BatchGenerator, GenerationResult
 from featurewatch.capture.hooks import ActivationCapture
 from featurewatch.capture.models import load_model, resolve_model_path
@@ -55,23 +55,6 @@ class ChatRequest(BaseModel):
 class _Pending(BaseModel):
     request: ChatRequest
     always_sample: bool = False
-
-
-def collector_lookup(names: list[str]):
-    """A function giving the current addresses of the named collector actors that answer
-    within a few seconds (one restarting after its node died does not, yet)."""
-
-    def resolve() -> list[str]:
-        refs = []
-        for name in names:
-            try:
-                refs.append(ray.get_actor(name, namespace=COLLECTOR_NAMESPACE).address.remote())
-            except ValueError:  # no such actor (collectors started by other means)
-                continue
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=3.0) if refs else ([], [])
-        return [ray.get(ref) for ref in refs if ref in ready]
-
-    return resolve
 
 
 @serve.deployment(name="ModelServer", max_ongoing_requests=64)

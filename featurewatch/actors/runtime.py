@@ -133,6 +133,23 @@ def collector_token(cfg: FeaturewatchConfig) -> str:
 COLLECTOR_NAMESPACE = "featurewatch"
 
 
+def collector_lookup(names: list[str]):
+    """A function giving the current addresses of the named collector actors that answer
+    within a few seconds (one restarting after its node died does not, yet)."""
+
+    def resolve() -> list[str]:
+        refs = []
+        for name in names:
+            try:
+                refs.append(ray.get_actor(name, namespace=COLLECTOR_NAMESPACE).address.remote())
+            except ValueError:  # no such actor (collectors started by other means)
+                continue
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=3.0) if refs else ([], [])
+        return [ray.get(ref) for ref in refs if ref in ready]
+
+    return resolve
+
+
 def collector_names(cfg: FeaturewatchConfig) -> list[str]:
     """The named collector actors of this home (every model of a fleet shares them):
     replicas look them up by name to find a collector Ray restarted at a new address."""

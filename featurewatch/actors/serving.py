@@ -333,5 +333,6 @@ def promote_model(cfg: FeaturewatchConfig, path: Path, model_version: str) -> di
     served, addresses, _ = _deployed(cfg)
     promoted = served.model_copy(deep=True)
     promoted.model.path, promoted.model.version = str(path), model_version
+    check_servable(promoted)
     handle = _deploy(promoted, addresses, collector_token(promoted), [])
     return handle.models.remote().result()["data"][0]

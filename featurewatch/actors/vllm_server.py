@@ -15,6 +15,7 @@ steering_status, capture_stats, flush_capture), so deployment, steering, canarie
 import asyncio
 import logging
 import os
+import random
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -40,6 +41,7 @@ from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from featurewatch.actors.metrics import CaptureMetrics
+from featurewatch.actors.runtime import collector_lookup
 from featurewatch.capture.models import resolve_model_path
 from featurewatch.capture.steering import Steer
 from featurewatch.capture.vllm_worker import ALWAYS_KEY
@@ -52,23 +54,50 @@ app = FastAPI(title="featurewatch model server (vLLM)")
 WORKER_EXTENSION = "featurewatch.capture.vllm_worker.CaptureWorkerExtension"
 
 
-def engine_args(cfg: FeaturewatchConfig, folder: Path) -> AsyncEngineArgs:
-    """vLLM's engine settings for a model config (checked by vLLM when the engine starts)."""
+def engine_args(cfg: FeaturewatchConfig, folder: Path, eager: bool = True) -> AsyncEngineArgs:
+    """vLLM's engine settings for a model config (checked by vLLM when the engine starts).
+    Not eager (CUDA graphs, compilation) only to measure what eager mode costs: hooks do
+    not fire inside a captured graph."""
     options = cfg.model.vllm
     return AsyncEngineArgs(
         model=str(folder),
         served_model_name=[cfg.model.name],
         dtype=cfg.model.dtype,
         # Eager mode: forward hooks fire on every pass (a compiled graph would skip them).
-        enforce_eager=True,
+        enforce_eager=eager,
         max_model_len=options.max_model_len,
         max_num_seqs=options.max_num_seqs,
+        max_num_batched_tokens=options.max_num_batched_tokens,
         kv_cache_memory_bytes=int(options.kv_cache_gib * 2**30),
         enable_prefix_caching=options.enable_prefix_caching,
         worker_extension_cls=WORKER_EXTENSION,
         seed=cfg.capture.seed,
         disable_log_stats=True,
     )
+
+
+async def start_engine(
+    cfg: FeaturewatchConfig,
+    folder: Path,
+    replica_id: str,
+    addresses: list[str],
+    token: str,
+    eager: bool = True,
+) -> tuple[AsyncLLM, dict]:
+    """vLLM's async engine for `cfg` with capture attached in its worker, streaming to the
+    collectors at `addresses`; returns the engine and the model's shape (layers, width)."""
+    # The V1 model runner is the one whose batch layout the capture hooks read.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    engine = AsyncLLM.from_engine_args(
+        engine_args(cfg, folder, eager), usage_context=UsageContext.OPENAI_API_SERVER
+    )
+    try:
+        settings = capture_settings(cfg, folder, replica_id, addresses, token)
+        (shape,) = await engine.collective_rpc("fw_start", args=(settings,))
+    except BaseException:
+        engine.shutdown()
+        raise
+    return engine, shape
 
 
 def check_settings(cfg: FeaturewatchConfig, folder: Path) -> None:
@@ -121,22 +150,20 @@ class VLLMModelServer:
         collector_names: list[str] | None = None,
     ):
         self.cfg = build_config(config)
-        # The V1 model runner is the one whose batch layout the capture hooks read.
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         folder = resolve_model_path(self.cfg.model.path, self.cfg.models_dir)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # constructed outside Serve (tests)
             self.replica_id = uuid.uuid4().hex[:12]
-        self.engine = AsyncLLM.from_engine_args(
-            engine_args(self.cfg, folder), usage_context=UsageContext.OPENAI_API_SERVER
+        self.engine, self.model_shape = await start_engine(
+            self.cfg, folder, self.replica_id, collector_addresses, token
         )
         name = self.cfg.model.name
-        self.models = OpenAIServingModels(
+        self.serving_models = OpenAIServingModels(
             engine_client=self.engine,
             base_model_paths=[BaseModelPath(name=name, model_path=str(folder))],
         )
-        await self.models.init_static_loras()
+        await self.serving_models.init_static_loras()
         renderer = OnlineRenderer(
             model_config=self.engine.model_config,
             renderer=self.engine.renderer,
@@ -145,17 +172,24 @@ class VLLMModelServer:
             chat_template_content_format="auto",
         )
         renderer.warmup()
-        self.chat = OpenAIServingChat(
-            self.engine, self.models, "assistant", online_renderer=renderer,
+        self.serving_chat = OpenAIServingChat(
+            self.engine, self.serving_models, "assistant", online_renderer=renderer,
             request_logger=None, chat_template=None, chat_template_content_format="auto",
         )  # fmt: skip
-        self.completions = OpenAIServingCompletion(
-            self.engine, self.models, online_renderer=renderer, request_logger=None
+        self.serving_completions = OpenAIServingCompletion(
+            self.engine, self.serving_models, online_renderer=renderer, request_logger=None
         )
-        settings = capture_settings(self.cfg, folder, self.replica_id, collector_addresses, token)
-        (self.model_shape,) = await self.engine.collective_rpc("fw_start", args=(settings,))
+        # Collectors Ray restarted elsewhere are looked up here (the worker process is
+        # not a Ray worker) and handed to the worker's sender.
+        self.collectors = list(collector_addresses)
+        self.lookup = collector_lookup(collector_names) if collector_names else None
         self.steers: list[Steer] = []
+        # A canary (another model version, its own Serve application) answers a share of
+        # the non-streamed chat requests when the user_config names one.
         self.canary: dict | None = None
+        self.canary_handle = None
+        self.canary_random = random.Random(self.cfg.capture.seed)
+        self.canary_forwarded = 0
         self.metrics = CaptureMetrics(name, self.replica_id)
         self.heartbeat = Heartbeat(self.cfg.status_dir, "replica", self.replica_id)
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
@@ -166,20 +200,44 @@ class VLLMModelServer:
     # ---- HTTP API: vLLM's handlers
 
     @app.get("/v1/models")
-    async def list_models(self) -> Response:
-        listing = await self.models.show_available_models()
-        return JSONResponse(listing.model_dump())
+    async def models(self) -> dict:
+        listing = (await self.serving_models.show_available_models()).model_dump()
+        for entry in listing["data"]:
+            entry["version"] = self.cfg.model.version
+        return listing
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, raw: Request) -> Response:
+        canary, handle = self.canary, self.canary_handle
+        if canary is not None and self.canary_random.random() < canary["share"]:
+            try:
+                body = await raw.json()
+                if isinstance(body, dict) and not body.get("stream"):
+                    answer = await handle.canary_chat.remote(body, self._always_sample(raw, body))
+                    self.canary_forwarded += 1
+                    return JSONResponse(answer)
+            except Exception as err:  # noqa: BLE001 - a canary going away must not fail a chat
+                log.warning("canary %s did not answer (%s); serving here", canary["app"], err)
         return await self._dispatch(
-            raw, ChatCompletionRequest, ChatCompletionResponse, self.chat.create_chat_completion
+            raw,
+            ChatCompletionRequest,
+            ChatCompletionResponse,
+            self.serving_chat.create_chat_completion,
         )
+
+    async def canary_chat(self, body: dict, always: bool) -> dict:
+        """A chat routed here by the served version's replicas (this one is a canary);
+        an error is raised, so the served version answers it instead."""
+        request = self._validate(ChatCompletionRequest, body, always)
+        answer = await self.serving_chat.create_chat_completion(request, None)
+        if not isinstance(answer, ChatCompletionResponse):
+            raise ValueError(f"the canary refused the request: {answer}")
+        return self._body(answer)
 
     @app.post("/v1/completions")
     async def completions(self, raw: Request) -> Response:
         return await self._dispatch(
-            raw, CompletionRequest, CompletionResponse, self.completions.create_completion
+            raw, CompletionRequest, CompletionResponse, self.serving_completions.create_completion
         )
 
     async def _dispatch(self, raw: Request, request_type, response_type, handler) -> Response:
@@ -187,24 +245,36 @@ class VLLMModelServer:
             body = await raw.json()
             if not isinstance(body, dict):
                 raise ValueError("the request body must be a JSON object")
-            request = request_type.model_validate(body)
-            limit = self.cfg.model.max_tokens_limit
-            wanted = (
-                request.max_completion_tokens if request_type is ChatCompletionRequest else None
-            )
-            wanted = wanted or request.max_tokens
-            if wanted is not None and wanted > limit:
-                raise ValueError(f"max_tokens: {wanted} exceeds the limit {limit}")
-            if self._always_sample(raw, body):
-                request.vllm_xargs = {**(request.vllm_xargs or {}), ALWAYS_KEY: 1}
+            request = self._validate(request_type, body, self._always_sample(raw, body))
             answer = await handler(request, raw)
         except Exception as err:  # noqa: BLE001 - vLLM maps any error to its OpenAI shape
             answer = create_error_response(err)
         if isinstance(answer, ErrorResponse):
             return JSONResponse(answer.model_dump(), status_code=answer.error.code)
         if isinstance(answer, response_type):
-            return JSONResponse(answer.model_dump())
+            return JSONResponse(self._body(answer))
         return StreamingResponse(answer, media_type="text/event-stream")
+
+    def _validate(self, request_type, body: dict, always: bool):
+        """The request vLLM will run, within the configured max_tokens limit, flagged for
+        capture of every token when the client asked for it."""
+        request = request_type.model_validate(body)
+        limit = self.cfg.model.max_tokens_limit
+        wanted = request.max_completion_tokens if request_type is ChatCompletionRequest else None
+        wanted = wanted or request.max_tokens
+        if wanted is not None and wanted > limit:
+            raise ValueError(f"max_tokens: {wanted} exceeds the limit {limit}")
+        if wanted is None:  # vLLM would generate up to the context's end
+            request.max_tokens = limit
+        if always:
+            request.vllm_xargs = {**(request.vllm_xargs or {}), ALWAYS_KEY: 1}
+        return request
+
+    def _body(self, answer) -> dict:
+        body = answer.model_dump()
+        # Which model version answered (the served one, or a canary), as on the hf engine.
+        body["system_fingerprint"] = self.cfg.model.version
+        return body
 
     def _always_sample(self, raw: Request, body: dict) -> bool:
         flag = self.cfg.capture.always_sample_header
@@ -220,12 +290,34 @@ class VLLMModelServer:
         user_config = user_config or {}
         try:
             steers = [Steer.from_dict(s) for s in user_config.get("steering", [])]
-            await self.engine.collective_rpc("fw_set_steering", args=([asdict(s) for s in steers],))
+            canary = user_config.get("canary")
+            if canary is not None:
+                canary = {"app": str(canary["app"]), "share": float(canary["share"])}
+                if not 0 < canary["share"] <= 1:
+                    raise ValueError(f"canary share must be in (0, 1], not {canary['share']}")
         except (TypeError, ValueError, KeyError) as err:
-            log.error("user_config refused, the previous steering stays: %s", err)
+            log.error("user_config refused, the previous steering and canary stay: %s", err)
             return
+        if steers != self.steers:
+            try:
+                await self.engine.collective_rpc(
+                    "fw_set_steering", args=([asdict(s) for s in steers],)
+                )
+            except Exception as err:  # noqa: BLE001 - the worker's refusal, relayed
+                log.error("the engine refused the steering, the previous one stays: %s", err)
+                return
+            # KV blocks cached under the old steering would carry it into new requests.
+            if not await self.engine.reset_prefix_cache():
+                log.warning("prefix cache not reset: blocks cached before the change stay")
         self.steers = steers
-        self.canary = user_config.get("canary")
+        if canary != self.canary:
+            self.canary_handle = (
+                serve.get_deployment_handle("ModelServer", app_name=canary["app"])
+                if canary
+                else None
+            )
+            self.canary = canary
+        log.warning("steering %s, canary %s", [s.summary() for s in steers] or "off", canary)
 
     def steering_status(self) -> dict:
         return {
@@ -233,19 +325,33 @@ class VLLMModelServer:
             "model_version": self.cfg.model.version,
             "steers": [s.summary() for s in self.steers],
             "canary": self.canary,
-            "canary_forwarded": 0,
+            "canary_forwarded": self.canary_forwarded,
         }
 
     async def capture_stats(self) -> dict:
         (stats,) = await self.engine.collective_rpc("fw_stats")
+        self.collector_address = stats.pop("address")
         stats["replica_id"] = self.replica_id
-        stats["batch_sizes"] = []
         self.stats = stats
         return stats
 
     async def flush_capture(self, timeout_s: float = 60.0) -> bool:
-        (done,) = await self.engine.collective_rpc("fw_flush", args=(timeout_s,))
-        return bool(done)
+        """Wait until the collectors acked every row captured so far; False on timeout.
+        Polled from here: the engine's worker must not block between passes."""
+        await self.engine.collective_rpc("fw_pack")
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            stats = await self.capture_stats()
+            if stats["queue_depth"] == 0 and stats["in_flight"] == 0:
+                return True
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+
+    async def check_health(self) -> None:
+        """Serve's health check: a dead engine process fails it, and Serve replaces the
+        replica."""
+        await self.engine.check_health()
 
     async def _export_loop(self, period_s: float) -> None:
         while True:
@@ -256,6 +362,11 @@ class VLLMModelServer:
                 log.exception("exporting capture stats failed")
 
     async def _export_capture_stats(self) -> None:
+        if self.lookup is not None:
+            fresh = await asyncio.to_thread(self.lookup)
+            if fresh and fresh != self.collectors:
+                await self.engine.collective_rpc("fw_set_collectors", args=(fresh,))
+                self.collectors = fresh
         stats = await self.capture_stats()
         self.metrics.export(stats)
         capture = self.cfg.capture
@@ -268,11 +379,24 @@ class VLLMModelServer:
                 "request_fraction": capture.request_fraction,
                 "queue_depth": stats["queue_depth"],
                 "in_flight": stats["in_flight"],
-                "collector": None,
+                "collector": self.collector_address,
                 "node_id": self.node_id,
             },
             {name: stats[name] for name in CaptureMetrics.COUNTERS},
         )
+
+    async def __del__(self):
+        # Serve awaits this when it stops the replica: what is still queued gets a few
+        # seconds to reach a collector, then the engine process goes.
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            return
+        self.exporter.cancel()
+        try:
+            await asyncio.wait_for(engine.collective_rpc("fw_stop"), timeout=15.0)
+        except Exception:  # noqa: BLE001 - shutting down regardless
+            log.exception("stopping capture failed")
+        engine.shutdown()
 
 
 def build_app(args: dict):

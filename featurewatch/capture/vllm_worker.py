@@ -25,7 +25,7 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import torch
 from transformers import AutoTokenizer
@@ -86,6 +86,11 @@ class CaptureWorkerExtension:
         seed, wire_dtype, batch_rows, queue_batches, flush_after_s, collector_addresses,
         token, root_certificates (bytes or None), tokenizer (a folder)."""
         s = dict(settings)
+        if not hasattr(self.model_runner, "input_batch"):
+            raise RuntimeError(
+                "capture reads vLLM's V1 model runner (input_batch); this engine runs "
+                f"{type(self.model_runner).__name__}: unset VLLM_USE_V2_MODEL_RUNNER"
+            )
         model = self.model_runner.model
         blocks = find_decoder_layers(model)
         for layer in s["layers"]:
@@ -104,35 +109,63 @@ class CaptureWorkerExtension:
         self._fw_dtype = getattr(torch, s["wire_dtype"])
         self._fw_decisions: OrderedDict[str, tuple[bool, bool]] = OrderedDict()
         self._fw_pending: dict[tuple[int, str], _Pending] = {}
+        # Requests in each of the last forward passes (continuous batching at work).
+        self._fw_pass_sizes: deque[int] = deque(maxlen=10_000)
+        self._fw_first_point = (s["layers"][0], s["sites"][0])
+        self._fw_error = ""  # why capture stopped, if a hook ever failed
         self._fw_tokenizer = AutoTokenizer.from_pretrained(s["tokenizer"])
+        # The replica looks collectors up in Ray and hands their addresses over
+        # (fw_set_collectors); a broken stream takes the latest it handed over.
+        self._fw_collectors = list(s["collector_addresses"])
         self._fw_sender = ActivationSender(
             s["collector_addresses"],
             s["token"],
             s["replica_id"],
             max_queue_batches=s["queue_batches"],
             root_certificates=s.get("root_certificates"),
+            resolve=lambda: self._fw_collectors,
         )
         # Steering first: capture samples the steered stream.
         self._fw_steering = Steering(model, stream=residual_stream)
-        for layer in s["layers"]:
-            for site in s["sites"]:
-                module = site_module(blocks[layer], site)
-                module.register_forward_hook(self._fw_hook(layer, site))
+        self._fw_blocks = blocks
+        self._fw_handles: list = []
+        self.fw_set_capture(True)
         return {"layers": len(blocks), "width": int(model.config.hidden_size)}
+
+    def fw_set_capture(self, on: bool) -> None:
+        """Attach (on) or remove (off) the capture hooks; off, a forward runs as in plain
+        vLLM (the overhead benchmark compares the two in one engine)."""
+        for handle in self._fw_handles:
+            handle.remove()
+        self._fw_handles = []
+        if on:
+            for layer in self._fw["layers"]:
+                for site in self._fw["sites"]:
+                    module = site_module(self._fw_blocks[layer], site)
+                    self._fw_handles.append(
+                        module.register_forward_hook(self._fw_hook(layer, site))
+                    )
 
     def fw_set_steering(self, steers: list[dict]) -> list[dict]:
         self._fw_steering.set([Steer.from_dict(s) for s in steers])
         return [s.summary() for s in self._fw_steering.steers]
 
-    def fw_flush(self, timeout_s: float = 60.0) -> bool:
-        """Pack what waits and wait until the collectors acked everything sent."""
+    def fw_set_collectors(self, addresses: list[str]) -> None:
+        self._fw_collectors = list(addresses)
+
+    def fw_pack(self) -> None:
+        """Pack every pending row into messages for the sender. The wait for acks is the
+        caller's (it polls fw_stats): this method runs on the thread that runs the
+        model, which must not block."""
         self._fw_ship(force=True)
-        return self._fw_sender.flush(timeout_s)
 
     def fw_stats(self) -> dict:
         self._fw_ship(force=False)
         stats = vars(self._fw_sender.snapshot())
         stats["budget_dropped_vectors"] = self._fw_policy.budget_dropped
+        stats["address"] = self._fw_sender.address
+        stats["batch_sizes"] = list(self._fw_pass_sizes)
+        stats["capture_error"] = self._fw_error
         return stats
 
     def fw_stop(self) -> None:
@@ -152,7 +185,7 @@ class CaptureWorkerExtension:
             metadata = next(iter(metadata.values()))
         batch = self.model_runner.input_batch
         n = batch.num_reqs
-        return list(batch.req_ids[:n]), metadata.query_start_loc[: n + 1].tolist()
+        return list(batch.req_ids[:n]), self.model_runner.query_start_loc.cpu[: n + 1].tolist()
 
     def _fw_decide(self, engine_id: str) -> tuple[bool, bool]:
         """(chosen, always) for a request, decided once when it is first seen."""
@@ -170,38 +203,56 @@ class CaptureWorkerExtension:
 
     def _fw_hook(self, layer: int, site: str):
         def hook(module, inputs, output):
-            found = self._fw_rows()
-            if found is None:
-                return
-            engine_ids, starts = found
-            total = starts[-1]
-            decisions = [self._fw_decide(rid) for rid in engine_ids]
-            counts = [starts[k + 1] - starts[k] for k in range(len(engine_ids))]
-            chosen = torch.tensor([d[0] for d in decisions]).repeat_interleave(torch.tensor(counts))
-            always = torch.tensor([d[1] for d in decisions]).repeat_interleave(torch.tensor(counts))
-            if not chosen.any():
-                return
-            mask = self._fw_policy.token_mask((total, 1), chosen, always)
-            mask = self._fw_policy.apply_budget(mask, always)[:, 0]
-            if not mask.any():
-                return
-            rows = mask.nonzero().squeeze(1)
-            stream = residual_stream(site, output)
-            vectors = stream.detach()[rows].to(self._fw_dtype)
-            positions = inputs[0][:total][rows].tolist()
-            token_ids = self.model_runner.input_ids.cpu[:total][rows].tolist()
-            owner = torch.arange(len(engine_ids)).repeat_interleave(torch.tensor(counts))[rows]
-            keys = [request_key(engine_ids[k]) for k in owner.tolist()]
-            with self._fw_lock:
-                pending = self._fw_pending.setdefault((layer, site), _Pending())
-                pending.vectors.append(vectors)
-                pending.request_ids += keys
-                pending.positions += positions
-                pending.token_ids += token_ids
-                pending.rows += len(keys)
-            self._fw_ship(force=False)
+            try:
+                self._fw_capture(layer, site, output)
+            except Exception as err:  # noqa: BLE001 - capture must never stop the engine
+                log.exception("capture failed at layer %d %s; capture is off", layer, site)
+                self._fw_error = f"layer {layer} {site}: {type(err).__name__}: {err}"
+                self.fw_set_capture(False)
 
         return hook
+
+    def _fw_capture(self, layer: int, site: str, output) -> None:
+        """Sample this pass's rows at (layer, site) and queue them, each under its request
+        and position."""
+        found = self._fw_rows()
+        if found is None:
+            return
+        engine_ids, starts = found
+        total = starts[-1]
+        if (layer, site) == self._fw_first_point:
+            self._fw_pass_sizes.append(len(engine_ids))
+        decisions = [self._fw_decide(rid) for rid in engine_ids]
+        counts = [starts[k + 1] - starts[k] for k in range(len(engine_ids))]
+        chosen = torch.tensor([d[0] for d in decisions]).repeat_interleave(torch.tensor(counts))
+        always = torch.tensor([d[1] for d in decisions]).repeat_interleave(torch.tensor(counts))
+        if not chosen.any():
+            return
+        mask = self._fw_policy.token_mask((total, 1), chosen, always)
+        mask = self._fw_policy.apply_budget(mask, always)[:, 0]
+        if not mask.any():
+            return
+        rows = mask.nonzero().squeeze(1)
+        stream = residual_stream(site, output)
+        vectors = stream.detach()[rows.to(stream.device)].to(self._fw_dtype).cpu()
+        # The runner's buffers for this pass: each row's position in its request (a
+        # prefix-cache hit starts past the cached blocks) and its token id. On a GPU
+        # the device copies are the current ones (async scheduling fills the ids of
+        # generated tokens there only); on the CPU both copies are one tensor.
+        runner = self.model_runner
+        positions = runner.positions[:total][rows.to(runner.positions.device)].tolist()
+        token_ids = runner.input_ids.gpu[:total]
+        token_ids = token_ids[rows.to(token_ids.device)].tolist()
+        owner = torch.arange(len(engine_ids)).repeat_interleave(torch.tensor(counts))[rows]
+        keys = [request_key(engine_ids[k]) for k in owner.tolist()]
+        with self._fw_lock:
+            pending = self._fw_pending.setdefault((layer, site), _Pending())
+            pending.vectors.append(vectors)
+            pending.request_ids += keys
+            pending.positions += positions
+            pending.token_ids += token_ids
+            pending.rows += len(keys)
+        self._fw_ship(force=False)
 
     def _fw_ship(self, force: bool) -> None:
         """Pack full (or, with force or after flush_after_s, any) pending rows into

@@ -14,11 +14,19 @@ import openai
 import pytest
 import ray
 import torch
+from peft import LoraConfig, get_peft_model
 from ray import serve
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from featurewatch.actors.collector import CollectorActor
-from featurewatch.actors.serving import check_servable, deploy_model_server, set_steering
+from featurewatch.actors.serving import (
+    canary_app_name,
+    check_servable,
+    deploy_model_server,
+    promote_model,
+    set_steering,
+    start_canary,
+)
 from featurewatch.capture.steering import steer_from_sae
 from featurewatch.config import build_config
 from featurewatch.errors import ConfigError
@@ -30,6 +38,8 @@ from tests.conftest import build_tiny_model, free_port
 
 TOKEN = "vllm-test-token"
 LAYER = 1
+KV_BLOCK = 128  # positions per KV cache block, vLLM's default on the CPU
+ALWAYS = {"x-featurewatch-sample": "always"}  # capture.always_sample_header
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +61,23 @@ def served(ray_cluster, vllm_llama_dir, tmp_path_factory):
                 "engine": "vllm",
                 "replica_cpus": 0.5,
                 "max_tokens_limit": 64,
-                "vllm": {"max_model_len": 256, "kv_cache_gib": 0.25, "max_num_seqs": 16},
+                # 32 tokens a forward pass: longer prompts are prefilled in chunks
+                "vllm": {
+                    "max_model_len": 256,
+                    "kv_cache_gib": 0.25,
+                    "max_num_seqs": 16,
+                    "max_num_batched_tokens": 32,
+                },
             },
-            "capture": {"layers": [LAYER], "sample_fraction": 1.0, "wire_dtype": "float32"},
+            # Half the requests are captured, each whole; tests that need a request's
+            # rows flag it always-sample.
+            "capture": {
+                "layers": [LAYER],
+                "sites": ["resid_post", "mlp_out"],
+                "sample_fraction": 1.0,
+                "request_fraction": 0.5,
+                "wire_dtype": "float32",
+            },
             "serve": {"port": port, "app_name": "fw-vllm-test"},
             "collector": {"token": TOKEN},
         }
@@ -70,17 +94,26 @@ def served(ray_cluster, vllm_llama_dir, tmp_path_factory):
     ray.get(collector.stop.remote())
 
 
-def captured_rows(cfg, handle) -> dict[str, dict[int, tuple[int, torch.Tensor]]]:
-    """request id -> position -> (token id, vector), from the sealed spool segments."""
-    assert handle.flush_capture.remote(60.0).result(timeout_s=90)
+def captured_rows(
+    cfg, *handles, versions=None, site="resid_post"
+) -> dict[str, dict[int, tuple[int, torch.Tensor]]]:
+    """request id -> position -> (token id, vector) at `site`, from the sealed spool
+    segments, once every replica behind `handles` flushed; `versions` (a dict) gets each
+    request's model versions."""
+    for handle in handles:
+        assert handle.flush_capture.remote(60.0).result(timeout_s=90)
     time.sleep(0.5)  # the collector seals segments older than 0.2 s
     rows: dict[str, dict[int, tuple[int, torch.Tensor]]] = defaultdict(dict)
     for path in sealed_segments(cfg.spool_dir):
         for raw in read_segment(path):
             batch = pb.ActivationBatch.FromString(raw)
+            if batch.site != site:
+                continue
             vectors = unpack_vectors(batch)
             for i in range(batch.rows):
                 request = batch.request_ids[batch.request_index[i]]
+                if versions is not None:
+                    versions.setdefault(request, set()).add(batch.model_version)
                 rows[request][batch.token_pos[i]] = (
                     batch.token_id[i],
                     torch.from_numpy(vectors[i].copy()),
@@ -149,7 +182,11 @@ def test_every_captured_vector_equals_a_transformers_forward(served, vllm_llama_
     def ask(i: int) -> None:
         time.sleep(0.15 * i)  # staggered: later prefills join earlier decodes
         answer = client.completions.create(
-            model="tiny-llama", prompt=prompts[i], max_tokens=8 + 3 * i, temperature=0
+            model="tiny-llama",
+            prompt=prompts[i],
+            max_tokens=8 + 3 * i,
+            temperature=0,
+            extra_headers=ALWAYS,
         )
         ids[prompts[i]] = answer.id
 
@@ -159,6 +196,7 @@ def test_every_captured_vector_equals_a_transformers_forward(served, vllm_llama_
     for t in threads:
         t.join()
     rows = captured_rows(cfg, handle)
+    mlp_rows = captured_rows(cfg, handle, site="mlp_out")
     fresh = [p for p in sealed_segments(cfg.spool_dir) if p not in before]
     assert fresh, "nothing was captured"
     model = AutoModelForCausalLM.from_pretrained(vllm_llama_dir, dtype=torch.float32)
@@ -169,13 +207,81 @@ def test_every_captured_vector_equals_a_transformers_forward(served, vllm_llama_
         assert by_pos, f"no rows for {response_id}"
         positions = sorted(by_pos)
         assert positions == list(range(len(positions))), "every position, once, from 0"
-        token_ids = torch.tensor([[by_pos[p][0] for p in positions]])
+        token_ids = [by_pos[p][0] for p in positions]
+        checked += assert_forward_matches(model, token_ids, by_pos)
+        mlp = mlp_rows[f"{response_id}-0"]
+        assert sorted(mlp) == positions
+        checked += assert_forward_matches(model, token_ids, mlp, site="mlp_out")
+    assert checked > 80
+
+
+def assert_forward_matches(model, token_ids: list[int], by_pos: dict, site="resid_post") -> int:
+    """Each captured (position: (token id, vector)) equals a transformers forward of
+    `token_ids` at LAYER and `site`; returns how many were checked."""
+    seen = {}
+    mlp = model.model.layers[LAYER].mlp
+    handle = mlp.register_forward_hook(lambda m, i, out: seen.update(mlp_out=out[0]))
+    try:
         with torch.no_grad():
-            hidden = model(token_ids, output_hidden_states=True).hidden_states[LAYER + 1][0]
-        for p in positions:
-            torch.testing.assert_close(by_pos[p][1], hidden[p], atol=2e-4, rtol=2e-3)
-            checked += 1
-    assert checked > 40
+            out = model(torch.tensor([token_ids]), output_hidden_states=True)
+    finally:
+        handle.remove()
+    expected = out.hidden_states[LAYER + 1][0] if site == "resid_post" else seen["mlp_out"]
+    for p, (token_id, vector) in by_pos.items():
+        assert token_id == token_ids[p]
+        torch.testing.assert_close(vector, expected[p], atol=2e-4, rtol=2e-3)
+    return len(by_pos)
+
+
+def test_the_request_fraction_and_always_sample_apply_per_request(served):
+    """request_fraction 0.5: some requests are captured, each whole, the others not at
+    all; a request flagged always-sample (the header, or the key in the chat body's
+    metadata) always is."""
+    cfg, handle, client = served
+    plain = [
+        client.completions.create(
+            model="tiny-llama", prompt=f"Rivers and lakes, part {i}", max_tokens=3, temperature=0
+        ).id
+        for i in range(12)
+    ]
+    flagged = [
+        client.chat.completions.create(
+            model="tiny-llama",
+            messages=[{"role": "user", "content": f"Mountains, part {i}"}],
+            max_tokens=3,
+            metadata=ALWAYS,
+        ).id
+        for i in range(6)
+    ]
+    rows = captured_rows(cfg, handle)
+    chosen = [i for i in plain if rows.get(f"{i}-0")]
+    assert 0 < len(chosen) < len(plain)
+    for request in chosen:
+        assert sorted(rows[f"{request}-0"]) == list(range(len(rows[f"{request}-0"])))
+    assert all(rows.get(request) for request in flagged)
+
+
+def test_with_a_shared_prefix_only_the_uncached_positions_are_captured(served, vllm_llama_dir):
+    """Prefix caching: the second request's first KV block comes from the first's cache,
+    is not recomputed, and so is not captured; what is captured is still exact."""
+    cfg, handle, client = served
+    tokenizer = AutoTokenizer.from_pretrained(vllm_llama_dir)
+    prefix = " ".join(["the garden needs water and light every day"] * 7)
+    assert KV_BLOCK < len(tokenizer(prefix)["input_ids"]) < 2 * KV_BLOCK
+    ids = [
+        client.completions.create(
+            model="tiny-llama", prompt=prompt, max_tokens=4, temperature=0, extra_headers=ALWAYS
+        ).id
+        for prompt in (prefix + " first, basil.", prefix + " then, a rainbow.")
+    ]
+    rows = captured_rows(cfg, handle)
+    first, second = rows[f"{ids[0]}-0"], rows[f"{ids[1]}-0"]
+    assert sorted(first) == list(range(len(first)))
+    assert sorted(second) == list(range(KV_BLOCK, KV_BLOCK + len(second))), "block 0 was cached"
+    shared = [first[p][0] for p in range(KV_BLOCK)]
+    tokens = shared + [second[p][0] for p in sorted(second)]
+    model = AutoModelForCausalLM.from_pretrained(vllm_llama_dir, dtype=torch.float32)
+    assert assert_forward_matches(model, tokens, second) > 10
 
 
 def test_a_steer_changes_greedy_output_without_a_restart_and_off_restores_it(served):
@@ -231,3 +337,43 @@ def test_settings_vllm_refuses_fail_before_any_replica_starts(served, vllm_llama
     with pytest.raises(ConfigError, match="model.engine"):
         config(engine="tgi")
     assert check_servable(config())[1] == 128
+
+
+def test_a_realigned_version_is_served_by_vllm_as_canary_then_promoted(
+    served, vllm_llama_dir, tmp_path
+):
+    """A realigned version as the fine-tune job leaves it (LoRA merged into the weights,
+    saved with its tokenizer) runs as a vLLM canary, then is promoted. Runs last: the
+    module's replica serves the new weights afterwards."""
+    cfg, handle, client = served
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(vllm_llama_dir, dtype=torch.float32)
+    lora = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
+    realigned = tmp_path / "realigned"
+    get_peft_model(base, lora).merge_and_unload().save_pretrained(realigned)
+    AutoTokenizer.from_pretrained(vllm_llama_dir).save_pretrained(realigned)
+    messages = [{"role": "user", "content": "How do I keep basil alive?"}]
+
+    assert start_canary(cfg, realigned, "v2-realigned", share=1.0)["version"] == "v2-realigned"
+    answer = client.chat.completions.create(
+        model="tiny-llama", messages=messages, max_tokens=4, temperature=0
+    )
+    assert answer.system_fingerprint == "v2-realigned"
+    assert handle.steering_status.remote().result()["canary_forwarded"] >= 1
+    versions: dict[str, set[str]] = {}
+    canary = serve.get_app_handle(canary_app_name(cfg))
+    by_pos = captured_rows(cfg, handle, canary, versions=versions)[answer.id]
+    assert versions[answer.id] == {"v2-realigned"}
+    merged = AutoModelForCausalLM.from_pretrained(realigned, dtype=torch.float32)
+    tokens = [by_pos[p][0] for p in sorted(by_pos)]
+    assert sorted(by_pos) == list(range(len(tokens)))
+    assert assert_forward_matches(merged, tokens, by_pos) > 10  # the merged weights ran
+
+    assert promote_model(cfg, realigned, "v2-realigned")["version"] == "v2-realigned"
+    answer = client.chat.completions.create(
+        model="tiny-llama", messages=messages, max_tokens=4, temperature=0
+    )
+    assert answer.system_fingerprint == "v2-realigned"
+    assert canary_app_name(cfg) not in serve.status().applications
