@@ -270,6 +270,8 @@ def test_the_realign_demo_refuses_bad_options_and_a_home_without_a_tagged_sae(tm
     runner = CliRunner()
     bad = runner.invoke(app, ["demo", "--scenario", "chaos", "--home", str(tmp_path)])
     assert bad.exit_code == 2 and "--scenario must be one of default, realign" in bad.output
+    engine = runner.invoke(app, ["demo", "--engine", "tgi", "--home", str(tmp_path)])
+    assert engine.exit_code == 2 and "--engine must be one of vllm, hf, not 'tgi'" in engine.output
     steps = runner.invoke(app, ["demo", "--scenario", "realign", "--realign-steps", "0"])
     assert steps.exit_code == 2
     missing = runner.invoke(

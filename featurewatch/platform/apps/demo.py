@@ -1,8 +1,9 @@
 """`featurewatch demo`: the whole data path once, on SmolLM2, on one machine.
 
-serve SmolLM2 (Ray Serve, batched) -> two phases of chat traffic -> sampled residual
-activations over gRPC -> collector spool -> Ray Train SAE -> Ray Data encode -> Parquet
-lake + DuckDB catalog -> the features whose firing rate moved most, by SQL.
+serve SmolLM2 (Ray Serve, model.engine: vLLM or transformers) -> two phases of chat
+traffic -> sampled residual activations over gRPC -> collector spool -> Ray Train SAE ->
+Ray Data encode -> Parquet lake + DuckDB catalog -> the features whose firing rate moved
+most, by SQL.
 """
 
 from __future__ import annotations
@@ -134,8 +135,11 @@ def run_demo(cfg: FeaturewatchConfig) -> DemoReport:
     report.vectors_acked = stats["acked_vectors"]
     report.vectors_dropped = stats["dropped_vectors"]
     ray.get([c.seal.remote() for c in collectors])
+    sizes = report.batch_sizes or [0]
+    unit = "forward pass" if cfg.model.engine == "vllm" else "generate batch"
     print(
-        f"  generate batch sizes: {report.batch_sizes}; vectors acked {stats['acked_vectors']}, "
+        f"  requests per {unit}: max {max(sizes)}, mean {sum(sizes) / len(sizes):.1f} over "
+        f"{len(report.batch_sizes)}; vectors acked {stats['acked_vectors']}, "
         f"dropped {stats['dropped_vectors']}"
     )
 

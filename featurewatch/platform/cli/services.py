@@ -55,14 +55,27 @@ def demo(
             help="realign: pause the clients while a fine-tune trains (2 cores are shared).",
         ),
     ] = True,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="default scenario: the serving engine, vllm or hf (default: the config's "
+            "model.engine when it sets one, else vllm)."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """Serve SmolLM2, collect and encode its activations, and answer a drift question;
     or (--scenario realign) stage an incident and watch the platform realign the model."""
     check_choice(scenario, "--scenario", ("default", "realign"))
+    if engine is not None:
+        check_choice(engine, "--engine", ("vllm", "hf"))
     cfg = cli_config(config, home)
     if scenario == "default":
+        if engine is None and "engine" not in cfg.model.model_fields_set:
+            engine = "vllm"  # the demo shows the engine fleets serve with
+        if engine is not None:
+            cfg.model.engine = engine
         run_demo(cfg)
         return
     settings = RealignScenario(
