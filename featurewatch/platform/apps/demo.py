@@ -64,7 +64,12 @@ class _Steps:
 
 
 def _chat(url: str, prompt: str, max_tokens: int) -> dict:
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    # Greedy on both engines (vLLM, like OpenAI, samples at temperature 1 by default).
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+    }
     resp = requests.post(url, json=body, timeout=600)
     resp.raise_for_status()
     return resp.json()
