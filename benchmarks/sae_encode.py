@@ -12,7 +12,9 @@ Each prints tokens/s and the ratio to the limit (targets: in-process >= 0.8, S =
 pipeline >= 0.5), for float32 and bfloat16 weights; FVU is compared between the dtypes
 so bf16 is only used where it costs no accuracy.
 
-    .venv/bin/python benchmarks/sae_encode.py [--tokens 32768] [--skip-ray]
+    .venv/bin/python benchmarks/sae_encode.py [--tokens 32768] [--skip-ray] [--device cuda]
+
+On a GPU (`--device cuda`, in-process figures only) the same two are timed on the device.
 """
 
 from __future__ import annotations
@@ -42,12 +44,16 @@ def make_sae(dtype: torch.dtype) -> TopKSAE:
 
 
 def best_of(fn, repeats: int = 3) -> float:
-    """Fastest of a few runs, in seconds (the least disturbed by other processes)."""
+    """Fastest of a few runs, in seconds (the least disturbed by other processes); on a
+    GPU each run waits for its kernels."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     fn()  # warm-up
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -111,12 +117,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--skip-ray", action="store_true", help="in-process figures only")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
+    if args.device == "cuda":
+        args.skip_ray = True  # the pipelines' figures are the CPU's
     torch.manual_seed(1)
     # Activation-like data: a few hundred directions, heavy-tailed magnitudes.
     basis = torch.randn(512, D_IN)
     codes = torch.relu(torch.randn(args.tokens, 512)) * (torch.rand(args.tokens, 512) < 0.05)
-    x = codes @ basis + 0.1 * torch.randn(args.tokens, D_IN)
+    x = (codes @ basis + 0.1 * torch.randn(args.tokens, D_IN)).to(args.device)
     print(f"TopK SAE d_in {D_IN}, d_sae {D_SAE}, k {K}; {args.tokens} tokens, {BATCH} per batch")
     if not args.skip_ray:
         import ray
@@ -127,7 +136,7 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     for dtype in (torch.float32, torch.bfloat16):
-        sae = make_sae(dtype)
+        sae = make_sae(dtype).to(args.device)
         limit, rate, error = in_process(sae, x)
         name = str(dtype).removeprefix("torch.")
         print(f"{name}: bare x @ W_enc {limit:,.0f} tokens/s (the limit)")

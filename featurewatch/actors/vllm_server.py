@@ -100,6 +100,20 @@ async def start_engine(
     return engine, shape
 
 
+async def flush_engine_capture(engine: AsyncLLM, timeout_s: float) -> bool:
+    """Wait until the collectors acked every row the engine captured so far; False on
+    timeout. Polled from here: the engine's worker must not block between passes."""
+    await engine.collective_rpc("fw_pack")
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        (stats,) = await engine.collective_rpc("fw_stats")
+        if stats["queue_depth"] == 0 and stats["in_flight"] == 0:
+            return True
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+
+
 def check_settings(cfg: FeaturewatchConfig, folder: Path) -> None:
     """vLLM's own validation of the engine settings (the model's config, dtype, lengths,
     scheduler limits), without loading weights: a ConfigError naming the field."""
@@ -336,17 +350,7 @@ class VLLMModelServer:
         return stats
 
     async def flush_capture(self, timeout_s: float = 60.0) -> bool:
-        """Wait until the collectors acked every row captured so far; False on timeout.
-        Polled from here: the engine's worker must not block between passes."""
-        await self.engine.collective_rpc("fw_pack")
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
-            stats = await self.capture_stats()
-            if stats["queue_depth"] == 0 and stats["in_flight"] == 0:
-                return True
-            if asyncio.get_running_loop().time() > deadline:
-                return False
-            await asyncio.sleep(0.05)
+        return await flush_engine_capture(self.engine, timeout_s)
 
     async def check_health(self) -> None:
         """Serve's health check: a dead engine process fails it, and Serve replaces the
