@@ -8,7 +8,6 @@ monitoring.
 
 import asyncio
 import logging
-import random
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from featurewatch.actors.metrics import CaptureMetrics, Exporter
+from featurewatch.actors.replica_controls import CanaryRoute, read_user_config
 from featurewatch.actors.runtime import collector_lookup
 from featurewatch.capture.generation import BatchGenerator, GenerationResult
 from featurewatch.capture.hooks import ActivationCapture
@@ -28,7 +28,7 @@ from featurewatch.capture.models import load_model, resolve_model_path
 from featurewatch.capture.packing import pack_batches
 from featurewatch.capture.sampler import SamplingPolicy
 from featurewatch.capture.sender import ActivationSender
-from featurewatch.capture.steering import Steer, Steering
+from featurewatch.capture.steering import Steering
 from featurewatch.config import build_config
 from featurewatch.storage.heartbeats import Heartbeat
 
@@ -86,10 +86,7 @@ class ModelServer:
         self.steering = Steering(model)
         # A canary (another model version, its own Serve application) takes a share of
         # the chat requests when the user_config names one.
-        self.canary: dict | None = None
-        self.canary_handle = None
-        self.canary_random = random.Random(self.cfg.capture.seed)
-        self.canary_forwarded = 0
+        self.canary = CanaryRoute(self.cfg.capture.seed)
         self.generator = BatchGenerator(model, tokenizer, self.capture)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -161,14 +158,11 @@ class ModelServer:
         always = http.headers.get(flag, "").lower() == "always" or (
             (request.metadata or {}).get(flag, "").lower() == "always"
         )
-        canary, handle = self.canary, self.canary_handle
-        if canary is not None and self.canary_random.random() < canary["share"]:
-            try:
-                answer = await handle.canary_chat.remote(request.model_dump(), always)
-                self.canary_forwarded += 1
+        handle = self.canary.pick()
+        if handle is not None:
+            answer = await self.canary.forward(handle, request.model_dump(), always)
+            if answer is not None:
                 return answer
-            except Exception as err:  # noqa: BLE001 - a canary going away must not fail a chat
-                log.warning("canary %s did not answer (%s); serving here", canary["app"], err)
         return await self._chat_batch(_Pending(request=request, always_sample=always))
 
     async def canary_chat(self, body: dict, always: bool) -> dict:
@@ -245,26 +239,14 @@ class ModelServer:
         """Serve calls this with the deployment's user_config, at start and on every
         lightweight update: `{"steering": [Steer fields, ...], "canary": {"app": name,
         "share": fraction} or null}` (empty steering: off; null canary: none)."""
-        user_config = user_config or {}
         try:
-            steers = [Steer.from_dict(s) for s in user_config.get("steering", [])]
-            canary = user_config.get("canary")
-            if canary is not None:
-                canary = {"app": str(canary["app"]), "share": float(canary["share"])}
-                if not 0 < canary["share"] <= 1:
-                    raise ValueError(f"canary share must be in (0, 1], not {canary['share']}")
+            steers, canary = read_user_config(user_config)
         except (TypeError, ValueError, KeyError) as err:
             # Raising here would make Serve stop this replica: keep serving, old settings.
             log.error("user_config refused, the previous steering and canary stay: %s", err)
             return
         self.steering.set(steers)
-        if canary != self.canary:
-            self.canary_handle = (
-                serve.get_deployment_handle("ModelServer", app_name=canary["app"])
-                if canary
-                else None
-            )
-            self.canary = canary
+        self.canary.set(canary)
         log.warning("steering %s, canary %s", [s.summary() for s in steers] or "off", canary)
 
     def steering_status(self) -> dict:
@@ -272,8 +254,8 @@ class ModelServer:
             "replica_id": self.replica_id,
             "model_version": self.cfg.model.version,
             "steers": [s.summary() for s in self.steering.steers],
-            "canary": self.canary,
-            "canary_forwarded": self.canary_forwarded,
+            "canary": self.canary.settings,
+            "canary_forwarded": self.canary.forwarded,
         }
 
     def capture_stats(self) -> dict:

@@ -15,7 +15,6 @@ steering_status, capture_stats, flush_capture), so deployment, steering, canarie
 import asyncio
 import logging
 import os
-import random
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +40,7 @@ from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from featurewatch.actors.metrics import CaptureMetrics
+from featurewatch.actors.replica_controls import CanaryRoute, read_user_config
 from featurewatch.actors.runtime import collector_lookup
 from featurewatch.capture.models import resolve_model_path
 from featurewatch.capture.steering import Steer
@@ -200,10 +200,7 @@ class VLLMModelServer:
         self.steers: list[Steer] = []
         # A canary (another model version, its own Serve application) answers a share of
         # the non-streamed chat requests when the user_config names one.
-        self.canary: dict | None = None
-        self.canary_handle = None
-        self.canary_random = random.Random(self.cfg.capture.seed)
-        self.canary_forwarded = 0
+        self.canary = CanaryRoute(self.cfg.capture.seed)
         self.metrics = CaptureMetrics(name, self.replica_id)
         self.heartbeat = Heartbeat(self.cfg.status_dir, "replica", self.replica_id)
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
@@ -222,16 +219,16 @@ class VLLMModelServer:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, raw: Request) -> Response:
-        canary, handle = self.canary, self.canary_handle
-        if canary is not None and self.canary_random.random() < canary["share"]:
+        handle = self.canary.pick()
+        if handle is not None:
             try:
                 body = await raw.json()
-                if isinstance(body, dict) and not body.get("stream"):
-                    answer = await handle.canary_chat.remote(body, self._always_sample(raw, body))
-                    self.canary_forwarded += 1
+            except ValueError:
+                body = None  # _dispatch answers with the error
+            if isinstance(body, dict) and not body.get("stream"):
+                answer = await self.canary.forward(handle, body, self._always_sample(raw, body))
+                if answer is not None:
                     return JSONResponse(answer)
-            except Exception as err:  # noqa: BLE001 - a canary going away must not fail a chat
-                log.warning("canary %s did not answer (%s); serving here", canary["app"], err)
         return await self._dispatch(
             raw,
             ChatCompletionRequest,
@@ -301,14 +298,8 @@ class VLLMModelServer:
     async def reconfigure(self, user_config: dict) -> None:
         """As the transformers replica's: `{"steering": [...], "canary": ...}`; steering is
         applied in vLLM's worker, between forward passes."""
-        user_config = user_config or {}
         try:
-            steers = [Steer.from_dict(s) for s in user_config.get("steering", [])]
-            canary = user_config.get("canary")
-            if canary is not None:
-                canary = {"app": str(canary["app"]), "share": float(canary["share"])}
-                if not 0 < canary["share"] <= 1:
-                    raise ValueError(f"canary share must be in (0, 1], not {canary['share']}")
+            steers, canary = read_user_config(user_config)
         except (TypeError, ValueError, KeyError) as err:
             log.error("user_config refused, the previous steering and canary stay: %s", err)
             return
@@ -324,13 +315,7 @@ class VLLMModelServer:
             if not await self.engine.reset_prefix_cache():
                 log.warning("prefix cache not reset: blocks cached before the change stay")
         self.steers = steers
-        if canary != self.canary:
-            self.canary_handle = (
-                serve.get_deployment_handle("ModelServer", app_name=canary["app"])
-                if canary
-                else None
-            )
-            self.canary = canary
+        self.canary.set(canary)
         log.warning("steering %s, canary %s", [s.summary() for s in steers] or "off", canary)
 
     def steering_status(self) -> dict:
@@ -338,8 +323,8 @@ class VLLMModelServer:
             "replica_id": self.replica_id,
             "model_version": self.cfg.model.version,
             "steers": [s.summary() for s in self.steers],
-            "canary": self.canary,
-            "canary_forwarded": self.canary_forwarded,
+            "canary": self.canary.settings,
+            "canary_forwarded": self.canary.forwarded,
         }
 
     async def capture_stats(self) -> dict:

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from featurewatch.actors.replica_controls import read_user_config
 from featurewatch.capture.hooks import ActivationCapture
 from featurewatch.capture.models import load_model
 from featurewatch.capture.steering import Steer, Steering, steer_from_sae
@@ -97,3 +98,32 @@ def test_bad_steers_are_refused_and_the_old_ones_kept(tiny_llama_dir, sae, chang
     with pytest.raises(ValueError, match="feature 32 is not in the SAE"):
         steer_from_sae(sae, 32, layer=0, site="resid_post")
     assert isinstance(good, Steer)
+
+
+@pytest.mark.parametrize(
+    ("canary", "message"),
+    [
+        ({"app": "c", "share": 0}, "canary share must be a number in"),
+        ({"app": "c", "share": 1.5}, "canary share must be a number in"),
+        ({"app": "c", "share": "0.5"}, "canary share must be a number in"),
+        ({"app": "c", "share": True}, "canary share must be a number in"),
+        ({"app": "", "share": 0.5}, "canary app must be a non-empty string"),
+        ({"app": 3, "share": 0.5}, "canary app must be a non-empty string"),
+        ({"app": "c"}, "canary must be"),
+        ({"app": "c", "share": 0.5, "extra": 1}, "canary must be"),
+        ("c", "canary must be"),
+    ],
+)
+def test_a_replicas_user_config_is_read_exactly(sae, canary, message):
+    """Both replicas read Serve's user_config with read_user_config: a bad canary route
+    is refused by name (the replica then keeps its settings), types are not coerced."""
+    steer = steer_from_sae(sae, 1, layer=0, site="resid_post")
+    steers, route = read_user_config(
+        {"steering": [dataclasses.asdict(steer)], "canary": {"app": "c", "share": 1}}
+    )
+    assert steers == [steer] and route == {"app": "c", "share": 1.0}
+    assert read_user_config(None) == ([], None)
+    with pytest.raises(ValueError, match=message):
+        read_user_config({"steering": [], "canary": canary})
+    with pytest.raises(TypeError):
+        read_user_config({"steering": [{"layer": 0, "nope": 1}]})
