@@ -20,7 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from featurewatch.actors.metrics import CaptureMetrics, Exporter
-from featurewatch.actors.replica_controls import CanaryRoute, read_user_config
+from featurewatch.actors.replica_controls import (
+    CanaryRoute,
+    always_sampled,
+    read_user_config,
+    replica_id,
+)
 from featurewatch.actors.runtime import collector_lookup
 from featurewatch.capture.generation import BatchGenerator, GenerationResult
 from featurewatch.capture.hooks import ActivationCapture
@@ -88,10 +93,7 @@ class ModelServer:
         # the chat requests when the user_config names one.
         self.canary = CanaryRoute(self.cfg.capture.seed)
         self.generator = BatchGenerator(model, tokenizer, self.capture)
-        try:
-            self.replica_id = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # constructed outside Serve (tests)
-            self.replica_id = uuid.uuid4().hex[:12]
+        self.replica_id = replica_id()
         tls = self.cfg.collector.tls_cert_file
         self.sender = ActivationSender(
             collector_addresses,
@@ -154,9 +156,8 @@ class ModelServer:
         limit = self.cfg.model.max_tokens_limit
         if request.max_tokens is not None and request.max_tokens > limit:
             raise HTTPException(400, f"max_tokens: {request.max_tokens} exceeds the limit {limit}")
-        flag = self.cfg.capture.always_sample_header
-        always = http.headers.get(flag, "").lower() == "always" or (
-            (request.metadata or {}).get(flag, "").lower() == "always"
+        always = always_sampled(
+            self.cfg.capture.always_sample_header, http.headers, request.metadata
         )
         handle = self.canary.pick()
         if handle is not None:

@@ -6,12 +6,28 @@ from __future__ import annotations
 
 import logging
 import random
+import uuid
 
 from ray import serve
 
 from featurewatch.capture.steering import Steer
 
 log = logging.getLogger(__name__)
+
+
+def replica_id() -> str:
+    """Serve's id of the replica this runs in (a random one outside Serve, in tests)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - constructed outside Serve
+        return uuid.uuid4().hex[:12]
+
+
+def always_sampled(flag: str, headers, metadata) -> bool:
+    """Whether a request asks for every token captured: the header `flag: always`, or
+    the same key in the body's metadata."""
+    in_metadata = isinstance(metadata, dict) and str(metadata.get(flag, "")).lower() == "always"
+    return headers.get(flag, "").lower() == "always" or in_metadata
 
 
 def read_user_config(user_config: dict | None) -> tuple[list[Steer], dict | None]:

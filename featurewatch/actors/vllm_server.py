@@ -15,7 +15,6 @@ steering_status, capture_stats, flush_capture), so deployment, steering, canarie
 import asyncio
 import logging
 import os
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,7 +39,12 @@ from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from featurewatch.actors.metrics import CaptureMetrics
-from featurewatch.actors.replica_controls import CanaryRoute, read_user_config
+from featurewatch.actors.replica_controls import (
+    CanaryRoute,
+    always_sampled,
+    read_user_config,
+    replica_id,
+)
 from featurewatch.actors.runtime import collector_lookup
 from featurewatch.capture.models import resolve_model_path
 from featurewatch.capture.steering import Steer
@@ -165,10 +169,7 @@ class VLLMModelServer:
     ):
         self.cfg = build_config(config)
         folder = resolve_model_path(self.cfg.model.path, self.cfg.models_dir)
-        try:
-            self.replica_id = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # constructed outside Serve (tests)
-            self.replica_id = uuid.uuid4().hex[:12]
+        self.replica_id = replica_id()
         self.engine, self.model_shape = await start_engine(
             self.cfg, folder, self.replica_id, collector_addresses, token
         )
@@ -288,10 +289,9 @@ class VLLMModelServer:
         return body
 
     def _always_sample(self, raw: Request, body: dict) -> bool:
-        flag = self.cfg.capture.always_sample_header
-        metadata = body.get("metadata")
-        in_metadata = isinstance(metadata, dict) and str(metadata.get(flag, "")).lower() == "always"
-        return raw.headers.get(flag, "").lower() == "always" or in_metadata
+        return always_sampled(
+            self.cfg.capture.always_sample_header, raw.headers, body.get("metadata")
+        )
 
     # ---- operator calls (through a deployment handle or user_config, not HTTP)
 
