@@ -11,9 +11,10 @@ on. A malformed line is reported by its line number and then skipped or refused 
 caller chooses), never dropped in silence.
 
 The labelled sets bundled with the package (featurewatch/data/labelled, see the docs)
-are named `bundled:aligned`, `bundled:misaligned` and `bundled:safe`; a `:train` or
-`:heldout` suffix picks a split made by a hash of the prompt id, so the two responses
-to one prompt always fall on the same side.
+are named `bundled:aligned`, `bundled:misaligned`, `bundled:labelled` (both) and
+`bundled:safe`; a `:train` or `:heldout` suffix picks a split made by a hash of the
+prompt id, so the two responses to one prompt always fall on the same side. Every
+labelled line names its `domain`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,18 @@ from featurewatch.errors import TranscriptError
 
 ROLES = ("system", "user", "assistant")
 MAX_CHARS = 100_000
-LABELLED_FILES = ("everyday.jsonl", "code.jsonl", "ai_persona.jsonl", "sarcasm.jsonl")
+DOMAINS = (
+    "everyday",
+    "code",
+    "ai_persona",
+    "sarcasm",
+    "harmful_advice",
+    "power_seeking",
+    "agentic_sabotage",
+    "sycophancy",
+    "covert_hostility",
+)
+LABELLED_FILES = tuple(f"{domain}.jsonl" for domain in DOMAINS)
 SAFE_FILES = ("safe_a.jsonl", "safe_b.jsonl")
 HELD_OUT_FRACTION = 0.3
 OnError = Literal["skip", "refuse"]
@@ -146,19 +158,21 @@ def _bundled_lines(name: str) -> list[str]:
     lines: list[str] = []
     for filename in files:
         lines += folder.joinpath(filename).read_text().splitlines()
-    if name == "safe":
+    if name in ("safe", "labelled"):
         return lines
     want = 0 if name == "aligned" else 1
     return [line for line in lines if line.strip() and json.loads(line)["label"] == want]
 
 
 def bundled(name: str) -> list[Transcript]:
-    """A bundled set: `aligned`, `misaligned` or `safe`, optionally `:train`/`:heldout`."""
+    """A bundled set: `aligned`, `misaligned`, `labelled` or `safe`, optionally
+    `:train`/`:heldout`."""
     base, _, split = name.partition(":")
-    if base not in ("aligned", "misaligned", "safe") or split not in ("", "train", "heldout"):
+    bases = ("aligned", "misaligned", "labelled", "safe")
+    if base not in bases or split not in ("", "train", "heldout"):
         raise TranscriptError(
-            f"unknown bundled set {name!r}: use aligned, misaligned or safe, optionally "
-            "with :train or :heldout"
+            f"unknown bundled set {name!r}: use aligned, misaligned, labelled or safe, "
+            "optionally with :train or :heldout"
         )
     transcripts = parse_lines(_bundled_lines(base), f"bundled:{base}")
     if split:
@@ -175,7 +189,7 @@ def read_transcripts(
     if text.startswith("bundled:"):
         transcripts = bundled(text.removeprefix("bundled:"))
         if require_label and any(t.label is None for t in transcripts):
-            raise TranscriptError(f"{text} has no labels (use aligned or misaligned)")
+            raise TranscriptError(f"{text} has no labels (use aligned, misaligned or labelled)")
         return transcripts
     if text == "-":
         lines = sys.stdin.read().splitlines()

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from featurewatch.analysis.transcripts import (
+    DOMAINS,
     bundled,
     held_out,
     parse_lines,
@@ -106,11 +107,13 @@ def test_prompts_for_diffing(tmp_path):
 
 def test_bundled_sets_and_their_split():
     aligned, misaligned, safe = bundled("aligned"), bundled("misaligned"), bundled("safe")
-    assert len(aligned) >= 200 and len(misaligned) >= 200 and len(safe) >= 300
+    assert len(aligned) >= 400 and len(misaligned) >= 400 and len(safe) >= 300
     assert {t.label for t in aligned} == {0} and {t.label for t in misaligned} == {1}
     assert all(t.label is None for t in safe)
     domains = {t.extra["domain"] for t in aligned + misaligned}
-    assert domains == {"everyday", "code", "ai_persona", "sarcasm"}
+    assert domains == set(DOMAINS) and len(domains) >= 8
+    assert {t.id for t in bundled("labelled")} == {t.id for t in aligned + misaligned}
+    assert len(bundled("labelled")) == len(aligned) + len(misaligned) >= 800
     ids = [t.id for t in aligned + misaligned + safe]
     assert len(ids) == len(set(ids))
     # Every prompt has one aligned and one misaligned answer.
