@@ -159,9 +159,16 @@ def feature_labels(catalog, sae_version: str) -> dict[int, str | None]:
 
 
 def encode_transcripts(
-    cfg: FeaturewatchConfig, choice: SAEChoice, sae, transcripts, *, progress: bool = False
+    cfg: FeaturewatchConfig,
+    choice: SAEChoice,
+    sae,
+    transcripts,
+    *,
+    residual_layers: tuple[int, ...] = (),
+    progress: bool = False,
 ):
-    """PooledFeatures of the transcripts' responses through the configured model."""
+    """PooledFeatures of the transcripts' responses through the configured model (with
+    the residual stream's means at `residual_layers`)."""
 
     folder = resolve_model_path(cfg.model.path, cfg.models_dir)
     model, tokenizer = load_model(folder, cfg.model.dtype)
@@ -171,8 +178,9 @@ def encode_transcripts(
             f"{model.config.hidden_size}"
         )
     return pooled_features(
-        model, tokenizer, sae, transcripts, layer=choice.layer, site=choice.site, progress=progress
-    )
+        model, tokenizer, sae, transcripts, layer=choice.layer, site=choice.site,
+        residual_layers=residual_layers, progress=progress,
+    )  # fmt: skip
 
 
 def answer_and_encode(
@@ -184,11 +192,12 @@ def answer_and_encode(
     sae,
     *,
     max_new_tokens: int = 48,
+    residual_layers: tuple[int, ...] = (),
     progress: bool = False,
 ):
     """A model version (or folder) answers the prompts greedily; its own activations on
-    its answers are encoded with the SAE, as monitoring would see them served. Returns
-    (PooledFeatures, answers)."""
+    its answers are encoded with the SAE (and pooled at `residual_layers`), as
+    monitoring would see them served. Returns (PooledFeatures, answers)."""
 
     model, tokenizer = load_model(model_folder(cfg, catalog, ref), cfg.model.dtype)
     if model.config.hidden_size != sae.d_in:
@@ -205,7 +214,7 @@ def answer_and_encode(
     ]
     features = pooled_features(
         model, tokenizer, sae, transcripts, layer=choice.layer, site=choice.site,
-        progress=progress,
+        residual_layers=residual_layers, progress=progress,
     )  # fmt: skip
     return features, answers
 

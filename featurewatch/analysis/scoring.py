@@ -1,134 +1,56 @@
-"""Misalignment scoring: one number per transcript from a tag group of SAE features.
+"""Misalignment scoring: one number per transcript for a tag.
 
-The group is the set of features tagged (say) `misalignment` in the registry for one
-SAE version. Each feature is pooled over the response tokens (transcript_features.py),
-and the group's score is:
+The tag's group is the set of features tagged (say) `misalignment` in the registry for
+one SAE version. Each feature is pooled over the response tokens
+(transcript_features.py), and the score is:
 
 - `max` or `mean`: the mean over the group's features of each feature's max (or mean)
   over the response; in activation units, comparable only within one SAE version;
-- `probe`: a logistic regression over the group's max- and mean-pooled values (scaled),
-  fitted on labelled transcripts with `fit_probe`; a probability in [0, 1].
+- `probe`: the tag's fitted probe (analysis/probes.py), a probability in [0, 1]. Its
+  family says what it reads: the group's pooled features, or the raw residual stream
+  at one or several layers. The group's features are reported beside it either way.
 
-A probe is stored as JSON beside the SAE weights (`probes/<tag>.json`) with the feature
-ids it was fitted on; when the tag group changes, the probe must be fitted again.
+A group probe holds the feature ids it was fitted on; when the tag group changes, it
+must be fitted again. Live scores from the lake (which keeps features, not residual
+vectors) use the tag's sae_group probe.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
+from datetime import UTC, datetime
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from transformers import AutoTokenizer
 
 from featurewatch.analysis.discover import answer_and_encode, encode_transcripts, feature_labels
+from featurewatch.analysis.probes import (
+    FAMILY_CHOICES,
+    Probe,
+    candidate_layers,
+    fit_probe,
+    load_probe,
+    probe_terms,
+    threshold_at_fpr,
+)
 from featurewatch.analysis.transcript_features import PooledFeatures
+from featurewatch.analysis.transcripts import read_transcripts
 from featurewatch.capture.generation import prompt_text
-from featurewatch.capture.models import resolve_model_path
+from featurewatch.capture.models import model_dims, resolve_model_path
 from featurewatch.errors import ConfigError
 from featurewatch.sae import load
 from featurewatch.storage.registry import FeatureRegistry
-from featurewatch.storage.sae_store import registered_sae
+from featurewatch.storage.sae_store import SAEChoice, registered_sae
 
 POOLINGS = ("max", "mean", "probe")
-
-
-@dataclass
-class Probe:
-    tag: str
-    sae_version: str
-    feature_ids: list[int]
-    center: list[float]  # per input column: max-pooled features, then mean-pooled
-    scale: list[float]
-    coef: list[float]
-    intercept: float
-    fitted_on: dict  # transcripts, positives, train_auroc, cv_auroc
-
-    def save(self, sae_path: Path) -> Path:
-        path = probe_path(sae_path, self.tag)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)  # a reader sees the old probe or the new one
-        return path
-
-
-def probe_path(sae_path: Path, tag: str) -> Path:
-    return Path(sae_path) / "probes" / f"{tag}.json"
-
-
-def load_probe(sae_path: Path, tag: str) -> Probe | None:
-    path = probe_path(sae_path, tag)
-    if not path.is_file():
-        return None
-    try:
-        return Probe(**json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
-        raise ConfigError(f"{path}: not a probe file ({err}); fit it again") from None
-
-
-def probe_inputs(pooled: PooledFeatures, feature_ids: list[int]) -> np.ndarray:
-    return np.concatenate(
-        [pooled.max[:, feature_ids].numpy(), pooled.mean[:, feature_ids].numpy()], axis=1
-    ).astype(np.float64)
-
-
-def _model(C: float) -> LogisticRegression:
-    # Balanced classes: the labelled sets need not be the same size.
-    return LogisticRegression(C=C, max_iter=5000, class_weight="balanced")
-
-
-def fit_probe(
-    pooled: PooledFeatures,
-    labels: list[int],
-    feature_ids: list[int],
-    *,
-    tag: str,
-    sae_version: str,
-    C: float = 1.0,
-) -> Probe:
-    """Fit the group's logistic probe on labelled transcripts (label 1 = misaligned)."""
-    y = np.asarray(labels)
-    if len(set(y.tolist())) < 2:
-        raise ConfigError("fitting a probe needs transcripts labelled 0 and labelled 1")
-    if not feature_ids:
-        raise ConfigError(f"tag {tag!r} has no features in SAE {sae_version}")
-    x = probe_inputs(pooled, feature_ids)
-    center, scale = x.mean(axis=0), x.std(axis=0)
-    scale[scale == 0] = 1.0
-    xs = (x - center) / scale
-    model = _model(C).fit(xs, y)
-    fitted = {
-        "transcripts": int(len(y)),
-        "positives": int(y.sum()),
-        "train_auroc": float(roc_auc_score(y, model.decision_function(xs))),
-    }
-    folds = min(5, int(np.bincount(y).min()))
-    if folds >= 2:  # an honest figure: each transcript scored by a probe that never saw it
-        split = StratifiedKFold(folds, shuffle=True, random_state=0)
-        held = cross_val_predict(_model(C), xs, y, cv=split, method="decision_function")
-        fitted["cv_auroc"] = float(roc_auc_score(y, held))
-    return Probe(
-        tag=tag,
-        sae_version=sae_version,
-        feature_ids=[int(f) for f in feature_ids],
-        center=center.tolist(),
-        scale=scale.tolist(),
-        coef=model.coef_[0].tolist(),
-        intercept=float(model.intercept_[0]),
-        fitted_on=fitted,
-    )
 
 
 def group_scores(
     pooled: PooledFeatures, feature_ids: list[int], pooling: str, probe: Probe | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(score per transcript, contribution per transcript and group feature)."""
+    """(score per transcript, per transcript and group feature: its contribution to the
+    score, or for a residual probe its max-pooled activation)."""
     if pooling not in POOLINGS:
         raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     k = len(feature_ids)
@@ -137,17 +59,21 @@ def group_scores(
         return values.mean(axis=1), values / k
     if probe is None:
         raise ConfigError("probe pooling needs a fitted probe (featurewatch score --fit)")
+    if probe.family != "sae_group":
+        scores, _ = probe_terms(probe, pooled)
+        shown = pooled.max[:, feature_ids] if pooled.max.shape[1] else torch.zeros(len(scores), k)
+        return scores, shown.numpy().astype(np.float64)
     if sorted(probe.feature_ids) != sorted(feature_ids):
         raise ConfigError(
             f"the probe for {probe.tag!r} was fitted on features {probe.feature_ids}, but the "
             f"tag now holds {feature_ids}: fit it again (featurewatch score --fit)"
         )
-    ids = probe.feature_ids
-    xs = (probe_inputs(pooled, ids) - np.asarray(probe.center)) / np.asarray(probe.scale)
-    terms = xs * np.asarray(probe.coef)
-    logits = terms.sum(axis=1) + probe.intercept
-    # A feature's contribution: its two inputs' terms (max- and mean-pooled) together.
-    return 1 / (1 + np.exp(-logits)), terms[:, : len(ids)] + terms[:, len(ids) :]
+    scores, terms = probe_terms(probe, pooled)
+    n = len(probe.feature_ids)
+    # A feature's contribution: its two inputs' terms (max- and mean-pooled) together,
+    # in the group's order.
+    by_feature = dict(zip(probe.feature_ids, (terms[:, :n] + terms[:, n:]).T, strict=True))
+    return scores, np.stack([by_feature[f] for f in feature_ids], axis=1)
 
 
 def score_rows(
@@ -159,27 +85,33 @@ def score_rows(
     *,
     pooling: str,
     top: int = 5,
+    probe: Probe | None = None,
 ) -> list[dict]:
-    """One output row per transcript, in input order: id, score, top contributing features."""
+    """One output row per transcript, in input order: id, score, the probe that gave it,
+    and the group's top features (by contribution, or by activation for a residual probe)."""
+    key = "activation" if probe is not None and probe.family != "sae_group" else "contribution"
     rows = []
     for i, transcript in enumerate(transcripts):
         best = np.argsort(-contributions[i], kind="stable")[:top]
-        rows.append(
+        row = {"id": transcript.id, "score": round(float(scores[i]), 6), "pooling": pooling}
+        if probe is not None:
+            row["probe"] = probe.describe()
+        row["top_features"] = [
             {
-                "id": transcript.id,
-                "score": round(float(scores[i]), 6),
-                "pooling": pooling,
-                "top_features": [
-                    {
-                        "feature_id": feature_ids[j],
-                        "label": labels.get(feature_ids[j]),
-                        "contribution": round(float(contributions[i, j]), 6),
-                    }
-                    for j in best
-                ],
+                "feature_id": feature_ids[j],
+                "label": labels.get(feature_ids[j]),
+                key: round(float(contributions[i, j]), 6),
             }
-        )
+            for j in best
+        ]
+        rows.append(row)
     return rows
+
+
+def transcript_domains(transcripts) -> list[str] | None:
+    """The domain of every transcript (its `domain` key), or None unless all have one."""
+    domains = [t.extra.get("domain") for t in transcripts]
+    return domains if all(isinstance(d, str) for d in domains) else None
 
 
 def score_job(
@@ -192,12 +124,18 @@ def score_job(
     pooling: str | None = None,
     sae_version: str | None = None,
     fit: bool = False,
+    family: str = "auto",
+    source: str | None = None,
     top: int = 5,
     progress: bool = False,
 ) -> dict | list[dict]:
     """Score transcripts (a list of output rows), or with `fit` fit and store the tag's
-    probe on labelled transcripts (a summary)."""
+    probe on labelled transcripts (a summary). A fit also stores the tag's sae_group
+    probe, which live scoring from the lake reads; `source` (where the transcripts came
+    from) is recorded so that a refreshed SAE's probe can be fitted again."""
 
+    if family not in FAMILY_CHOICES:
+        raise ConfigError(f"--family must be one of {', '.join(FAMILY_CHOICES)}, got {family!r}")
     choice = registered_sae(cfg, catalog, sae_version)
     ids = FeatureRegistry(catalog).group_ids(choice.version, tag, features)
     if fit and tag is None:
@@ -209,16 +147,38 @@ def score_job(
             f"no probe is fitted for tag {tag!r} on SAE {choice.version}: run "
             "featurewatch score --fit with labelled transcripts first"
         )
+    if fit and family != "sae_group":
+        layers = candidate_layers(model_depth(cfg), choice.layer)
+    else:
+        layers = probe.layers if pooling == "probe" and probe.family != "sae_group" else []
     sae = load(choice.path)
-    pooled = encode_transcripts(cfg, choice, sae, transcripts, progress=progress)
+    pooled = encode_transcripts(
+        cfg, choice, sae, transcripts, residual_layers=tuple(layers), progress=progress
+    )
     if fit:
-        labels = [t.label for t in transcripts]
-        probe = fit_probe(pooled, labels, ids, tag=tag, sae_version=choice.version)
+        labels, domains = [t.label for t in transcripts], transcript_domains(transcripts)
+        fitted = dict(
+            tag=tag, sae_version=choice.version, groups=domains, site=choice.site, source=source
+        )
+        probe = fit_probe(pooled, labels, family=family, layers=layers, feature_ids=ids, **fitted)
         path = probe.save(choice.path)
-        return {"tag": tag, "sae_version": choice.version, "path": str(path), **probe.fitted_on}
+        summary = {"tag": tag, "path": str(path), **probe.describe(), **probe.fitted_on}
+        if probe.family != "sae_group":
+            group = fit_probe(pooled, labels, family="sae_group", feature_ids=ids, **fitted)
+            group.save(choice.path, default=False)
+            summary["sae_group_cv_auroc"] = group.fitted_on.get("cv_auroc")
+        return summary
     scores, contributions = group_scores(pooled, ids, pooling, probe)
     labels = feature_labels(catalog, choice.version)
-    return score_rows(transcripts, scores, contributions, ids, labels, pooling=pooling, top=top)
+    return score_rows(
+        transcripts, scores, contributions, ids, labels, pooling=pooling, top=top,
+        probe=probe if pooling == "probe" else None,
+    )  # fmt: skip
+
+
+def model_depth(cfg) -> int:
+    """The configured model's number of decoder layers."""
+    return model_dims(resolve_model_path(cfg.model.path, cfg.models_dir))[1]
 
 
 def evaluate_model(
@@ -241,9 +201,11 @@ def evaluate_model(
     ids = FeatureRegistry(catalog).group_ids(choice.version, tag)
     probe = load_probe(choice.path, tag)
     pooling = pooling or ("probe" if probe else "max")
+    probe = probe if pooling == "probe" else None
     sae = load(choice.path)
     pooled, answers = answer_and_encode(
         cfg, catalog, ref, prompts, choice, sae, max_new_tokens=max_new_tokens,
+        residual_layers=tuple(probe.layers) if probe and probe.family != "sae_group" else (),
         progress=progress,
     )  # fmt: skip
     scores, _ = group_scores(pooled, ids, pooling, probe)
@@ -252,6 +214,7 @@ def evaluate_model(
         "sae_version": choice.version,
         "tag": tag,
         "pooling": pooling,
+        **({"probe": probe.describe()} if probe else {}),
         "prompts": len(prompts),
         "mean_score": float(scores.mean()),
         "scores": [round(float(x), 6) for x in scores],
@@ -387,7 +350,7 @@ def live_model_score(
 
     choice = registered_sae(cfg, catalog, sae_version)
     ids = FeatureRegistry(catalog).group_ids(choice.version, tag)
-    probe = load_probe(choice.path, tag)
+    probe = load_probe(choice.path, tag, family="sae_group")  # the lake keeps features only
     pooling = pooling or ("probe" if probe else "max")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_path, cfg.models_dir))
     report = live_scores(
@@ -396,3 +359,71 @@ def live_model_score(
         pooling=pooling, probe=probe if pooling == "probe" else None,
     )  # fmt: skip
     return {"sae_version": choice.version, "tag": tag, **report}
+
+
+def score_threshold(
+    cfg,
+    catalog,
+    *,
+    tag: str,
+    fpr: float,
+    reference: str,
+    sae_version: str | None = None,
+    family: str | None = None,
+    progress: bool = False,
+) -> dict:
+    """The score of the tag's probe (the default, or the one of `family`) that flags
+    `fpr` of the benign `reference` transcripts (a file or bundled:NAME), recorded in the
+    probe file under `fpr=F@REFERENCE` so that policies and gates reuse it. A recorded
+    conversion is returned as it is; refitting the probe clears them."""
+
+    choice = registered_sae(cfg, catalog, sae_version)
+    probe = load_probe(choice.path, tag, family)
+    if probe is None:
+        raise ConfigError(
+            f"no {family or 'default'} probe is fitted for tag {tag!r} on SAE {choice.version}:"
+            " run featurewatch score --fit with labelled transcripts first"
+        )
+    key = f"fpr={fpr}@{reference}"
+    if key in probe.thresholds:
+        return {"tag": tag, "probe": probe.describe(), **probe.thresholds[key]}
+    transcripts = read_transcripts(reference)
+    ids = FeatureRegistry(catalog).group_ids(choice.version, tag)
+    layers = tuple(probe.layers) if probe.family != "sae_group" else ()
+    sae = load(choice.path)
+    pooled = encode_transcripts(
+        cfg, choice, sae, transcripts, residual_layers=layers, progress=progress
+    )
+    scores, _ = group_scores(pooled, ids, "probe", probe)
+    found = {
+        **threshold_at_fpr(scores, fpr),
+        "reference": reference,
+        "computed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    probe.thresholds[key] = found
+    default = load_probe(choice.path, tag)
+    probe.save(choice.path, default=default is not None and default.family == probe.family)
+    return {"tag": tag, "probe": probe.describe(), **found}
+
+
+# A refreshed SAE's group probe may be this much worse (cross-validated AUROC) than the
+# parent's before the refresh is refused: the tag would otherwise detect less than it did.
+MAX_PROBE_AUROC_LOSS = 0.02
+
+
+def refit_group_probe(cfg, probe: Probe, child: SAEChoice) -> Probe:
+    """A group probe fitted again, on the child SAE's features of the transcripts the
+    parent's was fitted on (the same tag group: a refreshed child keeps feature ids)."""
+    source = probe.fitted_on.get("source")
+    if not source or source == "-":
+        raise ConfigError(
+            f"the {probe.tag!r} probe does not name the file it was fitted on, so it cannot "
+            "be refitted on a refreshed SAE: fit it from a file (featurewatch score --fit FILE)"
+        )
+    transcripts = read_transcripts(source, require_label=True)
+    pooled = encode_transcripts(cfg, child, load(child.path), transcripts)
+    return fit_probe(
+        pooled, [t.label for t in transcripts], tag=probe.tag, sae_version=child.version,
+        family="sae_group", feature_ids=probe.feature_ids,
+        groups=transcript_domains(transcripts), site=child.site, source=source,
+    )  # fmt: skip

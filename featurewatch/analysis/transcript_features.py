@@ -2,14 +2,16 @@
 
 Each transcript is tokenized as the model would see it while answering: the chat
 template up to the generation prompt, then the response's own tokens. One forward pass
-(stopped at the monitored layer) gives the residual stream; only the response positions
-are encoded, and each feature is pooled over them by max and by mean. Attention-sink
-positions (norms far above the median, left out of SAE training too) are skipped.
+(stopped at the deepest layer asked for) gives the residual stream; only the response
+positions are encoded, and each feature is pooled over them by max and by mean.
+Attention-sink positions (norms far above the median, left out of SAE training too) are
+skipped. The raw residual stream can be pooled too (mean over the same response
+positions, at any layers): what the residual probe families read (analysis/probes.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -27,6 +29,8 @@ class PooledFeatures:
     max: torch.Tensor  # [n, d_sae] float32: the strongest activation on any response token
     mean: torch.Tensor  # [n, d_sae] float32: the mean over response tokens
     tokens: list[int]  # response tokens encoded per transcript
+    # layer -> [n, d_model] float32: the raw residual stream's mean over response tokens
+    residual: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def pooled(self, how: str) -> torch.Tensor:
         if how not in ("max", "mean"):
@@ -54,19 +58,22 @@ def pooled_features(
     *,
     layer: int,
     site: str,
+    residual_layers: tuple[int, ...] = (),
     batch_size: int = 8,
     progress: bool = False,
 ) -> PooledFeatures:
-    """Encode the response tokens of every transcript and pool each feature over them."""
+    """Encode the response tokens of every transcript and pool each feature over them
+    (no SAE: `sae` None), and pool the residual stream at `residual_layers`."""
     encoded = [token_ids(tokenizer, t) for t in transcripts]
     # Similar lengths together: less padding. Results go back to input order.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    n, d_sae = len(transcripts), sae.d_sae
+    n, d_sae = len(transcripts), sae.d_sae if sae is not None else 0
     pooled_max = torch.zeros(n, d_sae)
     pooled_mean = torch.zeros(n, d_sae)
+    residual = {at: torch.zeros(n, model.config.hidden_size) for at in residual_layers}
     tokens = [0] * n
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    recorder = SiteRecorder(model, layer, site)
+    recorder = SiteRecorder(model, layer, site, tuple(residual_layers))
     bar = tqdm(total=n, unit="transcript", desc="encode", disable=not progress)
     try:
         for start in range(0, n, batch_size):
@@ -81,14 +88,23 @@ def pooled_features(
             hidden = recorder.run(model, input_ids, mask)  # right padding: causal, unaffected
             for r, i in enumerate(rows):
                 ids, first = encoded[i]
-                h = hidden[r, first : len(ids)]
-                typical = typical_rows(h)
-                h = h[typical] if typical.any() else h
-                z = sae.encode(h.to(sae.dtype)).float()
-                pooled_max[i], pooled_mean[i] = z.max(dim=0).values, z.mean(dim=0)
+                h = _typical(hidden[r, first : len(ids)])
                 tokens[i] = len(h)
+                for at in residual_layers:
+                    residual[at][i] = (
+                        _typical(recorder.outputs[at][r, first : len(ids)]).float().mean(0)
+                    )
+                if sae is not None:
+                    z = sae.encode(h.to(sae.dtype)).float()
+                    pooled_max[i], pooled_mean[i] = z.max(dim=0).values, z.mean(dim=0)
             bar.update(len(rows))
     finally:
         bar.close()
         recorder.remove()
-    return PooledFeatures(pooled_max, pooled_mean, tokens)
+    return PooledFeatures(pooled_max, pooled_mean, tokens, residual)
+
+
+def _typical(h: torch.Tensor) -> torch.Tensor:
+    """The response rows without attention sinks (all of them when every row is one)."""
+    typical = typical_rows(h)
+    return h[typical] if typical.any() else h

@@ -163,22 +163,39 @@ class StopForward(Exception):
 
 
 class SiteRecorder:
-    """Forward hook that keeps the output of one (layer, site) and ends the forward."""
+    """Forward hooks that keep the output of (layer, site), and of `more_layers` at the
+    same site, and end the forward after the deepest of them."""
 
-    def __init__(self, model, layer: int, site: str):
-        self.output: torch.Tensor | None = None
-        module = site_module(find_decoder_layers(model)[layer], site)
-        self._handle = module.register_forward_hook(self._hook)
+    def __init__(self, model, layer: int, site: str, more_layers: tuple[int, ...] = ()):
+        self.layer = layer
+        self.outputs: dict[int, torch.Tensor] = {}
+        layers = sorted({layer, *more_layers})
+        blocks = find_decoder_layers(model)
+        self._deepest = layers[-1]
+        self._handles = [
+            site_module(blocks[at], site).register_forward_hook(self._hook_for(at)) for at in layers
+        ]
 
-    def _hook(self, module, inputs, output):
-        self.output = (output[0] if isinstance(output, tuple) else output).detach()
-        raise StopForward
+    def _hook_for(self, layer: int):
+        def hook(module, inputs, output):
+            self.outputs[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+            if layer == self._deepest:
+                raise StopForward
+
+        return hook
+
+    @property
+    def output(self) -> torch.Tensor | None:
+        return self.outputs.get(self.layer)
 
     def run(self, model, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The output at `layer` (every recorded layer's is in `outputs`)."""
+        self.outputs = {}
         with contextlib.suppress(StopForward):
             model(input_ids=input_ids, attention_mask=mask, use_cache=False)
         assert self.output is not None
         return self.output
 
     def remove(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()

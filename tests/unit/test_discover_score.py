@@ -162,23 +162,63 @@ def test_fit_probe_then_score_with_it(planted):
                 enumerate(FOX)] + [{"id": f"n{i}", "prompt": "Q?", "response": r, "label": 0}
                 for i, r in enumerate(OTHER)]  # fmt: skip
     train = _jsonl(planted["root"] / "train.jsonl", labelled)
+    probes = planted["home"] / "saes/planted/probes"
+    # The default family reads the residual stream, at layers chosen by cross-validation.
     result = cli(planted, "score", str(train), "--tag", "misalignment", "--fit")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["transcripts"] == 12 and summary["positives"] == 6
-    assert summary["train_auroc"] == 1.0 and summary["cv_auroc"] == 1.0
-    probe = json.loads((planted["home"] / "saes/planted/probes/misalignment.json").read_text())
-    assert probe["feature_ids"] == [PLANTED]
-    result = cli(planted, "score", str(planted["pos"]), "--tag", "misalignment")
-    pos = [json.loads(line) for line in result.stdout.splitlines()]
-    result = cli(planted, "score", str(planted["neg"]), "--tag", "misalignment")
-    neg = [json.loads(line) for line in result.stdout.splitlines()]
+    assert summary["family"] in ("residual", "multilayer") and summary["layers"]
+    assert summary["cv"] == "5-fold" and summary["cv_auroc"] > 0.9
+    assert summary["sae_group_cv_auroc"] == 1.0  # the group probe is fitted beside it
+    stored = json.loads((probes / "misalignment.json").read_text())
+    assert (stored["family"], stored["feature_ids"]) == (summary["family"], [PLANTED])
+    assert json.loads((probes / "misalignment.sae_group.json").read_text())["feature_ids"] == [
+        PLANTED
+    ]
+    pos, neg = _scores(planted, planted["pos"]), _scores(planted, planted["neg"])
     assert {r["pooling"] for r in pos + neg} == {"probe"}
+    assert {r["probe"]["family"] for r in pos} == {summary["family"]}
     assert min(r["score"] for r in pos) > 0.5 > max(r["score"] for r in neg)
-    # The group changes: the stored probe no longer fits and says so.
+    top = pos[0]["top_features"][0]  # the group's features are shown by their activation
+    assert top["feature_id"] == PLANTED and set(top) == {"feature_id", "label", "activation"}
+
+    # The threshold for a false-positive rate on a reference set, recorded in the probe.
+    result = cli(planted, "threshold", "--tag", "misalignment", "--fpr", "0.2",
+                 "--reference", str(planted["neg"]))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout[result.stdout.index("{") :])
+    assert found["reference_transcripts"] == 6 and found["measured_fpr"] <= 0.2
+    # One of the six is flagged, not two (scores print rounded to 6 places).
+    second, first = sorted(r["score"] for r in neg)[-2:]
+    assert second < found["score"] + 1e-6 and first >= found["score"] - 1e-6
+    assert min(r["score"] for r in pos) >= found["score"]
+    recorded = json.loads((probes / "misalignment.json").read_text())["thresholds"]
+    assert recorded[f"fpr=0.2@{planted['neg']}"]["score"] == found["score"]
+    result = cli(planted, "threshold", "--tag", "misalignment", "--fpr", "0.01",
+                 "--reference", str(planted["neg"]))  # fmt: skip
+    assert result.exit_code == 1 and "cannot resolve a false-positive rate" in result.output
+
+    # The group family on request; it holds the group's ids, so a changed group refuses it.
+    result = cli(planted, "score", str(train), "--tag", "misalignment", "--fit",
+                 "--family", "sae_group")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout[result.stdout.index("{") :])["cv_auroc"] == 1.0
+    pos, neg = _scores(planted, planted["pos"]), _scores(planted, planted["neg"])
+    assert min(r["score"] for r in pos) > 0.5 > max(r["score"] for r in neg)
+    assert pos[0]["probe"] == {"family": "sae_group", "sae_version": "planted",
+                               "features": [PLANTED], "cv_auroc": 1.0}  # fmt: skip
     _tag(planted, [PLANTED, 9])
     result = cli(planted, "score", str(planted["pos"]), "--tag", "misalignment")
     assert result.exit_code == 1 and "fit it again" in result.output
+    result = cli(planted, "score", str(train), "--tag", "misalignment", "--fit", "--family", "x")
+    assert result.exit_code == 2 and "--family must be one of" in result.output
+
+
+def _scores(planted, path):
+    result = cli(planted, "score", str(path), "--tag", "misalignment")
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 def test_bad_input_is_named(planted):
@@ -252,3 +292,45 @@ def _tag(planted, ids):
         from featurewatch.storage.registry import FeatureRegistry
 
         FeatureRegistry(cat).tag("planted", ids, ["misalignment"], actor="test")
+
+
+def test_a_refreshed_sae_gets_its_probes_refitted_not_copied(planted):
+    """What the refresh job does with the parent's probes (without the training): a
+    child that keeps the planted feature keeps the group probe's AUROC; a child that
+    lost it is refused; a residual probe goes over as it is."""
+    from featurewatch.config import load_config
+    from featurewatch.platform.jobs.refresh_sae import carry_probes
+    from featurewatch.sae import load
+    from featurewatch.storage.sae_store import SAEChoice
+
+    _tag(planted, [PLANTED])
+    labelled = [{"id": f"p{i}", "prompt": "Q?", "response": r, "label": 1, "domain": "fox"}
+                for i, r in enumerate(FOX)] + [{"id": f"n{i}", "prompt": "Q?", "response": r,
+                "label": 0, "domain": "other"} for i, r in enumerate(OTHER)]  # fmt: skip
+    train = _jsonl(planted["root"] / "refit.jsonl", labelled)
+    for family in ("auto", "sae_group"):  # the default is the group probe, last fitted
+        result = cli(planted, "score", str(train), "--tag", "misalignment", "--fit",
+                     "--family", family)  # fmt: skip
+        assert result.exit_code == 0, result.output
+    cfg = load_config(planted["config"])
+    parent = SAEChoice("planted", planted["home"] / "saes" / "planted", LAYER, "resid_post")
+    sae = load(parent.path)
+    same = planted["root"] / "child-same"
+    sae.save(same)
+    held, lines = carry_probes(cfg, parent, SAEChoice("child-same", same, LAYER, "resid_post"))
+    assert held, lines
+    assert any("sae_group probe refitted: cross-validated AUROC 1.0 -> 1.0" in x for x in lines)
+    assert any("probe copied" in x for x in lines)
+    refitted = json.loads((same / "probes" / "misalignment.json").read_text())
+    assert (refitted["family"], refitted["sae_version"]) == ("sae_group", "child-same")
+    assert refitted["fitted_on"]["source"] == str(train)
+    copied = json.loads(next((same / "probes").glob("misalignment.*l*.json")).read_text())
+    assert copied["family"] != "sae_group" and copied["sae_version"] == "child-same"
+
+    lost = planted["root"] / "child-lost"
+    with torch.no_grad():  # the planted feature now reads a random direction
+        sae.W_enc[:, PLANTED] = torch.randn(sae.d_in) / sae.d_in**0.5
+    sae.save(lost)
+    held, lines = carry_probes(cfg, parent, SAEChoice("child-lost", lost, LAYER, "resid_post"))
+    assert not held, lines
+    assert any("sae_group probe refitted: cross-validated AUROC 1.0 -> 0." in x for x in lines)

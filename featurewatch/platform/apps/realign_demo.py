@@ -283,7 +283,7 @@ def _check_ready(cfg: FeaturewatchConfig, catalog, tag: str):
         raise ConfigError(f"{err}: {how}") from None
     if not FeatureRegistry(catalog).ids_with_tag(choice.version, tag):
         raise ConfigError(f"no feature of SAE {choice.version} is tagged {tag!r}: {how}")
-    if load_probe(choice.path, tag) is None:
+    if load_probe(choice.path, tag, family="sae_group") is None:
         raise ConfigError(f"no {tag!r} probe is fitted on SAE {choice.version}: {how}")
     return choice
 

@@ -67,6 +67,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Score transcripts with a tag group: one JSON line per input, in input order, "
         "with `id`, `score` and the top contributing features.",
     ),
+    "threshold": (
+        "features",
+        "commands",
+        "The probe score that flags a given false-positive rate of benign transcripts, "
+        "recorded with the probe for policies and gates.",
+    ),
     "policy": ("control", "policy", "Trigger policies (YAML): validate and run them."),
     "approve": (
         "control",

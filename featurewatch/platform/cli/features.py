@@ -4,13 +4,15 @@ with a tag group: `evaluate` (a model version on prompts) and `score` (transcrip
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import pyarrow as pa
 import typer
 
 from featurewatch.analysis.discover import discover_contrast, discover_diff
-from featurewatch.analysis.scoring import POOLINGS, evaluate_model, score_job
+from featurewatch.analysis.probes import FAMILIES, FAMILY_CHOICES
+from featurewatch.analysis.scoring import POOLINGS, evaluate_model, score_job, score_threshold
 from featurewatch.analysis.transcripts import read_prompts, read_transcripts
 from featurewatch.platform.cli.common import (
     ConfigOpt,
@@ -267,6 +269,13 @@ def score(
     fit: Annotated[
         bool, typer.Option(help="Fit the tag's probe on labelled lines and store it instead.")
     ] = False,
+    family: Annotated[
+        str,
+        typer.Option(
+            help="With --fit: the probe family, auto (residual or multilayer, chosen by "
+            "domain-grouped cross-validation), residual, multilayer or sae_group."
+        ),
+    ] = "auto",
     sae_version: SaeVersionOpt = None,
     top_features: Annotated[int, typer.Option(min=0, max=100)] = 5,
     on_error: OnErrorOpt = "refuse",
@@ -277,6 +286,7 @@ def score(
     `id`, `score` and the top contributing features. --fit fits the probe instead."""
     if pool is not None:
         check_choice(pool, "--pool", POOLINGS)
+    check_choice(family, "--family", FAMILY_CHOICES)
     check_choice(on_error, "--on-error", ("skip", "refuse"))
     with open_catalog(config, home) as catalog:
         cfg = cli_config(config, home)
@@ -290,6 +300,10 @@ def score(
             pooling=pool,
             sae_version=sae_version,
             fit=fit,
+            family=family,
+            source=file
+            if file == "-" or file.startswith("bundled:")
+            else str(Path(file).resolve()),
             top=top_features,
             progress=True,
         )
@@ -298,3 +312,32 @@ def score(
         return
     for row in result:
         typer.echo(json.dumps(row))
+
+
+@commands.command()
+def threshold(
+    tag: Annotated[str, typer.Option(help="The tag whose probe is converted.")],
+    fpr: Annotated[
+        float, typer.Option(min=0.0001, max=0.5, help="The false-positive rate, e.g. 0.01.")
+    ],
+    reference: Annotated[
+        str, typer.Option(help="Benign transcripts: JSONL, '-' or bundled:NAME.")
+    ] = "bundled:safe",
+    family: Annotated[
+        str | None, typer.Option(help="A family's probe instead of the tag's default.")
+    ] = None,
+    sae_version: SaeVersionOpt = None,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """The probe score that flags a given false-positive rate of benign transcripts,
+    recorded with the probe for policies and gates."""
+    if family is not None:
+        check_choice(family, "--family", FAMILIES)
+    with open_catalog(config, home) as catalog:
+        cfg = cli_config(config, home)
+        result = score_threshold(
+            cfg, catalog, tag=tag, fpr=fpr, reference=reference, sae_version=sae_version,
+            family=family, progress=True,
+        )  # fmt: skip
+    print_json(result)

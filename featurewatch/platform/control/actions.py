@@ -22,7 +22,7 @@ from featurewatch.actors.serving import (
     steers_for,
     stop_canary,
 )
-from featurewatch.analysis.scoring import evaluate_model, live_model_score
+from featurewatch.analysis.scoring import evaluate_model, live_model_score, score_threshold
 from featurewatch.analysis.transcripts import read_prompts, read_transcripts
 from featurewatch.platform.jobs.finetune import FinetuneSettings, run_finetune
 from featurewatch.platform.jobs.refresh_sae import refresh_sae
@@ -150,13 +150,14 @@ def realign_handler(cfg, on_event=None, around_finetune=None):
                 cfg, catalog, str(result.path), read_prompts(action["eval_prompts"]), tag=tag,
                 sae_version=sae_version,
             )  # fmt: skip
-        score, bar = report["mean_score"], action["score_bar"]
+            bar, bar_text = score_bar(cfg, catalog, action["score_bar"], tag, sae_version)
+        score = report["mean_score"]
         judged = (
             f"candidate {candidate} (fine-tuned {result.steps} steps, loss "
             f"{result.first_loss:.3f} to {result.last_loss:.3f}) scored {score:.4f} on "
-            f"{report['prompts']} prompts ({report['pooling']} of tag {tag}), bar {bar}"
+            f"{report['prompts']} prompts ({report['pooling']} of tag {tag}), bar {bar_text}"
         )
-        tell(f"{candidate} scored {score:.4f} offline (bar {bar})")
+        tell(f"{candidate} scored {score:.4f} offline (bar {bar_text})")
         if score >= bar:
             raise RuntimeError(f"{judged}: rolled back, {base_version} keeps serving")
         # Live traffic is about to carry its version: the catalog's writer registers it.
@@ -167,9 +168,14 @@ def realign_handler(cfg, on_event=None, around_finetune=None):
             ),
         )
         live = run_canary(cfg, action, result.path, candidate, tag, sae_version, tell)
+        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
+            # Live scores come from the lake's features: the group probe's own bar.
+            bar, bar_text = score_bar(
+                cfg, catalog, action["score_bar"], tag, sae_version, family="sae_group"
+            )
         judged += (
             f"; as a canary on {action['canary_share']:.0%} of traffic it scored "
-            f"{live['mean_score']:.4f} on {live['requests']} live requests"
+            f"{live['mean_score']:.4f} on {live['requests']} live requests, bar {bar_text}"
         )
         if live["mean_score"] >= bar:
             raise RuntimeError(f"{judged}: rolled back, {base_version} keeps serving")
@@ -177,6 +183,23 @@ def realign_handler(cfg, on_event=None, around_finetune=None):
         return f"{judged}: promoted, serving {served['version']}"
 
     return realign
+
+
+def score_bar(
+    cfg, catalog, bar, tag: str, sae_version, family: str | None = None
+) -> tuple[float, str]:
+    """(the bar as a score, how it reads in the audit): a probability as it is, or
+    {fpr, reference} converted with the tag's probe (recorded with the probe)."""
+    if not isinstance(bar, dict):
+        return float(bar), f"{bar}"
+    found = score_threshold(
+        cfg, catalog, tag=tag, fpr=bar["fpr"], reference=bar["reference"],
+        sae_version=sae_version, family=family,
+    )  # fmt: skip
+    return found["score"], (
+        f"{found['score']:.4f} (flags {bar['fpr']:.1%} of {bar['reference']} with the "
+        f"{found['probe']['family']} probe)"
+    )
 
 
 def run_canary(cfg, action: dict, path, candidate: str, tag: str, sae_version, tell) -> dict:

@@ -17,7 +17,7 @@ A policy file is YAML validated by pydantic; every error names its field, e.g.
         actions:
           - {type: alert, url: "http://alerts.internal/hook"}
           - {type: steer, scale: 4.0}
-          - {type: realign, score_bar: 0.3}
+          - {type: realign, score_bar: 0.3}   # or {fpr: 0.01, reference: bundled:safe}
         cooldown: 6h
         approval: automatic          # or manual: wait for `featurewatch approve ID`
         dry_run: false
@@ -95,9 +95,23 @@ class RefreshSAEAction(_Strict):
     epochs: int = Field(3, ge=1, le=100, description="Passes of the child over that data.")
 
 
+class FprBar(_Strict):
+    """A score bar given as a false-positive rate on benign reference transcripts:
+    the probe score that flags that share of them (`featurewatch threshold`), converted
+    when the action runs and recorded with the probe and in the audit."""
+
+    fpr: float = Field(gt=0, le=0.5, description="The share of the reference set flagged.")
+    reference: str = Field(
+        "bundled:safe", min_length=1, description="Benign transcripts: JSONL or bundled:NAME."
+    )
+
+
 class RealignAction(_Strict):
     type: Literal["realign"]
-    score_bar: float = Field(gt=0, lt=1, description="Canary's misalignment score must fall below.")
+    score_bar: Annotated[float, Field(gt=0, lt=1)] | FprBar = Field(
+        description="Canary's misalignment score must fall below: a probability, or "
+        "{fpr, reference} for the score that flags that rate of benign transcripts."
+    )
     canary_share: float = Field(0.2, gt=0, le=0.5, description="Traffic share of the canary.")
     canary_requests: int = Field(
         20, ge=1, le=100_000, description="Live canary answers scored before the verdict."

@@ -10,9 +10,14 @@ traffic (or the served model) drifts. The refresh job:
 3. trains a child from the parent's weights on the rest (a Ray Train job, the parent's
    architecture and size, a few epochs), so the child's feature ids keep their meaning;
 4. keeps the child only if its FVU on the held-out segments is not worse than the
-   parent's, and then hands it to the catalog's writer as a registration request
-   (`storage/inbox.py`) that takes over the parent's labels, tags and probes; the
-   pipeline applies it between rounds and encodes with the child from then on.
+   parent's;
+5. fits the parent's tag probes again: a group probe reads feature values, so it is
+   refitted on the child's activations of the transcripts it was fitted on, and the
+   child is kept only if the refitted probe's cross-validated AUROC is within 0.02 of
+   the parent's (a residual probe reads the model, not the SAE, and goes over as it is);
+6. hands the child to the catalog's writer as a registration request
+   (`storage/inbox.py`) that takes over the parent's labels and tags; the pipeline
+   applies it between rounds and encodes with the child from then on.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,6 +34,8 @@ import torch
 
 from featurewatch.actors.pipeline import segments_dataset
 from featurewatch.actors.runtime import init_ray
+from featurewatch.analysis.probes import load_probe
+from featurewatch.analysis.scoring import MAX_PROBE_AUROC_LOSS, refit_group_probe
 from featurewatch.config import FeaturewatchConfig
 from featurewatch.errors import ConfigError
 from featurewatch.platform.jobs.sae_jobs import segment_vectors
@@ -37,7 +44,7 @@ from featurewatch.sae import load
 from featurewatch.sae.train import evaluate
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.inbox import SAERegistration, submit
-from featurewatch.storage.sae_store import registered_sae
+from featurewatch.storage.sae_store import SAEChoice, registered_sae
 from featurewatch.storage.spool import spool_segments
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,8 @@ class RefreshResult:
     child_fvu: float | None = None
     kept: bool = False  # the child was handed to the pipeline
     decoder_cosine: float | None = None  # mean, child's decoder rows vs the parent's
+    probes: list[str] = field(default_factory=list)  # what became of each tag probe
+    probes_held: bool = True  # every refitted probe is within reach of the parent's
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -66,11 +75,17 @@ class RefreshResult:
         )
         if not self.refreshed:
             return f"{fresh}: the dictionary is fresh, not refreshed"
-        verdict = "kept: registration requested" if self.kept else "worse: discarded"
+        if self.kept:
+            verdict = "kept: registration requested"
+        elif not self.probes_held:
+            verdict = "its probes detect less: discarded, the parent stays"
+        else:
+            verdict = "worse: discarded"
+        probes = f"; probes: {'; '.join(self.probes)}" if self.probes else ""
         return (
             f"{fresh}; child {self.child} trained on {self.train_segments} segments scored FVU "
-            f"{self.child_fvu:.4f} (decoder cosine to the parent {self.decoder_cosine:.3f}): "
-            f"{verdict}"
+            f"{self.child_fvu:.4f} (decoder cosine to the parent {self.decoder_cosine:.3f})"
+            f"{probes}: {verdict}"
         )
 
 
@@ -162,11 +177,14 @@ def refresh_sae(
     child_fvu, keep = judge(parent_fvu, trained.sae, held_out)
     result.refreshed, result.child, result.child_fvu, result.kept = True, version, child_fvu, keep
     result.decoder_cosine = decoder_cosine(parent, trained.sae)
+    if keep:
+        child_choice = SAEChoice(version, trained.path, layer, site)
+        result.probes_held, result.probes = carry_probes(cfg, choice, child_choice)
+        result.kept = keep = result.probes_held
     if not keep:
         shutil.rmtree(trained.path, ignore_errors=True)  # never registered, never served
         result.seconds = time.time() - started
         return result
-    _copy_probes(choice.path, trained.path)
     metrics = {**trained.metrics, "fvu_fresh": child_fvu, "parent_fvu_fresh": parent_fvu}
     metrics["decoder_cosine_to_parent"] = result.decoder_cosine
     submit(
@@ -184,9 +202,36 @@ def refresh_sae(
     return result
 
 
-def _copy_probes(parent_path: Path, child_path: Path) -> None:
-    """The parent's tag probes go with its features (fitted on the parent's activations:
-    refit them on the child to be exact)."""
-    probes = Path(parent_path) / "probes"
-    if probes.is_dir():
-        shutil.copytree(probes, Path(child_path) / "probes", dirs_exist_ok=True)
+def carry_probes(cfg, parent: SAEChoice, child: SAEChoice) -> tuple[bool, list[str]]:
+    """The parent's tag probes, made the child's: (whether every one held, a line each).
+    Residual probes are copied (they never read the SAE); group probes are refitted on
+    the child and must come within MAX_PROBE_AUROC_LOSS of the parent's cross-validated
+    AUROC. A probe that cannot be refitted counts as not held."""
+    folder = Path(parent.path) / "probes"
+    names = [path.stem.partition(".") for path in sorted(folder.glob("*.json"))]
+    held, lines = True, []
+    for tag in sorted({tag for tag, _, _ in names}):
+        default = load_probe(parent.path, tag)
+        families = {family for t, _, family in names if t == tag and family}
+        for family in sorted(families | ({default.family} if default else set())):
+            probe = load_probe(parent.path, tag, family)
+            as_default = default is not None and default.family == family
+            if family != "sae_group":
+                probe.sae_version = child.version
+                probe.save(child.path, default=as_default)
+                lines.append(f"{tag} {family} probe copied (it reads the model, not the SAE)")
+                continue
+            try:
+                refitted = refit_group_probe(cfg, probe, child)
+            except ConfigError as err:
+                held = False
+                lines.append(f"{tag} {family} probe not refitted: {err}")
+                continue
+            before, after = probe.fitted_on.get("cv_auroc"), refitted.fitted_on.get("cv_auroc")
+            if before is not None and (after is None or after < before - MAX_PROBE_AUROC_LOSS):
+                held = False
+            refitted.save(child.path, default=as_default)
+            lines.append(
+                f"{tag} {family} probe refitted: cross-validated AUROC {before} -> {after}"
+            )
+    return held, lines
