@@ -38,6 +38,8 @@ def test_shipped_example_and_defaults(tmp_path):
     example = load_policies(EXAMPLE).policies
     assert [p.id for p in example] == ["misalignment-rising", "stale-dictionary"]
     assert example[0].cooldown == timedelta(hours=6) and example[1].dry_run
+    bar = example[0].actions[2].score_bar
+    assert (bar.fpr, bar.reference) == (0.01, "bundled:safe")
     policy = load_policies(write(tmp_path, base())).policies[0]
     assert policy.condition.window == timedelta(hours=1)
     assert (policy.approval, policy.condition.consecutive, policy.cooldown) == (
@@ -73,6 +75,16 @@ BAD = [
     ("policies.0.actions.0.type", "reboot", "policies.0.actions.0: Input tag 'reboot'"),
     ("policies.0.actions.0", {"type": "alert", "url": "nope"}, "actions.0.alert.url"),
     ("policies.0.actions.0", {"type": "realign", "score_bar": 1.5}, "realign.score_bar"),
+    (
+        "policies.0.actions.0",
+        {"type": "realign", "score_bar": {"fpr": 0.9}},
+        "score_bar.FprBar.fpr",
+    ),
+    (
+        "policies.0.actions.0",
+        {"type": "realign", "score_bar": {"fpr": 0.01, "refrence": "bundled:safe"}},
+        "score_bar.FprBar.refrence: Extra inputs are not permitted",
+    ),
     ("policies.0.approval", "maybe", "policies.0.approval: Input should be 'automatic'"),
     ("policies.0.cooldwn", "1h", "policies.0.cooldwn: Extra inputs are not permitted"),
     ("policies.0.id", "Has Spaces", "policies.0.id: String should match"),
