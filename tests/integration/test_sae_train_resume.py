@@ -19,7 +19,7 @@ import psutil
 from featurewatch.sae import load
 from tests.integration.test_ray_pipeline import WIDTH
 
-EPOCHS, CHECKPOINT_EVERY = 200, 20
+EPOCHS, CHECKPOINT_EVERY = 80, 20
 DRIVER = textwrap.dedent(
     """
     import json, sys

@@ -363,7 +363,8 @@ def test_realign_canaries_a_candidate_under_the_bar_and_rolls_back_one_over(serv
     with live_traffic(cfg, base, sae, "sae-r") as answered:
         done = realign(action, cold)
     scored = re.search(r"scored 0.0000 on 1 prompts .* canary on 50% of traffic it scored "
-                       r"0.0000 on (\d+) live requests: promoted, serving v1-realigned-bbbb2222",
+                       r"0.0000 on (\d+) live requests, bar 0.5: promoted, serving "
+                       r"v1-realigned-bbbb2222",
                        done)  # fmt: skip
     # at least the 3 asked for; more when a slow pipeline round commits several at once
     assert scored and int(scored[1]) >= 3, done
