@@ -38,7 +38,6 @@ from featurewatch.errors import ConfigError
 
 FAMILIES = ("sae_group", "residual", "multilayer")
 FAMILY_CHOICES = ("auto", *FAMILIES)
-RESIDUAL_FAMILIES = ("residual", "multilayer")
 # Inverse regularization strengths tried, per family: standardized residual means are
 # hundreds of correlated columns, so they need much stronger regularization than the
 # few dozen columns of a feature group.
@@ -261,12 +260,9 @@ def _rounded(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 4)
 
 
-def probe_terms(probe: Probe, pooled: PooledFeatures, feature_ids: list[int] | None = None):
-    """(probability per transcript, each input column's term of the logit). A group
-    probe reads `feature_ids` in its own order when given (columns of a narrower
-    PooledFeatures, as live scoring has)."""
-    ids = probe.feature_ids if feature_ids is None else feature_ids
-    x = probe_inputs(pooled, probe.family, feature_ids=ids, layers=probe.layers)
+def probe_terms(probe: Probe, pooled: PooledFeatures):
+    """(probability per transcript, each input column's term of the logit)."""
+    x = probe_inputs(pooled, probe.family, feature_ids=probe.feature_ids, layers=probe.layers)
     if x.shape[1] != len(probe.coef):
         raise ConfigError(
             f"the {probe.family} probe for {probe.tag!r} reads {len(probe.coef)} columns but "
