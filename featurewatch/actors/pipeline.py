@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
@@ -31,7 +32,7 @@ from featurewatch.sae import load
 from featurewatch.sae.model import SparseAutoencoder
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.inbox import apply_registrations
-from featurewatch.storage.lake import write_segment
+from featurewatch.storage.lake import VERDICT_LOG, VERDICTS_SCHEMA, write_partitioned, write_segment
 from featurewatch.storage.sae_store import registered_sae, sae_folder, sae_store
 from featurewatch.storage.spool import oldest_waiting, read_segment, segment_id, waiting_segments
 
@@ -72,8 +73,8 @@ def segment_columns(path: str, model: str | None = None) -> dict[str, np.ndarray
     )
     for payload in read_segment(Path(path)):
         batch = pb.ActivationBatch.FromString(payload)
-        if model is not None and batch.model != model:
-            continue
+        if (model is not None and batch.model != model) or batch.rows == 0:
+            continue  # another model's, or verdicts only (commit_verdicts reads those)
         n = batch.rows
         vectors.append(unpack_vectors(batch))
         cols["model"] += [batch.model] * n
@@ -289,6 +290,50 @@ def encode_segments(
     return report
 
 
+def segment_verdicts(path: Path) -> pa.Table:
+    """The in-line verdicts a sealed segment holds: the `verdicts` table's columns, plus
+    `model` and the key of the batch that carried each."""
+    rows: dict[str, list] = {name: [] for name in (*VERDICTS_SCHEMA.names, "model", "batch_key")}
+    for payload in read_segment(path):
+        batch = pb.ActivationBatch.FromString(payload)
+        for v in batch.verdicts:
+            rows["ts"].append(v.ts_unix_nanos // 1000)
+            rows["model"].append(batch.model)
+            rows["model_version"].append(batch.model_version)
+            rows["replica"].append(batch.replica_id)
+            rows["engine"].append(batch.engine or None)
+            rows["segment_id"].append(segment_id(path))
+            rows["batch_key"].append(f"{batch.replica_id}/{batch.stream_epoch}/{batch.seq}")
+            for name in ("request_id", "tag", "score", "threshold", "flagged", "action",
+                         "attempt", "probe"):  # fmt: skip
+                rows[name].append(getattr(v, name))
+    rows["ts"] = pa.array(rows["ts"], pa.int64()).cast(VERDICTS_SCHEMA.field("ts").type)
+    return pa.table(rows)
+
+
+def commit_verdicts(cfg: FeaturewatchConfig, catalog: Catalog) -> int:
+    """Write the verdicts of every sealed segment not yet read for them to the lake's
+    `verdicts` table, one catalog commit per segment (exactly once, as features are; a
+    batch resent to a second collector is kept once). Needs no SAE. Returns the rows."""
+    _, todo = waiting_segments(cfg.spool_dir, VERDICT_LOG, catalog)
+    seen, written, empty = catalog.ingested_batches(VERDICT_LOG), 0, []
+    for path in todo:
+        seg, table = segment_id(path), segment_verdicts(path)
+        keys = unique_in_order(table.column("batch_key").to_numpy(zero_copy_only=False))
+        fresh = [k for k in keys if k not in seen]
+        if not fresh:
+            empty.append(seg)
+            continue
+        table = table.filter(pc.is_in(table.column("batch_key"), pa.array(fresh)))
+        files = {"verdicts": write_partitioned(catalog.lake, "verdicts", table, f"{seg}__verdicts")}
+        if catalog.commit_segment(seg, VERDICT_LOG, files, tokens=0, feature_rows=table.num_rows,
+                                  batch_keys=fresh):  # fmt: skip
+            seen.update(fresh)
+            written += table.num_rows
+    catalog.commit_empty_segments(empty, VERDICT_LOG)
+    return written
+
+
 def successor(cfg: FeaturewatchConfig, request, sae_version: str) -> bool:
     """Whether a registration just applied is a refreshed child of the SAE in use (same
     model and hook point): the pipeline then encodes with it."""
@@ -385,6 +430,10 @@ def follow_lanes(
         except Exception:  # noqa: BLE001 - the service outlives one bad round
             log.exception("applying registrations failed; retrying")
             requests = []
+        try:
+            commit_verdicts(lanes[0].cfg, catalog)  # one spool for every lane
+        except Exception:  # noqa: BLE001 - the service outlives one bad round
+            log.exception("committing verdicts failed; retrying")
         for lane, lane_metrics in zip(lanes, metrics, strict=True):
             started, report, ok = time.monotonic(), None, False
             try:
@@ -442,6 +491,7 @@ def run_pipeline(
         sae = load(choice.path)
         init_ray(cfg)
         if not follow:
+            commit_verdicts(cfg, catalog)
             return encode_segments(cfg, sae, choice.version, catalog, progress=True)
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops the service
             follow_segments(

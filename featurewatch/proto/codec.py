@@ -106,12 +106,19 @@ def validate_batch(
         expected_width = expected_width[batch.model]
     if allowed_models is not None and batch.model not in allowed_models:
         raise BatchValidationError("model", f"unknown model {batch.model!r}")
+    _validate_verdicts(batch.verdicts)
+    if batch.rows == 0 and batch.verdicts:
+        # verdicts only: no vectors and no per-row metadata
+        for name in ("data", "request_index", "token_pos", "token_id", "ts_unix_nanos"):
+            if len(getattr(batch, name)):
+                raise BatchValidationError(name, "must be empty in a batch of verdicts only")
+        return
+    if batch.rows == 0:
+        raise BatchValidationError("rows", "empty batch (rows = 0 and no verdicts)")
     if batch.dtype not in WIRE_DTYPES:
         raise BatchValidationError(
             "dtype", f"unknown dtype {batch.dtype}; expected FLOAT16, BFLOAT16 or FLOAT32"
         )
-    if batch.rows == 0:
-        raise BatchValidationError("rows", "empty batch (rows = 0)")
     if batch.width == 0:
         raise BatchValidationError("width", "must be positive")
     if expected_width is not None and batch.width != expected_width:
@@ -146,6 +153,39 @@ def validate_batch(
         )
     if not _all_finite(batch.dtype, data):
         raise BatchValidationError("data", "contains NaN or Inf values")
+
+
+VERDICT_ACTIONS = ("none", "flagged", "blocked", "regenerated", "stopped")
+# Verdicts become lake rows: bounded in number and in every string's length.
+MAX_VERDICTS = 4096
+_VERDICT_TEXT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}$")
+
+
+def _validate_verdicts(verdicts) -> None:
+    if len(verdicts) > MAX_VERDICTS:
+        raise BatchValidationError(
+            "verdicts", f"{len(verdicts)} verdicts exceeds the limit of {MAX_VERDICTS}"
+        )
+    for i, v in enumerate(verdicts):
+        for name in ("request_id", "tag", "probe"):
+            if not _VERDICT_TEXT.match(getattr(v, name)):
+                raise BatchValidationError(
+                    f"verdicts[{i}].{name}",
+                    f"{getattr(v, name)!r} is not a valid id (letters, digits, '._:/-')",
+                )
+        for name in ("score", "threshold"):
+            value = getattr(v, name)
+            if not (np.isfinite(value) and 0 <= value <= 1 + 1e-9):
+                raise BatchValidationError(f"verdicts[{i}].{name}", f"{value} is not in [0, 1]")
+        if v.action not in VERDICT_ACTIONS:
+            raise BatchValidationError(
+                f"verdicts[{i}].action",
+                f"unknown action {v.action!r}; expected one of {', '.join(VERDICT_ACTIONS)}",
+            )
+        if v.attempt > 1:
+            raise BatchValidationError(f"verdicts[{i}].attempt", f"{v.attempt} is not 0 or 1")
+        if v.ts_unix_nanos <= 0:
+            raise BatchValidationError(f"verdicts[{i}].ts_unix_nanos", "must be positive")
 
 
 # A 16-bit float is NaN or Inf exactly when all its exponent bits are set: as uint16 the

@@ -31,7 +31,7 @@ from featurewatch.storage.lake import SCHEMAS, conform
 from featurewatch.storage.lake_store import LakeStore, as_lake_store
 from featurewatch.storage.rollups import fold_closed_hours, fold_day
 
-RAW_TABLES = ("feature_acts", "tokens")
+RAW_TABLES = ("feature_acts", "tokens", "verdicts")
 ROLLUP_TABLES = ("feature_rollups", "token_rollups")
 DAILY_TABLE = {"feature_rollups": "feature_daily", "token_rollups": "token_daily"}
 COMPACTED = "compacted"  # lake_files.segment_id of a file written by compaction

@@ -69,6 +69,26 @@ FEATURE_ROLLUPS_SCHEMA = pa.schema(
     ]
 )
 TOKEN_ROLLUPS_SCHEMA = pa.schema(ROLLUP_KEY_FIELDS + [("tokens", pa.int64()), DAY_FOLDED])
+# One row per response and tag that a replica scored in-line (proto Verdict): not tied
+# to an SAE version (sae_version in the catalog's file list is VERDICT_LOG).
+VERDICTS_SCHEMA = pa.schema(
+    [
+        ("ts", TS),
+        ("model_version", pa.string()),
+        ("replica", pa.string()),
+        ("request_id", pa.string()),
+        ("tag", pa.string()),
+        ("score", pa.float64()),
+        ("threshold", pa.float64()),
+        ("flagged", pa.bool_()),
+        ("action", pa.string()),
+        ("attempt", pa.int16()),
+        ("probe", pa.string()),
+        ("engine", pa.string()),
+        ("segment_id", pa.string()),
+    ]
+)
+VERDICT_LOG = "verdicts"
 SCHEMAS = {
     "feature_acts": FEATURE_ACTS_SCHEMA,
     "tokens": TOKENS_SCHEMA,
@@ -77,6 +97,7 @@ SCHEMAS = {
     # One row per closed day and key, written by compaction (period_minutes 1440).
     "feature_daily": FEATURE_ROLLUPS_SCHEMA,
     "token_daily": TOKEN_ROLLUPS_SCHEMA,
+    "verdicts": VERDICTS_SCHEMA,
 }
 # Tables that gained columns since their first files: `tokens` got `engine`. Older files
 # read NULL there (the catalog's views match columns by name; compaction fills them in).
@@ -100,6 +121,7 @@ PARTITION_COLUMNS = {
     "token_rollups": ("model", "date"),
     "feature_daily": ("model", "date"),
     "token_daily": ("model", "date"),
+    "verdicts": ("model", "date", "hour"),
 }
 
 

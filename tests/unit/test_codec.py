@@ -120,3 +120,44 @@ def test_the_engine_travels_and_an_older_sender_may_leave_it_empty():
         b = pb.ActivationBatch.FromString(batch_of(x, engine=engine).SerializeToString())
         validate_batch(b, expected_width=8)
         assert b.engine == engine
+
+
+def verdict(**overrides) -> pb.Verdict:
+    fields = dict(request_id="chatcmpl-1", tag="misalignment", score=0.8, threshold=0.7,
+                  flagged=True, action="blocked", attempt=0, probe="sae-1/misalignment/residual",
+                  ts_unix_nanos=10)  # fmt: skip
+    return pb.Verdict(**{**fields, **overrides})
+
+
+def verdict_batch(*verdicts) -> pb.ActivationBatch:
+    return pb.ActivationBatch(replica_id="rep", seq=1, model="tiny", model_version="v1",
+                              engine="hf", verdicts=list(verdicts))  # fmt: skip
+
+
+def test_a_batch_of_verdicts_only_is_valid_and_each_bad_verdict_field_is_named():
+    validate_batch(verdict_batch(verdict(), verdict(action="none", flagged=False)))
+    validate_batch(batch_of(torch.zeros(2, 4), verdicts=[verdict()]))  # both together
+    with pytest.raises(BatchValidationError, match="rows"):
+        validate_batch(verdict_batch())  # neither vectors nor verdicts
+    for bad, field in [
+        (verdict(action="dropped"), "verdicts[0].action"),
+        (verdict(score=1.5), "verdicts[0].score"),
+        (verdict(score=float("nan")), "verdicts[0].score"),
+        (verdict(threshold=-0.1), "verdicts[0].threshold"),
+        (verdict(tag=""), "verdicts[0].tag"),
+        (verdict(request_id="a b"), "verdicts[0].request_id"),
+        (verdict(probe="x" * 300), "verdicts[0].probe"),
+        (verdict(attempt=2), "verdicts[0].attempt"),
+        (verdict(ts_unix_nanos=0), "verdicts[0].ts_unix_nanos"),
+    ]:
+        with pytest.raises(BatchValidationError) as err:
+            validate_batch(verdict_batch(bad))
+        assert err.value.field == field
+    with pytest.raises(BatchValidationError) as err:
+        validate_batch(verdict_batch(*[verdict()] * 4097))
+    assert err.value.field == "verdicts"
+    stray = verdict_batch(verdict())
+    stray.token_pos.append(3)  # per-row metadata without rows
+    with pytest.raises(BatchValidationError) as err:
+        validate_batch(stray)
+    assert err.value.field == "token_pos"
