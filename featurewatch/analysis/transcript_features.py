@@ -85,23 +85,40 @@ def pooled_features(
                 ids = encoded[i][0]
                 input_ids[r, : len(ids)] = torch.tensor(ids)
                 mask[r, : len(ids)] = 1
-            hidden = recorder.run(model, input_ids, mask)  # right padding: causal, unaffected
+            recorder.run(model, input_ids, mask)  # right padding: causal, unaffected
             for r, i in enumerate(rows):
                 ids, first = encoded[i]
-                h = _typical(hidden[r, first : len(ids)])
-                tokens[i] = len(h)
+                response = {at: out[r, first : len(ids)] for at, out in recorder.outputs.items()}
+                one = pool_response(response, layer, sae, residual_layers)
+                tokens[i] = one.tokens[0]
                 for at in residual_layers:
-                    residual[at][i] = (
-                        _typical(recorder.outputs[at][r, first : len(ids)]).float().mean(0)
-                    )
+                    residual[at][i] = one.residual[at][0]
                 if sae is not None:
-                    z = sae.encode(h.to(sae.dtype)).float()
-                    pooled_max[i], pooled_mean[i] = z.max(dim=0).values, z.mean(dim=0)
+                    pooled_max[i], pooled_mean[i] = one.max[0], one.mean[0]
             bar.update(len(rows))
     finally:
         bar.close()
         recorder.remove()
     return PooledFeatures(pooled_max, pooled_mean, tokens, residual)
+
+
+@torch.inference_mode()
+def pool_response(
+    response: dict[int, torch.Tensor], layer: int, sae, residual_layers=()
+) -> PooledFeatures:
+    """One response pooled as every score reads it (one row): `response` holds, per
+    layer, the residual stream at the response's tokens. Through the SAE (at `layer`),
+    each feature's max and mean; at each of `residual_layers`, the residual mean.
+    Attention sinks are left out at each layer. What offline scoring does per transcript
+    and a replica does per answer (analysis/verdicts.py)."""
+    h = _typical(response[layer])
+    d_sae = sae.d_sae if sae is not None else 0
+    pooled_max, pooled_mean = torch.zeros(1, d_sae), torch.zeros(1, d_sae)
+    if sae is not None:
+        z = sae.encode(h.to(sae.dtype)).float()
+        pooled_max[0], pooled_mean[0] = z.max(dim=0).values, z.mean(dim=0)
+    residual = {at: _typical(response[at]).float().mean(0, keepdim=True) for at in residual_layers}
+    return PooledFeatures(pooled_max, pooled_mean, [len(h)], residual)
 
 
 def _typical(h: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from featurewatch.capture.hooks import ActivationCapture
+from featurewatch.capture.hooks import ActivationCapture, ResponseRecorder
 
 
 @dataclass
@@ -35,6 +35,10 @@ class GenerationResult:
     prompt_tokens: list[int]
     completion_tokens: list[int]
     captured: list[CapturedTokens] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)  # each answer's text tokens
+    # With a ResponseRecorder: per row, layer -> [its answer's tokens, width], the
+    # residual stream at every token of the text (the end-of-turn token left out).
+    responses: list[dict[int, torch.Tensor]] | None = None
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -74,9 +78,11 @@ class BatchGenerator:
         temperature: float = 0.0,
         seed: int | None = None,
         always_sample: list[bool] | None = None,
+        recorder: ResponseRecorder | None = None,
     ) -> GenerationResult:
         """Generate for every conversation at once; `always_sample` flags rows whose
-        tokens are all captured regardless of the sampling policy."""
+        tokens are all captured regardless of the sampling policy. With `recorder`, every
+        answer's own residual stream comes back too (result.responses)."""
         tok = self.tokenizer
         prompts = [self.prompt_text(c) for c in conversations]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -91,15 +97,21 @@ class BatchGenerator:
             always = always_sample or [False] * len(prompts)
             chosen, flags = self.capture.sampler.select_requests(always)
             self.capture.start(enc["attention_mask"], chosen, flags)
+        # A generated token's residual stream is computed when it is fed back in: with a
+        # recorder, one step more, so that the last token of a full-length answer is too.
+        steps = max(max_tokens) + (recorder is not None)
+        if recorder is not None:
+            recorder.start()
         try:
             out = self.model.generate(
-                **enc, max_new_tokens=max(max_tokens), pad_token_id=tok.pad_token_id, **kwargs
+                **enc, max_new_tokens=steps, pad_token_id=tok.pad_token_id, **kwargs
             )
         finally:
             chunks = self.capture.finish() if self.capture is not None else []
+            states = recorder.finish() if recorder is not None else None
         ts = time.time_ns()
         generated = out[:, width:]
-        lengths, reasons, texts = [], [], []
+        lengths, reasons, texts, token_ids = [], [], [], []
         for row in range(len(prompts)):
             limit = min(max_tokens[row], generated.shape[1])
             ids = generated[row, :limit].tolist()
@@ -112,12 +124,20 @@ class BatchGenerator:
                 lengths.append(limit)
                 reasons.append("length")
             texts.append(tok.decode(ids, skip_special_tokens=True))
+            token_ids.append(ids)
         result = GenerationResult(
             texts=texts,
             finish_reasons=reasons,
             prompt_tokens=[int(width - p) for p in pads],
             completion_tokens=lengths,
+            token_ids=token_ids,
         )
+        if states is not None:
+            empty = torch.zeros(0, self.model.config.hidden_size)
+            result.responses = [
+                {at: steps_at[row, :n] if n else empty for at, steps_at in states.items()}
+                for row, n in enumerate(map(len, token_ids))
+            ]
         ends = width + torch.tensor(lengths)  # first position past each row's own tokens
         by_point: dict[tuple[int, str], list] = {}
         for chunk in chunks:

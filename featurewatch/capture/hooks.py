@@ -199,3 +199,48 @@ class SiteRecorder:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class ResponseRecorder:
+    """Forward hooks that keep, at each of `layers`, the output of every decode step of a
+    generate call: the residual stream of each generated token, as it is fed back in.
+    The prefill (the prompt) is skipped. Registered after steering's hooks, so it sees
+    the steered stream the model computes."""
+
+    def __init__(self, model: nn.Module, layers: list[int], site: str = "resid_post"):
+        blocks = find_decoder_layers(model)
+        self.layers = sorted(set(layers))
+        self._steps: dict[int, list[torch.Tensor]] = {}
+        self._prefilled: set[int] = set()
+        self._active = False
+        self._handles = [
+            site_module(blocks[at], site).register_forward_hook(self._hook_for(at))
+            for at in self.layers
+        ]
+
+    def _hook_for(self, layer: int):
+        def hook(module, inputs, output):
+            if not self._active:
+                return
+            if layer not in self._prefilled:
+                self._prefilled.add(layer)
+                return
+            hidden = output[0] if isinstance(output, tuple) else output
+            self._steps[layer].append(hidden[:, -1].detach().clone())
+
+        return hook
+
+    def start(self) -> None:
+        self._steps = {at: [] for at in self.layers}
+        self._prefilled = set()
+        self._active = True
+
+    def finish(self) -> dict[int, torch.Tensor]:
+        """layer -> [batch, decode steps, width]: step k holds generated token k."""
+        self._active = False
+        steps, self._steps = self._steps, {}
+        return {at: torch.stack(s, dim=1) if s else torch.zeros(0) for at, s in steps.items()}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()

@@ -15,6 +15,7 @@ generation in flight picks the change up from its next forward.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -117,9 +118,26 @@ class Steering:
         self.width = int(model.config.hidden_size)
         self._hooked: set[tuple[int, str]] = set()
         self._active: dict[tuple[int, str], list[tuple]] = {}
+        self._extra: dict[tuple[int, str], list[tuple]] = {}
         self.steers: list[Steer] = []
 
     def set(self, steers: list[Steer]) -> None:
+        active = self._terms(steers)
+        self._active = active  # one assignment: a forward sees the old or the new set
+        self.steers = list(steers)
+
+    @contextlib.contextmanager
+    def adding(self, steers: list[Steer]):
+        """These steers as well as the set ones, for the forwards run inside (a
+        regenerated answer); a `set()` meanwhile replaces only the set ones."""
+        self._extra = self._terms(steers)
+        try:
+            yield
+        finally:
+            self._extra = {}
+
+    def _terms(self, steers: list[Steer]) -> dict[tuple[int, str], list[tuple]]:
+        """Each steer's term by (layer, site), with a hook at every such point."""
         for steer in steers:
             check_steer(steer, self.width, len(self.blocks))
         active: dict[tuple[int, str], list[tuple]] = {}
@@ -136,12 +154,11 @@ class Steering:
                 module = site_module(self.blocks[point[0]], point[1])
                 module.register_forward_hook(self._make_hook(point), prepend=True)
                 self._hooked.add(point)
-        self._active = active  # one assignment: a forward sees the old or the new set
-        self.steers = list(steers)
+        return active
 
     def _make_hook(self, point: tuple[int, str]):
         def hook(module, inputs, output):
-            terms = self._active.get(point)
+            terms = self._active.get(point, []) + self._extra.get(point, [])
             if not terms:
                 return None
             hidden = self.stream(point[1], output).float()
