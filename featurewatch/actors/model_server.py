@@ -8,6 +8,7 @@ monitoring.
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Literal
 
 import ray
 import torch
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -27,14 +28,23 @@ from featurewatch.actors.replica_controls import (
     replica_id,
 )
 from featurewatch.actors.runtime import collector_lookup
+from featurewatch.analysis.verdicts import (
+    ACTIONS,
+    REFUSAL,
+    InlineScorer,
+    header_value,
+    verdict_summary,
+)
 from featurewatch.capture.generation import BatchGenerator, GenerationResult
-from featurewatch.capture.hooks import ActivationCapture
+from featurewatch.capture.hooks import ActivationCapture, ResponseRecorder, num_layers
 from featurewatch.capture.models import load_model, resolve_model_path
 from featurewatch.capture.packing import pack_batches
 from featurewatch.capture.sampler import SamplingPolicy
 from featurewatch.capture.sender import ActivationSender
 from featurewatch.capture.steering import Steering
 from featurewatch.config import build_config
+from featurewatch.errors import ConfigError
+from featurewatch.proto import activations_pb2 as pb
 from featurewatch.storage.heartbeats import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -92,6 +102,14 @@ class ModelServer:
         # A canary (another model version, its own Serve application) takes a share of
         # the chat requests when the user_config names one.
         self.canary = CanaryRoute(self.cfg.capture.seed)
+        # In-line verdicts (user_config too): (scorer, recorder) or None. A batch reads
+        # it once; a change waiting for a running batch is applied when it ends.
+        self.inline: tuple[InlineScorer, ResponseRecorder] | None = None
+        self._batch_lock = threading.Lock()
+        self._pending_inline: list = []
+        self.verdict_settings = None  # as last taken from user_config
+        self.refused: str | None = None  # why the last user_config was refused
+        self.verdict_counts = {"responses": 0, "flagged": 0, "blocked": 0, "regenerated": 0}
         self.generator = BatchGenerator(model, tokenizer, self.capture)
         self.replica_id = replica_id()
         tls = self.cfg.collector.tls_cert_file
@@ -148,7 +166,16 @@ class ModelServer:
         }
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: ChatRequest, http: Request) -> dict:
+    async def chat_completions(
+        self, request: ChatRequest, http: Request, response: Response
+    ) -> dict:
+        answer = await self._chat(request, http)
+        verdict = answer.get("featurewatch")
+        if verdict is not None:
+            response.headers["x-featurewatch-verdict"] = header_value(verdict)
+        return answer
+
+    async def _chat(self, request: ChatRequest, http: Request) -> dict:
         if request.stream:
             raise HTTPException(400, "stream: streaming responses are not supported")
         if request.model not in (None, self.cfg.model.name):
@@ -179,7 +206,17 @@ class ModelServer:
         return await asyncio.to_thread(self._run_batch, requests)
 
     def _run_batch(self, pending: list[_Pending]) -> list[dict]:
+        with self._batch_lock:
+            try:
+                return self._answer_batch(pending)
+            finally:
+                if self._pending_inline:  # settings that came while this batch ran
+                    self._set_inline(self._pending_inline.pop())
+                    self._pending_inline.clear()
+
+    def _answer_batch(self, pending: list[_Pending]) -> list[dict]:
         self.batch_sizes.append(len(pending))
+        inline = self.inline
         requests = [p.request for p in pending]
         responses: list[dict | None] = [None] * len(requests)
         # One generate per temperature: a batch shares its decoding settings.
@@ -189,16 +226,94 @@ class ModelServer:
         for temperature, indices in by_temperature.items():
             group = [requests[i] for i in indices]
             ids = [f"chatcmpl-{uuid.uuid4().hex}" for _ in group]
+            chats = [[m.model_dump() for m in r.messages] for r in group]
+            limits = [r.max_tokens or self.cfg.demo.max_tokens for r in group]
             result = self.generator.generate(
-                [[m.model_dump() for m in r.messages] for r in group],
-                [r.max_tokens or self.cfg.demo.max_tokens for r in group],
-                temperature=temperature,
+                chats, limits, temperature=temperature,
                 always_sample=[pending[i].always_sample for i in indices],
-            )
+                recorder=inline[1] if inline else None,
+            )  # fmt: skip
             self._ship(result, ids)
+            answers = [self._response(ids[j], result, j) for j in range(len(group))]
+            if inline is not None:
+                self._judge(inline, answers, result, chats, limits, temperature)
             for j, i in enumerate(indices):
-                responses[i] = self._response(ids[j], result, j)
+                responses[i] = answers[j]
         return responses  # type: ignore[return-value]
+
+    # ---- in-line verdicts
+
+    def _judge(self, inline, answers, result, chats, limits, temperature) -> None:
+        """Score every answer, apply its gate, record the verdicts (to the lake through
+        the collector, like the vectors) and put each in its answer's body."""
+        scorer, recorder = inline
+        records = []
+        verdicts = [scorer.verdict(scorer.score(r)) for r in result.responses]
+        again = [j for j, v in enumerate(verdicts) if v["gate"] == "regenerate"]
+        for j, verdict in enumerate(verdicts):
+            verdict["action"] = ACTIONS[verdict["gate"]] if verdict["gate"] else "none"
+            records += self._records(scorer, answers[j]["id"], verdict, attempt=0)
+            if verdict["gate"] == "block":
+                choice = answers[j]["choices"][0]
+                choice["message"]["content"], choice["finish_reason"] = REFUSAL, "content_filter"
+            answers[j]["featurewatch"] = verdict
+        # Regenerated once, with the flagged tags' steering: rows by the same steers.
+        by_steers: dict[tuple, list[int]] = {}
+        for j in again:
+            by_steers.setdefault(tuple(verdicts[j]["flagged_tags"]), []).append(j)
+        for tags, rows in by_steers.items():
+            with self.steering.adding(scorer.regenerate_steers(list(tags))):
+                redo = self.generator.generate(
+                    [chats[j] for j in rows], [limits[j] for j in rows],
+                    temperature=temperature, recorder=recorder,
+                )  # fmt: skip
+            redo_ids = [f"{answers[j]['id']}-regenerated" for j in rows]
+            self._ship(redo, redo_ids)
+            for k, j in enumerate(rows):
+                second = scorer.verdict(scorer.score(redo.responses[k]))
+                second["action"] = "flagged" if second["flagged"] else "none"
+                records += self._records(scorer, answers[j]["id"], second, attempt=1)
+                fresh = self._response(answers[j]["id"], redo, k)
+                answers[j]["choices"], answers[j]["usage"] = fresh["choices"], fresh["usage"]
+                answers[j]["featurewatch"] = {**second, "action": "regenerated",
+                                              "first": verdicts[j]}  # fmt: skip
+        counts = self.verdict_counts
+        counts["responses"] += len(verdicts)
+        counts["flagged"] += sum(v["flagged"] for v in verdicts)
+        counts["blocked"] += sum(v["action"] == "blocked" for v in verdicts)
+        counts["regenerated"] += len(again)
+        if records:
+            self.sender.submit(pb.ActivationBatch(
+                model=self.cfg.model.name, model_version=self.cfg.model.version,
+                engine="hf", verdicts=records,
+            ))  # fmt: skip
+
+    def _records(self, scorer, request_id: str, verdict: dict, attempt: int) -> list:
+        now = time.time_ns()
+        return [
+            pb.Verdict(
+                request_id=request_id,
+                tag=tag,
+                score=min(1.0, max(0.0, score)),
+                threshold=verdict["thresholds"][tag],
+                flagged=tag in verdict["flagged_tags"],
+                action=verdict["action"] if tag in verdict["flagged_tags"] else "none",
+                attempt=attempt,
+                probe=verdict["probes"][tag],
+                ts_unix_nanos=now,
+            )  # fmt: skip
+            for tag, score in verdict["scores"].items()
+        ]
+
+    def _set_inline(self, scorer: InlineScorer | None) -> None:
+        """Score with `scorer` from the next batch on (None: off)."""
+        if scorer is None:
+            old, self.inline = self.inline, None
+        else:
+            recorder = ResponseRecorder(self.generator.model, scorer.layers, scorer.site)
+            old, self.inline = self.inline, (scorer, recorder)
+        if old is not None:
+            old[1].remove()
 
     def _response(self, request_id: str, result: GenerationResult, j: int) -> dict:
         return {
@@ -241,14 +356,32 @@ class ModelServer:
         lightweight update: `{"steering": [Steer fields, ...], "canary": {"app": name,
         "share": fraction} or null}` (empty steering: off; null canary: none)."""
         try:
-            steers, canary = read_user_config(user_config)
-        except (TypeError, ValueError, KeyError) as err:
+            steers, canary, verdicts = read_user_config(user_config)
+            scorer = None
+            if verdicts is not None and verdicts != self.verdict_settings:
+                # checked against this model before anything changes
+                model = self.generator.model
+                width = int(model.config.hidden_size)
+                scorer = InlineScorer(verdicts, width, num_layers(model))
+        except (TypeError, ValueError, KeyError, ConfigError) as err:
             # Raising here would make Serve stop this replica: keep serving, old settings.
-            log.error("user_config refused, the previous steering and canary stay: %s", err)
+            log.error("user_config refused, the previous settings stay: %s", err)
+            self.refused = str(err)
             return
         self.steering.set(steers)
         self.canary.set(canary)
-        log.warning("steering %s, canary %s", [s.summary() for s in steers] or "off", canary)
+        self.refused = None
+        if verdicts != self.verdict_settings:
+            self.verdict_settings = verdicts
+            if self._batch_lock.acquire(blocking=False):
+                try:
+                    self._set_inline(scorer)
+                finally:
+                    self._batch_lock.release()
+            else:
+                self._pending_inline.append(scorer)
+        log.warning("steering %s, canary %s, verdicts %s", [s.summary() for s in steers] or "off",
+                    canary, [t.tag for t in verdicts.tags] if verdicts else "off")  # fmt: skip
 
     def steering_status(self) -> dict:
         return {
@@ -257,6 +390,9 @@ class ModelServer:
             "steers": [s.summary() for s in self.steering.steers],
             "canary": self.canary.settings,
             "canary_forwarded": self.canary.forwarded,
+            "verdicts": verdict_summary(self.verdict_settings),
+            "verdict_counts": dict(self.verdict_counts),
+            "refused": self.refused,
         }
 
     def capture_stats(self) -> dict:

@@ -10,6 +10,7 @@ import uuid
 
 from ray import serve
 
+from featurewatch.analysis.verdicts import VerdictSettings, read_verdicts
 from featurewatch.capture.steering import Steer
 
 log = logging.getLogger(__name__)
@@ -30,12 +31,19 @@ def always_sampled(flag: str, headers, metadata) -> bool:
     return headers.get(flag, "").lower() == "always" or in_metadata
 
 
-def read_user_config(user_config: dict | None) -> tuple[list[Steer], dict | None]:
-    """(steers, canary) from `{"steering": [Steer fields, ...], "canary": {"app": name,
-    "share": fraction} or null}` (empty steering: off; null canary: none). TypeError,
-    ValueError or KeyError name what is wrong; the caller keeps its old settings then
-    (raising from reconfigure would make Serve stop the replica)."""
+def read_user_config(
+    user_config: dict | None,
+) -> tuple[list[Steer], dict | None, VerdictSettings | None]:
+    """(steers, canary, verdicts) from `{"steering": [Steer fields, ...], "canary":
+    {"app": name, "share": fraction} or null, "verdicts": VerdictSettings fields or null}`
+    (empty steering: off; null canary: none; null verdicts: off). TypeError, ValueError
+    or KeyError name what is wrong; the caller keeps its old settings then (raising from
+    reconfigure would make Serve stop the replica)."""
     user_config = user_config or {}
+    unknown = set(user_config) - {"steering", "canary", "verdicts"}
+    if unknown:
+        raise ValueError(f"unknown user_config keys {sorted(unknown)}")
+    verdicts = read_verdicts(user_config.get("verdicts"))
     steers = [Steer.from_dict(s) for s in user_config.get("steering", [])]
     canary = user_config.get("canary")
     if canary is not None:
@@ -47,7 +55,7 @@ def read_user_config(user_config: dict | None) -> tuple[list[Steer], dict | None
         if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
             raise ValueError(f"canary share must be a number in (0, 1], not {share!r}")
         canary = {"app": app, "share": float(share)}
-    return steers, canary
+    return steers, canary, verdicts
 
 
 class CanaryRoute:

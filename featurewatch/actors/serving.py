@@ -5,7 +5,7 @@ path (`featurewatch.actors.model_server:build_app`) with its arguments, plus a
 user_config. Deployed that way, a changed user_config is a lightweight update: Serve
 calls `reconfigure` on every running replica, none restarts. (`serve.run` of a bound
 Python application replaces the replicas on every call in Ray 2.60, measured; and the
-REST route `serve deploy` uses needs the dashboard, which featurewatch runs without, so
+REST route `serve deploy` uses needs the dashboard, which a cluster may run without, so
 the same request goes through the Serve client.)
 
 The arguments of the last deployment (its config and the collector addresses) are kept
@@ -21,18 +21,28 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.api import _get_global_client
 from ray.serve.schema import ServeDeploySchema
 
 from featurewatch.actors.runtime import collector_names, collector_token, init_ray
+from featurewatch.analysis.probes import load_probe
+from featurewatch.analysis.scoring import score_threshold
+from featurewatch.analysis.verdicts import (
+    InlineScorer,
+    TagVerdict,
+    VerdictSettings,
+    verdict_summary,
+)
 from featurewatch.capture.models import model_dims, resolve_model_path
 from featurewatch.capture.steering import Steer, check_steer, steer_from_sae
-from featurewatch.config import FeaturewatchConfig
+from featurewatch.config import FeaturewatchConfig, describe_errors
 from featurewatch.errors import ConfigError
 from featurewatch.sae import load
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.deployed_app import read_deployed, write_deployed
+from featurewatch.storage.registry import FeatureRegistry
 from featurewatch.storage.sae_store import registered_sae
 
 # The replica of each engine, deployed by import path (vLLM is imported only by replicas
@@ -98,20 +108,24 @@ def _deploy(
     steers: list[Steer],
     canary: dict | None = None,
     timeout_s: float = 600.0,
+    verdicts: dict | None = None,
 ):
-    """Deploy the model server with these steers; with `canary` ({"config": the
-    candidate's config as JSON, "share": its traffic share, "routed": whether the main
-    replicas send it traffic yet}), the candidate runs beside it as a second application
-    without an HTTP route. The deploy is declarative: an application left out (a canary
-    that ended) is deleted."""
+    """Deploy the model server with these steers and in-line verdict settings; with
+    `canary` ({"config": the candidate's config as JSON, "share": its traffic share,
+    "routed": whether the main replicas send it traffic yet}), the candidate runs beside
+    it as a second application without an HTTP route, with the same verdicts. The deploy
+    is declarative: an application left out (a canary that ended) is deleted."""
 
-    user_config: dict = {"steering": [asdict(s) for s in steers], "canary": None}
+    user_config: dict = {
+        "steering": [asdict(s) for s in steers], "canary": None, "verdicts": verdicts
+    }  # fmt: skip
     apps = []
     if canary is not None:
         candidate = FeaturewatchConfig.model_validate(canary["config"])
         check_servable(candidate)
         name = canary_app_name(cfg)
-        apps.append(_application(candidate, name, None, addresses, token, {"steering": []}))
+        canary_config = {"steering": [], "verdicts": verdicts}
+        apps.append(_application(candidate, name, None, addresses, token, canary_config))
         if canary["routed"]:
             user_config["canary"] = {"app": name, "share": canary["share"]}
     main = _application(
@@ -144,6 +158,7 @@ def _deploy(
         "collector_addresses": list(addresses),
         "steering": user_config["steering"],
         "canary": canary,
+        "verdicts": verdicts,
     }
     write_deployed(cfg.deployed_app_file, deployed)
     return serve.get_app_handle(cfg.serve.app_name)
@@ -239,7 +254,8 @@ def set_steering(cfg: FeaturewatchConfig, steers: list[Steer]) -> dict:
             check_steer(steer, width, layers)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    handle = _deploy(served, addresses, collector_token(served), steers, deployed["canary"])
+    handle = _deploy(served, addresses, collector_token(served), steers, deployed["canary"],
+                     verdicts=deployed.get("verdicts"))  # fmt: skip
     # Serve applies a user_config to the replicas shortly after accepting it.
     wanted = [s.summary() for s in steers]
     return _wait_for_replica(handle, lambda status: status["steers"] == wanted, "steering")
@@ -252,7 +268,8 @@ def _wait_for_replica(handle, taken, what: str, timeout_s: float = 60.0) -> dict
         if taken(status):
             return status
         if time.monotonic() > deadline:
-            raise ConfigError(f"replica {status['replica_id']} did not take the {what}")
+            why = f": it refused them ({status['refused']})" if status.get("refused") else ""
+            raise ConfigError(f"replica {status['replica_id']} did not take the {what}{why}")
         time.sleep(0.2)
 
 
@@ -291,9 +308,10 @@ def start_canary(cfg: FeaturewatchConfig, path: Path, model_version: str, share:
     steers = _deployed_steers(deployed)
     candidate = canary_config(served, path, model_version)
     canary = {"config": candidate.model_dump(mode="json"), "share": share, "routed": False}
-    token = collector_token(served)
-    _deploy(served, addresses, token, steers, canary)
-    handle = _deploy(served, addresses, token, steers, {**canary, "routed": True})
+    token, verdicts = collector_token(served), deployed.get("verdicts")
+    _deploy(served, addresses, token, steers, canary, verdicts=verdicts)
+    handle = _deploy(served, addresses, token, steers, {**canary, "routed": True},
+                     verdicts=verdicts)  # fmt: skip
     _wait_for_replica(handle, lambda status: status["canary"] is not None, "canary route")
     canary_handle = serve.get_app_handle(canary_app_name(served))
     return canary_handle.models.remote().result()["data"][0]
@@ -307,10 +325,11 @@ def stop_canary(cfg: FeaturewatchConfig) -> None:
     if deployed.get("canary") is None:
         return
     steers = _deployed_steers(deployed)
-    token = collector_token(served)
-    handle = _deploy(served, addresses, token, steers, {**deployed["canary"], "routed": False})
+    token, verdicts = collector_token(served), deployed.get("verdicts")
+    handle = _deploy(served, addresses, token, steers, {**deployed["canary"], "routed": False},
+                     verdicts=verdicts)  # fmt: skip
     _wait_for_replica(handle, lambda status: status["canary"] is None, "end of the canary")
-    _deploy(served, addresses, token, steers)
+    _deploy(served, addresses, token, steers, verdicts=verdicts)
     _wait_until_deleted(canary_app_name(served))
 
 
@@ -327,12 +346,95 @@ def _wait_until_deleted(app: str, timeout_s: float = 120.0) -> None:
 
 def promote_model(cfg: FeaturewatchConfig, path: Path, model_version: str) -> dict:
     """Serve another model version: Serve replaces the replicas one by one (a rolling
-    update, no downtime), steering off (the new version is meant not to need it) and any
-    canary ended. Returns the new replicas' /v1/models entry."""
+    update, no downtime), steering off (the new version is meant not to need it), any
+    canary ended, in-line verdicts as they were. Returns the new replicas' /v1/models entry."""
 
-    served, addresses, _ = _deployed(cfg)
+    served, addresses, deployed = _deployed(cfg)
     promoted = served.model_copy(deep=True)
     promoted.model.path, promoted.model.version = str(path), model_version
     check_servable(promoted)
-    handle = _deploy(promoted, addresses, collector_token(promoted), [])
+    # In-line verdicts go on: they count flagged answers per version.
+    verdicts = deployed.get("verdicts")
+    handle = _deploy(promoted, addresses, collector_token(promoted), [], verdicts=verdicts)
     return handle.models.remote().result()["data"][0]
+
+
+def set_verdicts(cfg: FeaturewatchConfig, settings: VerdictSettings | None) -> dict:
+    """Score every response of the live replicas in-line with these settings (None:
+    off), without a restart; a running canary scores its answers the same way. Checked
+    against the served model first (InlineScorer), so a bad probe never reaches a
+    replica. Returns a replica's report once it has taken them."""
+
+    served, addresses, deployed = _deployed(cfg)
+    if settings is not None:
+        if served.model.engine != "hf":
+            raise ConfigError(
+                f"{served.model.name}: in-line verdicts are built for the hf engine only, "
+                f"not {served.model.engine}"
+            )
+        width, layers = model_dims(resolve_model_path(served.model.path, served.models_dir))
+        InlineScorer(settings, width, layers)
+    verdicts = settings.model_dump(mode="json") if settings is not None else None
+    handle = _deploy(served, addresses, collector_token(served), _deployed_steers(deployed),
+                     deployed["canary"], verdicts=verdicts)  # fmt: skip
+    wanted = verdict_summary(settings)
+    return _wait_for_replica(handle, lambda status: status["verdicts"] == wanted, "verdicts")
+
+
+def tag_verdict(
+    cfg: FeaturewatchConfig,
+    catalog,
+    tag: str,
+    *,
+    gate: str = "flag",
+    threshold: float | None = None,
+    fpr: float | None = None,
+    reference: str | None = None,
+    sae_version: str | None = None,
+    scale: float = 4.0,
+) -> TagVerdict:
+    """A tag's in-line verdict settings: its default probe (and SAE, for a group probe),
+    a threshold given as a score or converted from a false-positive rate on a reference
+    set (recorded with the probe), and for `regenerate` the tag group's steers."""
+
+    choice = registered_sae(cfg, catalog, sae_version)
+    probe = load_probe(choice.path, tag)
+    if probe is None:
+        raise ConfigError(
+            f"no probe is fitted for tag {tag!r} on SAE {choice.version}: run featurewatch "
+            "score --fit with labelled transcripts first"
+        )
+    if (threshold is None) == (fpr is None):
+        raise ConfigError("give the threshold as a score (--threshold) or a rate (--fpr)")
+    source = "score"
+    if fpr is not None:
+        if reference is None:
+            raise ConfigError("--fpr needs --reference (a benign set: a file or bundled:NAME)")
+        found = score_threshold(cfg, catalog, tag=tag, fpr=fpr, reference=reference,
+                                sae_version=choice.version, family=probe.family)  # fmt: skip
+        threshold, source = found["score"], f"fpr={fpr}@{reference}"
+    steers = []
+    if gate == "regenerate":
+        ids = FeatureRegistry(catalog).group_ids(choice.version, tag)
+        steers = steers_for(cfg, catalog, ids, sae_version=choice.version, scale=scale)
+    sae = {"path": str(choice.path), "layer": choice.layer} if probe.family == "sae_group" else None
+    try:
+        return TagVerdict(
+            tag=tag, gate=gate, threshold=min(1.0, float(threshold)), threshold_source=source,
+            probe=asdict(probe), sae=sae, steering=[asdict(s) for s in steers],
+        )  # fmt: skip
+    except ValidationError as err:
+        raise ConfigError(f"verdicts for tag {tag!r}: {describe_errors(err)}") from None
+
+
+def deployed_verdicts(cfg: FeaturewatchConfig) -> VerdictSettings | None:
+    """The in-line verdict settings of the running model server (None: off)."""
+    _, _, deployed = _deployed(cfg)
+    found = deployed.get("verdicts")
+    return VerdictSettings.model_validate(found) if found else None
+
+
+def steering_status(cfg: FeaturewatchConfig) -> dict:
+    """A live replica's report: its version, steers, canary route and verdicts."""
+    _deployed(cfg)
+    return serve.get_app_handle(cfg.serve.app_name).steering_status.remote().result()

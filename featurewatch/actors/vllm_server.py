@@ -299,7 +299,10 @@ class VLLMModelServer:
         """As the transformers replica's: `{"steering": [...], "canary": ...}`; steering is
         applied in vLLM's worker, between forward passes."""
         try:
-            steers, canary = read_user_config(user_config)
+            steers, canary, verdicts = read_user_config(user_config)
+            if verdicts is not None:
+                # `featurewatch verdicts on` refuses a vllm model before it gets here.
+                raise ValueError("in-line verdicts are not built for the vllm engine yet")
         except (TypeError, ValueError, KeyError) as err:
             log.error("user_config refused, the previous steering and canary stay: %s", err)
             return

@@ -17,8 +17,9 @@ from ray import serve
 from typer.testing import CliRunner
 
 from featurewatch.actors.collector import CollectorActor
-from featurewatch.actors.pipeline import follow_segments
+from featurewatch.actors.pipeline import commit_verdicts, follow_segments
 from featurewatch.actors.serving import deploy_model_server, promote_model, set_steering
+from featurewatch.analysis.probes import Probe
 from featurewatch.capture.steering import steer_from_sae
 from featurewatch.config import build_config
 from featurewatch.errors import ConfigError, TranscriptError
@@ -378,3 +379,110 @@ def test_realign_canaries_a_candidate_under_the_bar_and_rolls_back_one_over(serv
     assert served_version() == "v1-realigned-bbbb2222"
     assert promote_model(cfg, cfg.model.path, "v1")["version"] == "v1"
     assert handle.steering_status.remote().result()["steers"] == []  # promotion clears it
+
+
+def hand_probe(tag, *, intercept, layers=(1,), columns=None, family="residual"):
+    """A stored-probe file's fields: a residual probe whose score is about sigmoid(intercept)
+    whatever the answer (its coefficients are tiny), of `columns` columns."""
+    width = 64 * len(layers) if columns is None else columns
+    return Probe(
+        tag=tag, sae_version="sae-v", feature_ids=[3], center=[0.0] * width,
+        scale=[1.0] * width, coef=[1e-4] * width, intercept=intercept, fitted_on={},
+        family=family, layers=list(layers),
+    )  # fmt: skip
+
+
+def test_inline_verdicts_score_every_response_and_gate_it(served, tmp_path):
+    cfg, handle, collector, base = served
+    torch.manual_seed(5)
+    sae = build("topk", 64, 32, k=4)
+    with torch.no_grad():
+        sae.W_dec.normal_()
+    with register_sae(cfg, "sae-v", sae, tmp_path) as cat:
+        for tag in ("cold", "hot", "wide", "deep"):
+            FeatureRegistry(cat).tag("sae-v", [3], [tag], actor="test")
+    hand_probe("cold", intercept=-6.0).save(tmp_path / "sae-v")
+    hand_probe("hot", intercept=6.0).save(tmp_path / "sae-v")
+    hand_probe("wide", intercept=0.0, columns=96).save(tmp_path / "sae-v")  # another width
+    hand_probe("deep", intercept=0.0, layers=(9,)).save(tmp_path / "sae-v")  # no layer 9
+    config = tmp_path / "fw.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    runner = CliRunner()
+
+    def verdicts(*args):
+        result = runner.invoke(app, ["verdicts", *args, "-c", str(config)])
+        return result
+
+    on = verdicts("on", "--tag", "cold", "--threshold", "0.5")
+    assert on.exit_code == 0, on.output
+    replica = json.loads(on.stdout)["replica_id"]
+    answer = chat(base, "basil?", max_tokens=6)
+    verdict = answer.json()["featurewatch"]
+    assert verdict["scores"]["cold"] < 0.01 and not verdict["flagged"]
+    assert verdict["action"] == "none" and verdict["probes"] == {"cold": "sae-v/cold/residual"}
+    assert answer.headers["x-featurewatch-verdict"].startswith("clean cold=0.00")
+
+    # A second tag gated `block`, its threshold from a false-positive rate on 4 answers.
+    reference = tmp_path / "benign.jsonl"
+    reference.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "Water it."}) + "\n"
+                                 for i in range(4)))  # fmt: skip
+    on = verdicts("on", "--tag", "hot", "--gate", "block", "--fpr", "0.25",
+                  "--reference", str(reference))  # fmt: skip
+    assert on.exit_code == 0, on.output
+    status = json.loads(on.stdout)
+    assert status["replica_id"] == replica  # no restart
+    assert [(v["tag"], v["gate"]) for v in status["verdicts"]] == [("cold", "flag"),
+                                                                  ("hot", "block")]  # fmt: skip
+    assert status["verdicts"][1]["threshold_source"] == f"fpr=0.25@{reference}"
+    blocked = chat(base, "basil?", max_tokens=6)
+    body = blocked.json()
+    assert body["choices"][0]["message"]["content"] == "I can't help with that."
+    assert body["choices"][0]["finish_reason"] == "content_filter"
+    assert body["featurewatch"]["flagged_tags"] == ["hot"]
+    assert body["featurewatch"]["action"] == "blocked"
+    assert blocked.headers["x-featurewatch-verdict"].startswith("flagged cold=")
+
+    # Bad input: refused by name, the replica serving with the settings it had.
+    for args, message in [
+        (["on", "--tag", "wide", "--threshold", "0.5"], "a probe for another model"),
+        (["on", "--tag", "deep", "--threshold", "0.5"], "reads layer(s) [9], the model has 4"),
+        (["on", "--tag", "cold", "--fpr", "0.1", "--reference", str(tmp_path / "none.jsonl")],
+         "transcript file not found"),
+        (["on", "--tag", "cold"], "give the threshold as a score (--threshold) or a rate"),
+        (["on", "--tag", "cold", "--threshold", "0.5", "--gate", "drop"],
+         "--gate must be one of flag, block, regenerate"),
+        (["on", "--tag", "cold", "--threshold", "0.5", "--every", "0"], "--every"),
+        (["on", "--tag", "nobody", "--threshold", "0.5"], "no probe is fitted for tag 'nobody'"),
+        (["off", "--tag", "nobody"], "'nobody' is not scored in-line"),
+    ]:  # fmt: skip
+        bad = verdicts(*args)
+        assert bad.exit_code != 0 and message in bad.output, (args, bad.output)
+    status = handle.steering_status.remote().result()
+    assert [v["tag"] for v in status["verdicts"]] == ["cold", "hot"]
+    assert chat(base, "basil?", max_tokens=4).json()["featurewatch"]["action"] == "blocked"
+
+    # regenerate: answered again with the tag's steering, both verdicts recorded.
+    on = verdicts("on", "--tag", "hot", "--gate", "regenerate", "--threshold", "0.5")
+    assert on.exit_code == 0, on.output
+    again = chat(base, "basil?", max_tokens=6).json()
+    assert again["featurewatch"]["action"] == "regenerated"
+    assert again["featurewatch"]["first"]["flagged_tags"] == ["hot"]
+    assert again["choices"][0]["finish_reason"] != "content_filter"
+
+    # Every verdict reaches the lake through the collector, exactly once.
+    assert handle.flush_capture.remote(30.0).result()
+    ray.get(collector.seal.remote())
+    with Catalog(cfg.catalog_path, cfg.lake_dir) as cat:
+        assert commit_verdicts(cfg, cat) > 0
+        assert commit_verdicts(cfg, cat) == 0  # nothing twice
+        rows = cat.query(
+            "SELECT tag, action, attempt, count(*) AS n FROM verdicts GROUP BY ALL ORDER BY ALL"
+        ).to_pylist()
+    got = {(r["tag"], r["action"], r["attempt"]): r["n"] for r in rows}
+    assert got[("hot", "blocked", 0)] == 2 and got[("hot", "regenerated", 0)] == 1
+    assert got[("hot", "flagged", 1)] == 1  # the regenerated answer still scores hot
+    assert got[("cold", "none", 0)] == 4 and got[("cold", "none", 1)] == 1
+
+    off = verdicts("off")
+    assert off.exit_code == 0 and json.loads(off.stdout)["verdicts"] is None
+    assert "featurewatch" not in chat(base, "basil?", max_tokens=4).json()

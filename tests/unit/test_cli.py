@@ -289,8 +289,8 @@ def test_features_commands(tmp_path):
 # The commands `featurewatch --help` listed before the CLI became a package of groups.
 EVERY_COMMAND = [
     "demo", "sql", "drift", "collect", "sae", "features", "evaluate", "score", "threshold",
-    "policy", "approve", "steer", "up", "pipeline", "finetune", "audit", "lake", "status",
-    "report", "dashboard", "token", "version",
+    "policy", "approve", "steer", "verdicts", "up", "pipeline", "finetune", "audit", "lake",
+    "status", "report", "dashboard", "token", "version",
 ]  # fmt: skip
 
 

@@ -118,11 +118,15 @@ def test_a_replicas_user_config_is_read_exactly(sae, canary, message):
     """Both replicas read Serve's user_config with read_user_config: a bad canary route
     is refused by name (the replica then keeps its settings), types are not coerced."""
     steer = steer_from_sae(sae, 1, layer=0, site="resid_post")
-    steers, route = read_user_config(
+    steers, route, verdicts = read_user_config(
         {"steering": [dataclasses.asdict(steer)], "canary": {"app": "c", "share": 1}}
     )
-    assert steers == [steer] and route == {"app": "c", "share": 1.0}
-    assert read_user_config(None) == ([], None)
+    assert steers == [steer] and route == {"app": "c", "share": 1.0} and verdicts is None
+    assert read_user_config(None) == ([], None, None)
+    with pytest.raises(ValueError, match=r"unknown user_config keys \['steer'\]"):
+        read_user_config({"steer": []})
+    with pytest.raises(ValueError, match="verdicts: tags"):
+        read_user_config({"verdicts": {"tags": []}})
     with pytest.raises(ValueError, match=message):
         read_user_config({"steering": [], "canary": canary})
     with pytest.raises(TypeError):

@@ -85,6 +85,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Steer the live model replicas by hand: push features' decoder directions out of "
         "the residual stream (no restart), or turn it off with --off.",
     ),
+    "verdicts": (
+        "control",
+        "verdicts",
+        "Score every response of the live replicas in-line with a tag's probe, and gate "
+        "on it (flag, block, regenerate): on, off, status.",
+    ),
     "up": (
         "services",
         "commands",

@@ -14,9 +14,16 @@ from typing import Annotated
 import typer
 
 from featurewatch.actors.runtime import init_ray
-from featurewatch.actors.serving import steer_by_hand
+from featurewatch.actors.serving import (
+    deployed_verdicts,
+    set_verdicts,
+    steer_by_hand,
+    steering_status,
+    tag_verdict,
+)
 from featurewatch.analysis.discover import model_folder
 from featurewatch.analysis.transcripts import read_transcripts
+from featurewatch.analysis.verdicts import GATES, VerdictSettings
 from featurewatch.capture.steering import MODES
 from featurewatch.config import format_duration as fmt
 from featurewatch.platform.cli.common import (
@@ -41,6 +48,12 @@ from featurewatch.storage.audit import AuditLog
 from featurewatch.storage.catalog import Catalog
 
 commands = typer.Typer(add_completion=False)  # approve, steer and finetune, at the top level
+verdicts = typer.Typer(
+    help="Score every response of the live replicas in-line with a tag's probe, and gate "
+    "on it (flag, block, regenerate): on, off, status.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 policy = typer.Typer(
     help="Trigger policies (YAML): validate and run them.",
     no_args_is_help=True,
@@ -163,3 +176,80 @@ def finetune(
         init_ray(cfg)
         result = run_finetune(cfg, folder, transcripts, version, settings, catalog=catalog)
     print_json(asdict(result))
+
+
+AddressOpt = Annotated[
+    str | None, typer.Option(help="Ray cluster address (default: the config's; 'auto').")
+]
+
+
+def _served_config(config, home, address):
+    cfg = cli_config(config, home)
+    if address:
+        cfg.ray.address = address
+    return cfg
+
+
+@verdicts.command("on")
+def verdicts_on(
+    tag: Annotated[str, typer.Option(help="The tag whose probe scores every response.")],
+    gate: Annotated[str, typer.Option(help="flag, block or regenerate.")] = "flag",
+    threshold: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Flag at or above this score.")
+    ] = None,
+    fpr: Annotated[
+        float | None,
+        typer.Option(min=0.0001, max=0.5, help="Or: the false-positive rate on --reference."),
+    ] = None,
+    reference: Annotated[
+        str | None, typer.Option(help="Benign transcripts for --fpr: JSONL or bundled:NAME.")
+    ] = None,
+    every: Annotated[
+        int | None, typer.Option(min=1, max=4096, help="Streamed responses: check every N.")
+    ] = None,
+    scale: Annotated[float, typer.Option(min=0.01, max=100.0, help="regenerate: steering.")] = 4.0,
+    sae_version: SaeVersionOpt = None,
+    address: AddressOpt = None,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Score every response with the tag's probe from now on (no restart); other tags
+    already on stay on. Prints a replica's report once it has taken the settings."""
+    check_choice(gate, "--gate", GATES)
+    cfg = _served_config(config, home, address)
+    with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
+        wanted = tag_verdict(cfg, catalog, tag, gate=gate, threshold=threshold, fpr=fpr,
+                             reference=reference, sae_version=sae_version, scale=scale)  # fmt: skip
+    init_ray(cfg)
+    current = deployed_verdicts(cfg)
+    tags = [t for t in (current.tags if current else []) if t.tag != tag] + [wanted]
+    kept = every or (current.every if current else 16)
+    print_json(set_verdicts(cfg, VerdictSettings(tags=tags, every=kept)))
+
+
+@verdicts.command("off")
+def verdicts_off(
+    tag: Annotated[str | None, typer.Option(help="Only this tag (default: every tag).")] = None,
+    address: AddressOpt = None,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Stop scoring responses in-line (every tag, or one)."""
+    cfg = _served_config(config, home, address)
+    init_ray(cfg)
+    current = deployed_verdicts(cfg)
+    if tag is not None and (current is None or tag not in [t.tag for t in current.tags]):
+        fail(f"--tag: {tag!r} is not scored in-line", 2)
+    tags = [t for t in current.tags if t.tag != tag] if current and tag else []
+    settings = VerdictSettings(tags=tags, every=current.every) if tags else None
+    print_json(set_verdicts(cfg, settings))
+
+
+@verdicts.command("status")
+def verdicts_status(
+    address: AddressOpt = None, config: ConfigOpt = None, home: HomeOpt = None
+) -> None:
+    """A replica's verdict settings and counts (responses, flagged, blocked, regenerated)."""
+    cfg = _served_config(config, home, address)
+    init_ray(cfg)
+    print_json(steering_status(cfg))
