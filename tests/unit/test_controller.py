@@ -7,6 +7,7 @@ import threading
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pyarrow as pa
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -19,6 +20,7 @@ from featurewatch.platform.control.controller import PolicyController
 from featurewatch.platform.control.policies import Condition, PolicyFile
 from featurewatch.storage.audit import AuditLog
 from featurewatch.storage.catalog import Catalog
+from featurewatch.storage.lake import VERDICT_LOG, write_partitioned
 from featurewatch.storage.registry import FeatureRegistry
 from tests.unit.lake_helpers import T0, fill_home
 
@@ -299,3 +301,49 @@ def test_the_realign_demo_refuses_bad_options_and_a_home_without_a_tagged_sae(tm
     assert no_probe.exit_code == 1 and "no 'misalignment' probe is fitted on SAE s1" in (
         no_probe.output
     )
+
+
+def verdict_rows(cat, start, version, flagged, total, seg):
+    """`total` in-line verdicts of tag misalignment (the first `flagged` flagged) by
+    `version`, one a minute from `start`, committed as a segment's verdicts."""
+    times = [start + timedelta(minutes=i) for i in range(total)]
+    table = pa.table({
+        "ts": pa.array(times, pa.timestamp("us", "UTC")),
+        "model": ["tiny"] * total, "model_version": [version] * total,
+        "replica": ["r1"] * total, "request_id": [f"{seg}-{i}" for i in range(total)],
+        "tag": ["misalignment"] * total, "score": [0.9] * flagged + [0.1] * (total - flagged),
+        "threshold": [0.5] * total, "flagged": [True] * flagged + [False] * (total - flagged),
+        "action": ["flagged"] * flagged + ["none"] * (total - flagged), "attempt": [0] * total,
+        "probe": ["sae1/misalignment/residual"] * total, "engine": ["hf"] * total,
+        "segment_id": [seg] * total,
+    })  # fmt: skip
+    files = {"verdicts": write_partitioned(cat.lake, "verdicts", table, f"{seg}__verdicts")}
+    cat.commit_segment(seg, VERDICT_LOG, files, tokens=0, feature_rows=total)
+
+
+def test_flagged_share_of_inline_verdicts_fires_per_model_version(platform, webhook):
+    url, received, _ = webhook
+    with Catalog(platform.catalog_path, platform.lake_dir) as cat:
+        verdict_rows(cat, T0 + 3 * HOUR, "v1", 2, 40, "vs1")  # 5 %
+        verdict_rows(cat, T0 + 3 * HOUR, "v2", 12, 40, "vs2")  # 30 %
+        verdict_rows(cat, T0 + 3 * HOUR, "v3", 10, 10, "vs3")  # too few to count
+        verdict_rows(cat, T0 + 2 * HOUR, "v2", 1, 40, "vs4")  # the window before: 2.5 %
+    share = dict(statistic="flagged_share", threshold=0.2, consecutive=1)
+    row = PolicyController(platform, policies(url, id="share", **share)).tick(NOW)[0]
+    assert row["values"] == [pytest.approx(0.3)] and row["outcome"] == "fired"
+    assert row["model_versions"] == [
+        {"model_version": "v2", "value": pytest.approx(0.3)},
+        {"model_version": "v1", "value": pytest.approx(0.05)},
+    ]
+    assert row["crossing"] == [7, 9, 11]  # steering acts on the tag's whole group
+    assert "flagged_share (max) of tag misalignment" in received[0]["reason"]
+    # Two windows in a row: the one before was 2.5 % for v2, so it does not fire.
+    two = PolicyController(platform, policies(url, id="two", consecutive=2, **{
+        k: v for k, v in share.items() if k != "consecutive"}))  # fmt: skip
+    assert two.tick(NOW)[0]["values"] == [pytest.approx(0.3), pytest.approx(1 / 40)]
+    only_v1 = policies(url, id="v1", model_version="v1", **share)
+    assert PolicyController(platform, only_v1).tick(NOW)[0]["outcome"] == "not_met"
+    strict = policies(url, id="strict", min_responses=50, **share)
+    assert PolicyController(platform, strict).tick(NOW)[0]["outcome"] == "no_data"
+    with pytest.raises(ValueError, match="flagged_share counts a tag's in-line verdicts"):
+        policies(url, feature=7, **share)

@@ -82,7 +82,32 @@ TREND_SQL = """
 SELECT feature_id, slope AS value FROM trend_slope($win_end, $width, $n)
 WHERE sae_version = $sae AND feature_id IN (SELECT unnest($ids::INTEGER[]))
 """
-MODEL_FILTERED = ("rate_ratio", "z_score", "firing_rate")
+MODEL_FILTERED = ("rate_ratio", "z_score", "firing_rate", "flagged_share")
+# Per model version: the share of its first answers that the tag's in-line verdicts
+# flagged in the window (regenerated second answers are not counted again).
+FLAGGED_SQL = """
+SELECT model_version, count(*) AS responses, count(*) FILTER (WHERE flagged) AS flagged
+FROM verdicts
+WHERE tag = $tag AND attempt = 0 AND ts >= $win_start AND ts < $win_end
+  AND ($model IS NULL OR model = $model)
+  AND ($model_version IS NULL OR model_version = $model_version)
+GROUP BY model_version ORDER BY model_version
+"""
+
+
+def flagged_shares(catalog: Catalog, condition: Condition, win_end: datetime) -> dict[str, float]:
+    """model version -> share of its answers flagged in the window, for the versions with
+    at least `min_responses` verdicts."""
+    params = {
+        "tag": condition.tag, "win_start": win_end - condition.window, "win_end": win_end,
+        "model": condition.model, "model_version": condition.model_version,
+    }  # fmt: skip
+    rows = fetch_arrow(catalog.con, FLAGGED_SQL, params).to_pylist()
+    return {
+        r["model_version"]: r["flagged"] / r["responses"]
+        for r in rows
+        if r["responses"] >= condition.min_responses
+    }
 
 
 def window_value(
@@ -100,6 +125,13 @@ def window_value(
         "win_end": win_end,
     }
     statistic = condition.statistic
+    if statistic == "flagged_share":
+        shares = flagged_shares(catalog, condition, win_end)
+        if not shares:
+            return None, {}
+        values = list(shares.values())
+        aggregate = max(values) if condition.aggregate == "max" else sum(values) / len(values)
+        return float(aggregate), shares
     if statistic in MODEL_FILTERED:
         params |= {"model": condition.model, "model_version": condition.model_version}
         rows = fetch_arrow(catalog.con, COUNTS_SQL, params).to_pylist()
@@ -146,6 +178,13 @@ def evaluate(catalog: Catalog, policy: Policy, now: datetime) -> dict:
         if i == 0:
             per_feature = features
     top = sorted(per_feature.items(), key=lambda kv: -abs(kv[1]))[:5]
+    crossing = sorted(f for f, v in per_feature.items() if crosses(condition, v))
+    if condition.statistic == "flagged_share":
+        # The values are per model version: steering acts on the tag's whole group.
+        versions = {"model_versions": [{"model_version": v, "value": x} for v, x in top]}
+        top, crossing = [], ids if crossing else []
+    else:
+        versions = {}
     return {
         "sae_version": sae_version,
         "tag": condition.tag,
@@ -156,7 +195,8 @@ def evaluate(catalog: Catalog, policy: Policy, now: datetime) -> dict:
         "features": len(ids),
         "top_features": [{"feature_id": f, "value": v} for f, v in top],
         # the group's features that crossed the bar in the newest window: what `steer` acts on
-        "crossing": sorted(f for f, v in per_feature.items() if crosses(condition, v)),
+        "crossing": crossing,
+        **versions,
     }
 
 

@@ -7,7 +7,8 @@ A policy file is YAML validated by pydantic; every error names its field, e.g.
       - id: misalignment-rising
         condition:
           tag: misalignment          # or feature: 4107 (exactly one of the two)
-          statistic: rate_ratio      # rate_ratio, z_score, firing_rate, psi or trend_slope
+          statistic: rate_ratio      # rate_ratio, z_score, firing_rate, psi, trend_slope,
+                                     # or flagged_share (in-line verdicts, per version)
           aggregate: max             # over the group's features: max or mean
           window: 1h
           baseline: 24h              # the span just before the window
@@ -43,7 +44,7 @@ from featurewatch.errors import ConfigError
 from featurewatch.storage.registry import TAG_PATTERN
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-Statistic = Literal["rate_ratio", "z_score", "firing_rate", "psi", "trend_slope"]
+Statistic = Literal["rate_ratio", "z_score", "firing_rate", "psi", "trend_slope", "flagged_share"]
 
 
 class Condition(_Strict):
@@ -60,11 +61,16 @@ class Condition(_Strict):
     threshold: float = Field(description="The bar the statistic is compared with.")
     direction: Literal["above", "below"] = Field("above", description="Fire above or below.")
     consecutive: int = Field(1, ge=1, le=100, description="Windows in a row before firing.")
+    min_responses: int = Field(
+        20, ge=1, le=1_000_000, description="flagged_share: fewer in-line verdicts is no data."
+    )
 
     @model_validator(mode="after")
     def _one_target(self):
         if (self.tag is None) == (self.feature is None):
             raise ValueError("give exactly one of tag or feature")
+        if self.statistic == "flagged_share" and self.tag is None:
+            raise ValueError("flagged_share counts a tag's in-line verdicts: give a tag")
         if self.baseline < self.window:
             raise ValueError("baseline must be at least as long as window")
         if (self.model or self.model_version) and self.statistic in ("psi", "trend_slope"):
