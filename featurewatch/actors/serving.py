@@ -434,6 +434,24 @@ def deployed_verdicts(cfg: FeaturewatchConfig) -> VerdictSettings | None:
     return VerdictSettings.model_validate(found) if found else None
 
 
+def verdicts_on(cfg: FeaturewatchConfig, wanted: TagVerdict, every: int | None = None) -> dict:
+    """Score every response with this tag's settings too (replacing the tag's earlier
+    ones; other tags stay on). Returns a replica's report once it has taken them."""
+    current = deployed_verdicts(cfg)
+    tags = [t for t in (current.tags if current else []) if t.tag != wanted.tag] + [wanted]
+    kept = every or (current.every if current else VerdictSettings.model_fields["every"].default)
+    return set_verdicts(cfg, VerdictSettings(tags=tags, every=kept))
+
+
+def verdicts_off(cfg: FeaturewatchConfig, tag: str | None = None) -> dict:
+    """Stop scoring one tag in-line (None: every tag)."""
+    current = deployed_verdicts(cfg)
+    if tag is not None and (current is None or tag not in [t.tag for t in current.tags]):
+        raise ConfigError(f"tag {tag!r} is not scored in-line")
+    tags = [t for t in current.tags if t.tag != tag] if current and tag else []
+    return set_verdicts(cfg, VerdictSettings(tags=tags, every=current.every) if tags else None)
+
+
 def steering_status(cfg: FeaturewatchConfig) -> dict:
     """A live replica's report: its version, steers, canary route and verdicts."""
     _deployed(cfg)

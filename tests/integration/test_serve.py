@@ -24,7 +24,7 @@ from featurewatch.capture.steering import steer_from_sae
 from featurewatch.config import build_config
 from featurewatch.errors import ConfigError, TranscriptError
 from featurewatch.platform.cli import app
-from featurewatch.platform.control.actions import realign_handler
+from featurewatch.platform.control.actions import realign_handler, verdicts_handler
 from featurewatch.platform.control.controller import PolicyController
 from featurewatch.platform.control.policies import PolicyFile
 from featurewatch.proto import activations_pb2 as pb
@@ -482,6 +482,23 @@ def test_inline_verdicts_score_every_response_and_gate_it(served, tmp_path):
     assert got[("hot", "blocked", 0)] == 2 and got[("hot", "regenerated", 0)] == 1
     assert got[("hot", "flagged", 1)] == 1  # the regenerated answer still scores hot
     assert got[("cold", "none", 0)] == 4 and got[("cold", "none", 1)] == 1
+
+    # A policy's `verdicts` action: the tag it watches, its threshold from a rate.
+    done = verdicts_handler(cfg)(
+        {
+            "type": "verdicts",
+            "gate": "flag",
+            "threshold": {"fpr": 0.25, "reference": str(reference)},
+        },
+        {"numbers": {"tag": "cold", "sae_version": "sae-v"}},
+    )
+    assert done.startswith("in-line verdicts on for tag cold (gate flag, threshold") and (
+        f"from fpr=0.25@{reference}) on replica {replica}" in done
+    )
+    status = handle.steering_status.remote().result()
+    assert [(v["tag"], v["threshold_source"]) for v in status["verdicts"]] == [
+        ("hot", "score"), ("cold", f"fpr=0.25@{reference}")
+    ]  # fmt: skip
 
     off = verdicts("off")
     assert off.exit_code == 0 and json.loads(off.stdout)["verdicts"] is None

@@ -85,6 +85,22 @@ BAD = [
         {"type": "realign", "score_bar": {"fpr": 0.01, "refrence": "bundled:safe"}},
         "score_bar.FprBar.refrence: Extra inputs are not permitted",
     ),
+    ("policies.0.actions.0", {"type": "verdicts"}, "verdicts.threshold: Field required"),
+    (
+        "policies.0.actions.0",
+        {"type": "verdicts", "threshold": 0.5, "gate": "drop"},
+        "verdicts.gate: Input should be 'flag', 'block' or 'regenerate'",
+    ),
+    (
+        "policies.0.actions.0",
+        {"type": "verdicts", "threshold": {"fpr": 0.01, "reference": ""}},
+        "threshold.FprBar.reference: String should have at least 1 character",
+    ),
+    (
+        "policies.0.condition",
+        {"feature": 3, "statistic": "flagged_share", "threshold": 0.1},
+        "flagged_share counts a tag's in-line verdicts: give a tag",
+    ),
     ("policies.0.approval", "maybe", "policies.0.approval: Input should be 'automatic'"),
     ("policies.0.cooldwn", "1h", "policies.0.cooldwn: Extra inputs are not permitted"),
     ("policies.0.id", "Has Spaces", "policies.0.id: String should match"),

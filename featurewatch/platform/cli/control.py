@@ -15,15 +15,15 @@ import typer
 
 from featurewatch.actors.runtime import init_ray
 from featurewatch.actors.serving import (
-    deployed_verdicts,
-    set_verdicts,
     steer_by_hand,
     steering_status,
     tag_verdict,
+    verdicts_off,
+    verdicts_on,
 )
 from featurewatch.analysis.discover import model_folder
 from featurewatch.analysis.transcripts import read_transcripts
-from featurewatch.analysis.verdicts import GATES, VerdictSettings
+from featurewatch.analysis.verdicts import GATES
 from featurewatch.capture.steering import MODES
 from featurewatch.config import format_duration as fmt
 from featurewatch.platform.cli.common import (
@@ -191,7 +191,7 @@ def _served_config(config, home, address):
 
 
 @verdicts.command("on")
-def verdicts_on(
+def verdicts_on_command(
     tag: Annotated[str, typer.Option(help="The tag whose probe scores every response.")],
     gate: Annotated[str, typer.Option(help="flag, block or regenerate.")] = "flag",
     threshold: Annotated[
@@ -221,14 +221,11 @@ def verdicts_on(
         wanted = tag_verdict(cfg, catalog, tag, gate=gate, threshold=threshold, fpr=fpr,
                              reference=reference, sae_version=sae_version, scale=scale)  # fmt: skip
     init_ray(cfg)
-    current = deployed_verdicts(cfg)
-    tags = [t for t in (current.tags if current else []) if t.tag != tag] + [wanted]
-    kept = every or (current.every if current else 16)
-    print_json(set_verdicts(cfg, VerdictSettings(tags=tags, every=kept)))
+    print_json(verdicts_on(cfg, wanted, every))
 
 
 @verdicts.command("off")
-def verdicts_off(
+def verdicts_off_command(
     tag: Annotated[str | None, typer.Option(help="Only this tag (default: every tag).")] = None,
     address: AddressOpt = None,
     config: ConfigOpt = None,
@@ -237,16 +234,11 @@ def verdicts_off(
     """Stop scoring responses in-line (every tag, or one)."""
     cfg = _served_config(config, home, address)
     init_ray(cfg)
-    current = deployed_verdicts(cfg)
-    if tag is not None and (current is None or tag not in [t.tag for t in current.tags]):
-        fail(f"--tag: {tag!r} is not scored in-line", 2)
-    tags = [t for t in current.tags if t.tag != tag] if current and tag else []
-    settings = VerdictSettings(tags=tags, every=current.every) if tags else None
-    print_json(set_verdicts(cfg, settings))
+    print_json(verdicts_off(cfg, tag))
 
 
 @verdicts.command("status")
-def verdicts_status(
+def verdicts_status_command(
     address: AddressOpt = None, config: ConfigOpt = None, home: HomeOpt = None
 ) -> None:
     """A replica's verdict settings and counts (responses, flagged, blocked, regenerated)."""

@@ -21,6 +21,8 @@ from featurewatch.actors.serving import (
     start_canary,
     steers_for,
     stop_canary,
+    tag_verdict,
+    verdicts_on,
 )
 from featurewatch.analysis.scoring import evaluate_model, live_model_score, score_threshold
 from featurewatch.analysis.transcripts import read_prompts, read_transcripts
@@ -92,6 +94,33 @@ def steer_handler(cfg):
         )
 
     return steer
+
+
+def verdicts_handler(cfg):
+    """The `verdicts` action: score every live response in-line with the policy tag's
+    probe from now on, with the action's gate and threshold (no restart)."""
+
+    def verdicts(action: dict, decision: dict) -> str:
+        numbers = decision["numbers"]
+        tag = numbers.get("tag")
+        if not tag:
+            raise ValueError("verdicts score with a tag's probe: use a tag condition")
+        bar = action["threshold"]
+        given = {"fpr": bar["fpr"], "reference": bar["reference"]} if isinstance(bar, dict) \
+            else {"threshold": bar}  # fmt: skip
+        with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
+            wanted = tag_verdict(cfg, catalog, tag, gate=action.get("gate", "flag"),
+                                 sae_version=numbers.get("sae_version"),
+                                 scale=action.get("scale", 4.0), **given)  # fmt: skip
+        init_ray(cfg)
+        status = verdicts_on(cfg, wanted)
+        return (
+            f"in-line verdicts on for tag {tag} (gate {wanted.gate}, threshold "
+            f"{wanted.threshold:.4f} from {wanted.threshold_source}) on replica "
+            f"{status['replica_id']}"
+        )
+
+    return verdicts
 
 
 def refresh_sae_handler(cfg):

@@ -30,6 +30,7 @@ from featurewatch.platform.control.actions import (
     refresh_sae_handler,
     send_alert,
     steer_handler,
+    verdicts_handler,
 )
 from featurewatch.platform.control.policies import Condition, Policy, load_policies
 from featurewatch.storage.audit import AuditLog, utc_now
@@ -237,6 +238,7 @@ class PolicyController:
                 "steer": steer_handler(cfg),
                 "refresh_sae": refresh_sae_handler(cfg),
                 "realign": realign_handler(cfg),
+                "verdicts": verdicts_handler(cfg),
             }
         self.handlers = handlers
         # The Ray actor passes ControllerMetrics (featurewatch/actors/metrics.py); this

@@ -134,8 +134,21 @@ class RealignAction(_Strict):
     cpus: int = Field(1, ge=1, le=64, description="CPUs (torch threads) of the fine-tune.")
 
 
+class VerdictsAction(_Strict):
+    type: Literal["verdicts"]
+    gate: Literal["flag", "block", "regenerate"] = Field(
+        "flag", description="What a flagged answer gets: returned, refused, or answered again."
+    )
+    threshold: Annotated[float, Field(gt=0, le=1)] | FprBar = Field(
+        description="Flag at or above this probe score, or {fpr, reference} for the score "
+        "that flags that rate of benign transcripts."
+    )
+    scale: float = Field(4.0, gt=0, le=100, description="regenerate: how hard it steers.")
+
+
 Action = Annotated[
-    AlertAction | SteerAction | RefreshSAEAction | RealignAction, Field(discriminator="type")
+    AlertAction | SteerAction | RefreshSAEAction | RealignAction | VerdictsAction,
+    Field(discriminator="type"),
 ]
 
 
