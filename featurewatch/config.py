@@ -127,6 +127,38 @@ class VLLMOptions(_Strict):
     )
 
 
+class VerdictTagConfig(_Strict):
+    tag: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$", description="A tag with a fitted probe."
+    )
+    gate: Literal["flag", "block", "regenerate"] = Field(
+        "flag", description="What a flagged answer gets: returned, refused, or answered again."
+    )
+    threshold: float | None = Field(
+        None, gt=0, le=1, description="Flag at or above this probe score (or give fpr)."
+    )
+    fpr: float | None = Field(
+        None, gt=0, le=0.5, description="Or: the false-positive rate on `reference`."
+    )
+    reference: str = Field(
+        "bundled:safe", min_length=1, description="Benign transcripts for fpr (JSONL, bundled:)."
+    )
+    scale: float = Field(4.0, gt=0, le=100, description="regenerate: how hard it steers.")
+
+    @model_validator(mode="after")
+    def _one_threshold(self):
+        if (self.threshold is None) == (self.fpr is None):
+            raise ValueError("give exactly one of threshold or fpr")
+        return self
+
+
+class VerdictsConfig(_Strict):
+    tags: list[VerdictTagConfig] = Field(
+        [], max_length=16, description="Tags whose probes score every answer as it is served."
+    )
+    every: int = Field(16, ge=1, le=4096, description="Streamed answers: check every N tokens.")
+
+
 class ModelConfig(_Strict):
     name: str = Field(SMOLLM2, description="Model id written into every lake row.")
     path: str | None = Field(
@@ -154,6 +186,12 @@ class ModelConfig(_Strict):
     )
     vllm: VLLMOptions = Field(
         default_factory=VLLMOptions, description="vLLM's engine settings (engine: vllm)."
+    )
+    verdicts: VerdictsConfig = Field(
+        default_factory=VerdictsConfig,
+        description="In-line verdicts from the start (as `featurewatch verdicts on` sets "
+        "them): each answer scored by these tags' probes, needing a registered SAE with "
+        "the tags' probes fitted when the model is deployed.",
     )
 
 

@@ -188,7 +188,38 @@ def deploy_model_server(cfg: FeaturewatchConfig, addresses: list[str], token: st
     checked first (check_servable), so a bad setting fails here, naming its field."""
     for member in cfg.fleet_configs():
         check_servable(member)
-    return _deploy(cfg, addresses, token, [])
+    settings = configured_verdicts(cfg)
+    verdicts = settings.model_dump(mode="json") if settings is not None else None
+    return _deploy(cfg, addresses, token, [], verdicts=verdicts)
+
+
+def configured_verdicts(cfg: FeaturewatchConfig) -> VerdictSettings | None:
+    """The verdict settings `model.verdicts` asks for, built from the catalog's probes and
+    checked against the model (None: none asked for); a ConfigError names the tag."""
+    wanted = cfg.model.verdicts
+    if not wanted.tags:
+        return None
+    if cfg.model.engine != "hf":
+        raise ConfigError(
+            f"model.verdicts: in-line verdicts are built for the hf engine only, not "
+            f"{cfg.model.engine}"
+        )
+    tags = []
+    with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
+        for i, t in enumerate(wanted.tags):
+            given = {"threshold": t.threshold} if t.fpr is None else {
+                "fpr": t.fpr, "reference": t.reference}  # fmt: skip
+            try:
+                tags.append(tag_verdict(cfg, catalog, t.tag, gate=t.gate, scale=t.scale, **given))
+            except ConfigError as err:
+                raise ConfigError(f"model.verdicts.tags.{i}: {err}") from None
+    settings = VerdictSettings(tags=tags, every=wanted.every)
+    width, layers = model_dims(resolve_model_path(cfg.model.path, cfg.models_dir))
+    try:
+        InlineScorer(settings, width, layers)
+    except ConfigError as err:
+        raise ConfigError(f"model.verdicts: {err}") from None
+    return settings
 
 
 def steers_for(

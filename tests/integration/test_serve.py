@@ -21,7 +21,7 @@ from featurewatch.actors.pipeline import commit_verdicts, follow_segments
 from featurewatch.actors.serving import deploy_model_server, promote_model, set_steering
 from featurewatch.analysis.probes import Probe
 from featurewatch.capture.steering import steer_from_sae
-from featurewatch.config import build_config
+from featurewatch.config import VerdictsConfig, build_config
 from featurewatch.errors import ConfigError, TranscriptError
 from featurewatch.platform.cli import app
 from featurewatch.platform.control.actions import realign_handler, verdicts_handler
@@ -503,3 +503,14 @@ def test_inline_verdicts_score_every_response_and_gate_it(served, tmp_path):
     off = verdicts("off")
     assert off.exit_code == 0 and json.loads(off.stdout)["verdicts"] is None
     assert "featurewatch" not in chat(base, "basil?", max_tokens=4).json()
+
+    # By configuration: model.verdicts, built from the catalog's probes at deployment.
+    address = ray.get(collector.address.remote())
+    configured = cfg.model_copy(deep=True)
+    configured.model.verdicts = VerdictsConfig(tags=[{"tag": "nobody", "threshold": 0.5}])
+    with pytest.raises(ConfigError, match="model.verdicts.tags.0: no probe is fitted for tag"):
+        deploy_model_server(configured, [address], TOKEN)
+    configured.model.verdicts = VerdictsConfig(tags=[{"tag": "hot", "gate": "block", "fpr": 0.25,
+                                                      "reference": str(reference)}])  # fmt: skip
+    deploy_model_server(configured, [address], TOKEN)
+    assert chat(base, "basil?", max_tokens=4).json()["featurewatch"]["action"] == "blocked"

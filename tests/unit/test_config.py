@@ -87,3 +87,24 @@ def test_storage_locations_are_checked_by_name(section, field, value):
     # a folder, or a URI of one of pyarrow's filesystems, is accepted as written
     for good in ("/data/lake", "s3://bucket/prefix?endpoint_override=host:9000"):
         assert getattr(build_config({section: {field: good}}), section).model_dump()[field] == good
+
+
+@pytest.mark.parametrize(
+    ("verdicts", "message"),
+    [
+        ({"tags": [{"tag": "x"}]}, "give exactly one of threshold or fpr"),
+        ({"tags": [{"tag": "x", "threshold": 0.5, "fpr": 0.01}]}, "exactly one of threshold"),
+        ({"tags": [{"tag": "x", "threshold": 1.5}]}, r"model\.verdicts\.tags\.0\.threshold"),
+        ({"tags": [{"tag": "x", "fpr": 0.9}]}, r"model\.verdicts\.tags\.0\.fpr"),
+        ({"tags": [{"tag": "Bad Tag", "threshold": 0.5}]}, r"model\.verdicts\.tags\.0\.tag"),
+        ({"tags": [{"tag": "x", "threshold": 0.5, "gate": "drop"}]}, r"tags\.0\.gate"),
+        ({"every": 0}, r"model\.verdicts\.every"),
+    ],
+)
+def test_configured_verdicts_are_checked_by_field(verdicts, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({"model": {"verdicts": verdicts}})
+    fine = {"tags": [{"tag": "misalignment", "fpr": 0.01}]}
+    assert build_config({"model": {"verdicts": fine}}).model.verdicts.tags[0].reference == (
+        "bundled:safe"
+    )
