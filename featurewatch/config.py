@@ -367,6 +367,12 @@ class FleetModelConfig(_Strict):
         default_factory=CaptureConfig, description="Its layers, sites and sampling policy."
     )
 
+    @model_validator(mode="after")
+    def _no_verdicts(self):
+        if self.model.verdicts.tags:
+            raise ValueError("model.verdicts: in-line verdicts are built for the first model only")
+        return self
+
 
 class DemoConfig(_Strict):
     requests_per_phase: int = Field(32, ge=1, description="Chat requests in each phase.")

@@ -108,3 +108,9 @@ def test_configured_verdicts_are_checked_by_field(verdicts, message):
     assert build_config({"model": {"verdicts": fine}}).model.verdicts.tags[0].reference == (
         "bundled:safe"
     )
+
+
+def test_a_fleet_member_cannot_ask_for_verdicts():
+    member = {"model": {"name": "other", "verdicts": {"tags": [{"tag": "x", "threshold": 0.5}]}}}
+    with pytest.raises(ConfigError, match=r"fleet\.0: .*built for the first model only"):
+        build_config({"fleet": [member]})
