@@ -13,6 +13,7 @@ from featurewatch.errors import ConfigError
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.deployed_app import read_deployed
 from featurewatch.storage.heartbeats import read_heartbeats
+from featurewatch.storage.lake import VERDICT_LOG
 from featurewatch.storage.spool import oldest_waiting, spool_segments, waiting_segments
 
 # Sampled tokens per model, version and replica in the window, from the raw rows.
@@ -21,6 +22,19 @@ SELECT model, model_version, replica, count(*) AS tokens, max(ts) AS last_seen
 FROM tokens WHERE ts >= ? AND ts < ?
 GROUP BY ALL ORDER BY model, model_version, replica
 """
+
+# In-line verdicts per model, version and tag over the last day: first answers scored,
+# those flagged, and what the gates did.
+VERDICTS_SQL = """
+SELECT model, model_version, tag,
+       count(*) FILTER (WHERE attempt = 0) AS answers,
+       count(*) FILTER (WHERE attempt = 0 AND flagged) AS flagged,
+       count(*) FILTER (WHERE action = 'blocked') AS blocked,
+       count(*) FILTER (WHERE action = 'regenerated') AS regenerated
+FROM verdicts WHERE ts >= ? AND ts < ?
+GROUP BY ALL ORDER BY model, model_version, tag
+"""
+VERDICTS_WINDOW = timedelta(hours=24)
 
 
 def _deployed(cfg: FeaturewatchConfig) -> dict | None:
@@ -47,7 +61,8 @@ def _pipeline(cfg: FeaturewatchConfig, catalog: Catalog, now: float) -> dict:
     oldest of them has waited (the pipeline's lag; its Ray metric measures the same)."""
     newest = catalog.query(
         "SELECT sae_version, max(committed_at) AS last_commit FROM segments "
-        "GROUP BY sae_version ORDER BY last_commit DESC LIMIT 1"
+        "WHERE sae_version != ? GROUP BY sae_version ORDER BY last_commit DESC LIMIT 1",
+        [VERDICT_LOG],  # the verdicts' own commits are not an SAE's
     ).to_pylist()
     if not newest:
         sealed = spool_segments(cfg.spool_dir)
@@ -80,6 +95,9 @@ def fleet_overview(
     seen = catalog.query(LAKE_REPLICAS_SQL, [now - window, now]).to_pylist()
     for row in seen:
         row["tokens_per_s"] = round(row["tokens"] / window.total_seconds(), 2)
+    verdicts = catalog.query(VERDICTS_SQL, [now - VERDICTS_WINDOW, now]).to_pylist()
+    for row in verdicts:
+        row["flagged_share"] = round(row["flagged"] / row["answers"], 4) if row["answers"] else None
     versions = catalog.query(
         "SELECT model, model_version, registered_at FROM model_versions ORDER BY registered_at DESC"
     ).to_pylist()
@@ -92,6 +110,7 @@ def fleet_overview(
         "replicas": replicas,
         "collectors": collectors,
         "lake_replicas": seen,
+        "verdicts": verdicts,
         "model_versions": versions,
         "ingest": {
             "collectors_live": len(live_collectors),
@@ -151,6 +170,14 @@ def format_overview(overview: dict) -> str:
         lines.append(
             f"  {row['model']} {row['model_version']:<20} {row['replica']:<24} "
             f"{row['tokens']:>7} tokens ({row['tokens_per_s']}/s)"
+        )
+    if overview["verdicts"]:
+        lines.append("in-line verdicts, last 24 h:")
+    for row in overview["verdicts"]:
+        lines.append(
+            f"  {row['model']} {row['model_version']:<20} {row['tag']:<16} {row['answers']:>7} "
+            f"answers, {row['flagged']} flagged, {row['blocked']} blocked, "
+            f"{row['regenerated']} regenerated"
         )
     ingest, drops, pipe = overview["ingest"], overview["drops"], overview["pipeline"]
     lines += [

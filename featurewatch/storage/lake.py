@@ -88,7 +88,9 @@ VERDICTS_SCHEMA = pa.schema(
         ("segment_id", pa.string()),
     ]
 )
-VERDICT_LOG = "verdicts"
+# In the catalog's manifest the verdicts' commits stand where an SAE version would; no
+# SAE version can take this name (SAE names start with a letter or digit).
+VERDICT_LOG = "(verdicts)"
 SCHEMAS = {
     "feature_acts": FEATURE_ACTS_SCHEMA,
     "tokens": TOKENS_SCHEMA,

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from featurewatch.storage.catalog import Catalog
-from featurewatch.storage.lake import write_segment
+from featurewatch.storage.lake import VERDICT_LOG, write_partitioned, write_segment
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
@@ -92,3 +92,21 @@ def fill_home(cfg, sae_path):
             files = write_segment(cat.lake, tokens, features, f"seg{i}__sae1")
             cat.commit_segment(f"seg{i}", "sae1", files, tokens=60, feature_rows=len(features))
     return cfg
+
+
+def verdict_rows(cat, start, version, flagged, total, seg):
+    """`total` in-line verdicts of tag misalignment (the first `flagged` flagged) by
+    `version`, one a minute from `start`, committed as a segment's verdicts."""
+    times = [start + timedelta(minutes=i) for i in range(total)]
+    table = pa.table({
+        "ts": pa.array(times, pa.timestamp("us", "UTC")),
+        "model": ["tiny"] * total, "model_version": [version] * total,
+        "replica": ["r1"] * total, "request_id": [f"{seg}-{i}" for i in range(total)],
+        "tag": ["misalignment"] * total, "score": [0.9] * flagged + [0.1] * (total - flagged),
+        "threshold": [0.5] * total, "flagged": [True] * flagged + [False] * (total - flagged),
+        "action": ["flagged"] * flagged + ["none"] * (total - flagged), "attempt": [0] * total,
+        "probe": ["sae1/misalignment/residual"] * total, "engine": ["hf"] * total,
+        "segment_id": [seg] * total,
+    })  # fmt: skip
+    files = {"verdicts": write_partitioned(cat.lake, "verdicts", table, f"{seg}__verdicts")}
+    cat.commit_segment(seg, VERDICT_LOG, files, tokens=0, feature_rows=total)

@@ -14,7 +14,8 @@ from featurewatch.storage.compaction import (
     retain,
     upkeep,
 )
-from tests.unit.lake_helpers import MINUTE, T0
+from featurewatch.storage.lake import VERDICT_LOG
+from tests.unit.lake_helpers import MINUTE, T0, verdict_rows
 
 HOUR = timedelta(hours=1)
 
@@ -275,3 +276,15 @@ def test_files_from_before_the_engine_column_read_null_and_compact_with_new_ones
     compact(cat, cat.lake, closed_before=T0 + HOUR)
     assert len(files_of(cat, "tokens")) == 1
     assert cat.query(engines).to_pylist() == [{"engine": "hf", "n": 5}, {"engine": None, "n": 10}]
+
+
+def test_verdict_files_of_a_closed_hour_compact_into_one(lake):
+    cat, _ = lake
+    verdict_rows(cat, T0, "v1", 2, 10, "vs1")
+    verdict_rows(cat, T0 + 20 * MINUTE, "v1", 1, 10, "vs2")
+    count = "SELECT count(*) AS n, count(*) FILTER (WHERE flagged) AS f FROM verdicts"
+    before = cat.query(count).to_pylist()
+    compact(cat, cat.lake, closed_before=T0 + 2 * HOUR)
+    files = [f for f in cat.lake_file_list() if f[0] == "verdicts"]
+    assert len(files) == 1 and files[0][3] == VERDICT_LOG
+    assert cat.query(count).to_pylist() == before == [{"n": 20, "f": 3}]

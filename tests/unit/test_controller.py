@@ -7,7 +7,6 @@ import threading
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pyarrow as pa
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -20,9 +19,8 @@ from featurewatch.platform.control.controller import PolicyController
 from featurewatch.platform.control.policies import Condition, PolicyFile
 from featurewatch.storage.audit import AuditLog
 from featurewatch.storage.catalog import Catalog
-from featurewatch.storage.lake import VERDICT_LOG, write_partitioned
 from featurewatch.storage.registry import FeatureRegistry
-from tests.unit.lake_helpers import T0, fill_home
+from tests.unit.lake_helpers import T0, fill_home, verdict_rows
 
 HOUR = timedelta(hours=1)
 NOW = T0 + 4 * HOUR
@@ -301,24 +299,6 @@ def test_the_realign_demo_refuses_bad_options_and_a_home_without_a_tagged_sae(tm
     assert no_probe.exit_code == 1 and "no 'misalignment' probe is fitted on SAE s1" in (
         no_probe.output
     )
-
-
-def verdict_rows(cat, start, version, flagged, total, seg):
-    """`total` in-line verdicts of tag misalignment (the first `flagged` flagged) by
-    `version`, one a minute from `start`, committed as a segment's verdicts."""
-    times = [start + timedelta(minutes=i) for i in range(total)]
-    table = pa.table({
-        "ts": pa.array(times, pa.timestamp("us", "UTC")),
-        "model": ["tiny"] * total, "model_version": [version] * total,
-        "replica": ["r1"] * total, "request_id": [f"{seg}-{i}" for i in range(total)],
-        "tag": ["misalignment"] * total, "score": [0.9] * flagged + [0.1] * (total - flagged),
-        "threshold": [0.5] * total, "flagged": [True] * flagged + [False] * (total - flagged),
-        "action": ["flagged"] * flagged + ["none"] * (total - flagged), "attempt": [0] * total,
-        "probe": ["sae1/misalignment/residual"] * total, "engine": ["hf"] * total,
-        "segment_id": [seg] * total,
-    })  # fmt: skip
-    files = {"verdicts": write_partitioned(cat.lake, "verdicts", table, f"{seg}__verdicts")}
-    cat.commit_segment(seg, VERDICT_LOG, files, tokens=0, feature_rows=total)
 
 
 def test_flagged_share_of_inline_verdicts_fires_per_model_version(platform, webhook):

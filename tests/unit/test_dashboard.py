@@ -27,7 +27,7 @@ from featurewatch.storage.inbox import apply_registrations, pending
 from featurewatch.storage.lake import write_segment
 from featurewatch.storage.registry import FeatureRegistry
 from featurewatch.storage.spool import Spool
-from tests.unit.lake_helpers import T0, fill_home, segment
+from tests.unit.lake_helpers import T0, fill_home, segment, verdict_rows
 
 PAGES = ["/", "/drift", "/features/sae1/7", "/timeline", "/sql"]
 APIS = ["/api/overview", "/api/drift", "/api/features/sae1/7", "/api/timeline"]
@@ -279,9 +279,18 @@ def test_fleet_overview_reads_heartbeats_the_lake_and_the_spool(home, tmp_path):
     spool.seal()
     spool.close()
 
+    with Catalog(cfg.catalog_path, cfg.lake_dir) as cat:  # answers scored in-line
+        verdict_rows(cat, T0 + timedelta(hours=3), "v1", 3, 40, "vs1")
+        verdict_rows(cat, T0 - timedelta(hours=30), "v1", 9, 10, "vs-old")  # a day before
+
     now = T0 + timedelta(hours=3, minutes=55)
     with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as cat:
         overview = fleet_overview(cfg, cat, timedelta(minutes=30), now=now)
+    assert overview["verdicts"] == [{
+        "model": "tiny", "model_version": "v1", "tag": "misalignment", "answers": 40,
+        "flagged": 3, "blocked": 0, "regenerated": 0, "flagged_share": 0.075,
+    }]  # fmt: skip
+    with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as cat:
         later = fleet_overview(cfg, cat, timedelta(minutes=30), now=now + timedelta(minutes=1))
     # `now` is in March: every heartbeat (written today) is in the future of it, so
     # judge liveness from the real clock's figures instead.
@@ -306,6 +315,7 @@ def test_fleet_overview_reads_heartbeats_the_lake_and_the_spool(home, tmp_path):
     assert bad.exit_code == 2 and "--window" in bad.output
     page = client.get("/", headers=bearer(tokens["viewer"])).text
     assert "ModelServer#abc" in page and "7 vectors dropped" in page
+    assert '<table id="verdicts">' in page
 
 
 def _analyst(cfg):
