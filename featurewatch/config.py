@@ -94,13 +94,6 @@ class RayConfig(_Strict):
         le=65535,
         description="Port of a local cluster's Prometheus endpoint (None: a free one).",
     )
-    dashboard: bool = Field(
-        True,
-        description="Start Ray's dashboard with a local cluster (on 127.0.0.1, about 0.9 "
-        "GiB). Ray Train 2.60 asks the state API, which the dashboard serves, whether its "
-        "controller lives: without it every fine-tune or SAE training job waits about 12 s "
-        "more for a timeout.",
-    )
 
 
 class VLLMOptions(_Strict):

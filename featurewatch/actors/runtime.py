@@ -42,7 +42,6 @@ def init_ray(cfg: FeaturewatchConfig, *, log_to_driver: bool = False) -> None:
         object_store_memory_mb=cfg.ray.object_store_memory_mb,
         log_to_driver=log_to_driver,
         metrics_export_port=cfg.ray.metrics_export_port,
-        dashboard=cfg.ray.dashboard,
     )
 
 
@@ -52,15 +51,13 @@ def start_local_ray(
     object_store_memory_mb: int,
     log_to_driver: bool = False,
     metrics_export_port: int | None = None,
-    dashboard: bool = True,
     attempts: int = 2,
 ) -> None:
     """ray.init(address="local"), tried again when the node misses Ray's startup deadline.
 
     Ray gives a new node a fixed 30 s to register with its GCS; a busy machine has missed
     it. The failed attempt's daemons are killed and its logs' tails are logged, so a second
-    failure still says why. The dashboard (on 127.0.0.1) serves Ray's state API, which Ray
-    Train asks after every job; without it each job ends about 12 s later."""
+    failure still says why."""
     # A fixed metrics port lets Prometheus scrape a local cluster (a private argument of
     # ray.init; `ray start --metrics-export-port` is the public one for clusters).
     port = {"_metrics_export_port": metrics_export_port} if metrics_export_port else {}
@@ -70,7 +67,7 @@ def start_local_ray(
                 address="local",
                 num_cpus=num_cpus,
                 object_store_memory=object_store_memory_mb * 1024 * 1024,
-                include_dashboard=dashboard,
+                include_dashboard=False,
                 log_to_driver=log_to_driver,
                 **port,
             )
