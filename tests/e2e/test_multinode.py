@@ -28,6 +28,7 @@ import pytest
 import requests
 import torch
 import yaml
+from ray._common.utils import get_ray_address_file
 
 from featurewatch.proto import activations_pb2 as pb
 from featurewatch.sae import build
@@ -57,6 +58,13 @@ class Cluster:
             "HF_HUB_OFFLINE": "1",
         }
         self.tmp = tmp
+        # `ray start --head` records its address for Ray's tools; killed nodes leave it
+        # behind, and the session's own cluster then pays for it (Ray Train's cleaner
+        # asks that dead address, 12 s a job): stop() puts the file back as it was.
+        self.address_file = Path(get_ray_address_file(None))
+        self.address_before = (
+            self.address_file.read_text() if self.address_file.is_file() else None
+        )
         self.nodes: dict[str, subprocess.Popen] = {}
         self.args: dict[str, tuple] = {}
         self.killed: set[str] = set()
@@ -119,6 +127,10 @@ class Cluster:
             if self.nodes[name].poll() is None:
                 os.killpg(self.nodes[name].pid, signal.SIGKILL)
                 self.nodes[name].wait()
+        if self.address_before is None:
+            self.address_file.unlink(missing_ok=True)
+        else:
+            self.address_file.write_text(self.address_before)
 
 
 @pytest.fixture

@@ -49,3 +49,27 @@ def test_a_node_that_misses_the_startup_deadline_is_replaced():
     assert len(result["sessions"]) == 1, result["sessions"]
     assert "missed its startup deadline (attempt 1 of 3)" in out.stderr
     assert "raylet.out" in out.stderr  # the failed attempt's log tails are shown
+
+
+def test_a_stale_current_cluster_record_is_named(tmp_path, caplog):
+    """Ray's current-cluster record naming a dead GCS (Ray Train would wait on it) is
+    warned about; one naming a live address, or none, is not."""
+    import socket
+
+    from featurewatch.actors.runtime import warn_if_stale_ray_address
+
+    record = tmp_path / "ray_current_cluster"
+    assert not warn_if_stale_ray_address(record)  # no record
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        record.write_text(f"127.0.0.1:{live.getsockname()[1]}")
+        assert not warn_if_stale_ray_address(record)
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        record.write_text(f"127.0.0.1:{dead.getsockname()[1]}")
+        assert warn_if_stale_ray_address(record)
+        dead.close()
+    assert "names a Ray cluster that is gone" in caplog.text and str(record) in caplog.text
+    record.write_text("not an address")
+    assert warn_if_stale_ray_address(record)
