@@ -182,6 +182,15 @@ def test_replica_capture_counters_reach_prometheus(served):
     )
 
 
+def random_sae(seed: int):
+    """A TopK SAE over the tiny Llama's width with random (seeded) decoder directions."""
+    torch.manual_seed(seed)
+    sae = build("topk", 64, 32, k=4)
+    with torch.no_grad():
+        sae.W_dec.normal_()
+    return sae
+
+
 def test_steering_changes_the_live_replica_without_a_restart(served):
     cfg, handle, _, base = served
     replica = handle.steering_status.remote().result()["replica_id"]
@@ -191,10 +200,7 @@ def test_steering_changes_the_live_replica_without_a_restart(served):
         return answer.json()["choices"][0]["message"]["content"]
 
     plain = greedy()
-    torch.manual_seed(0)
-    sae = build("topk", 64, 32, k=4)
-    with torch.no_grad():
-        sae.W_dec.normal_()
+    sae = random_sae(0)
     steer = steer_from_sae(sae, 3, layer=1, site="resid_post", scale=50.0)
     status = set_steering(cfg, [steer])
     assert (status["replica_id"], status["steers"]) == (replica, [steer.summary()])  # no restart
@@ -223,10 +229,7 @@ def register_sae(cfg, version, sae, folder):
 
 def test_a_policy_that_fires_steers_the_live_replica(served, tmp_path):
     cfg, handle, _, _ = served
-    torch.manual_seed(1)
-    sae = build("topk", 64, 32, k=4)
-    with torch.no_grad():
-        sae.W_dec.normal_()
+    sae = random_sae(1)
     # The lake: feature 7 fires on 3 of 60 tokens in the first hour, 30 of 60 in the next.
     with register_sae(cfg, "sae1", sae, tmp_path) as cat:
         FeatureRegistry(cat).tag("sae1", [7, 9], ["misalignment"], actor="test")
@@ -394,10 +397,7 @@ def hand_probe(tag, *, intercept, layers=(1,), columns=None, family="residual"):
 
 def test_inline_verdicts_score_every_response_and_gate_it(served, tmp_path):
     cfg, handle, collector, base = served
-    torch.manual_seed(5)
-    sae = build("topk", 64, 32, k=4)
-    with torch.no_grad():
-        sae.W_dec.normal_()
+    sae = random_sae(5)
     with register_sae(cfg, "sae-v", sae, tmp_path) as cat:
         for tag in ("cold", "hot", "wide", "deep"):
             FeatureRegistry(cat).tag("sae-v", [3], [tag], actor="test")
