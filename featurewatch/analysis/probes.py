@@ -29,6 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import LeaveOneGroupOut, StratifiedKFold
 
 from featurewatch.analysis.transcript_features import PooledFeatures
 from featurewatch.errors import ConfigError
@@ -136,13 +139,7 @@ def probe_inputs(
     return np.concatenate([pooled.residual[at].numpy() for at in layers], axis=1).astype(np.float64)
 
 
-# scikit-learn is imported where probes are fitted, not at the top: a model replica
-# only scores with stored probes (analysis/verdicts.py) and starts about 2 s sooner.
-
-
-def _model(C: float):
-    from sklearn.linear_model import LogisticRegression
-
+def _model(C: float) -> LogisticRegression:
     # Balanced classes: the labelled sets need not be the same size.
     return LogisticRegression(C=C, max_iter=5000, class_weight="balanced")
 
@@ -162,8 +159,6 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: float):
 def cv_splits(y: np.ndarray, groups: list[str] | None) -> tuple[str, list]:
     """Folds for choosing a probe: one per left-out domain when three or more domains
     are named, else five stratified folds (fewer for a small minority class)."""
-    from sklearn.model_selection import LeaveOneGroupOut, StratifiedKFold
-
     if groups is not None and len(set(groups)) >= 3:
         return "leave-one-domain-out", list(LeaveOneGroupOut().split(y, y, groups))
     folds = min(5, int(np.bincount(y).min()))
@@ -175,8 +170,6 @@ def cv_splits(y: np.ndarray, groups: list[str] | None) -> tuple[str, list]:
 def cross_validate(x: np.ndarray, y: np.ndarray, splits: list, C: float) -> dict:
     """Each fold's probe scores its held-out part: the mean over folds of the held-out
     AUROC (folds whose held-out part has one class only are left out), and the worst."""
-    from sklearn.metrics import roc_auc_score
-
     areas = []
     for train, test in splits:
         if len(set(y[test].tolist())) < 2 or len(set(y[train].tolist())) < 2:
@@ -210,8 +203,6 @@ def fit_probe(
     them); a named family chooses only its own settings. `C` fixes the strength.
     `source` (a file or bundled:NAME) is recorded: a refreshed SAE's probe is refitted
     from it."""
-    from sklearn.metrics import roc_auc_score
-
     y = np.asarray(labels)
     if len(set(y.tolist())) < 2:
         raise ConfigError("fitting a probe needs transcripts labelled 0 and labelled 1")
