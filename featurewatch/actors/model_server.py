@@ -252,7 +252,7 @@ class ModelServer:
         again = [j for j, v in enumerate(verdicts) if v["gate"] == "regenerate"]
         for j, verdict in enumerate(verdicts):
             verdict["action"] = ACTIONS[verdict["gate"]] if verdict["gate"] else "none"
-            records += self._records(scorer, answers[j]["id"], verdict, attempt=0)
+            records += self._records(answers[j]["id"], verdict, attempt=0)
             if verdict["gate"] == "block":
                 choice = answers[j]["choices"][0]
                 choice["message"]["content"], choice["finish_reason"] = REFUSAL, "content_filter"
@@ -272,7 +272,7 @@ class ModelServer:
             for k, j in enumerate(rows):
                 second = scorer.verdict(scorer.score(redo.responses[k]))
                 second["action"] = "flagged" if second["flagged"] else "none"
-                records += self._records(scorer, answers[j]["id"], second, attempt=1)
+                records += self._records(answers[j]["id"], second, attempt=1)
                 fresh = self._response(answers[j]["id"], redo, k)
                 answers[j]["choices"], answers[j]["usage"] = fresh["choices"], fresh["usage"]
                 answers[j]["featurewatch"] = {**second, "action": "regenerated",
@@ -288,7 +288,7 @@ class ModelServer:
                 engine="hf", verdicts=records,
             ))  # fmt: skip
 
-    def _records(self, scorer, request_id: str, verdict: dict, attempt: int) -> list:
+    def _records(self, request_id: str, verdict: dict, attempt: int) -> list:
         now = time.time_ns()
         return [
             pb.Verdict(

@@ -157,6 +157,8 @@ class InlineScorer:
         if len(sites) > 1:
             raise ConfigError(f"verdicts: every probe must read one site, not {sorted(sites)}")
         self.site = sites.pop()
+        # Named once here, not per answer: each verdict carries them.
+        self.probe_ids = {tv.tag: tv.probe_id() for tv, *_ in self.entries}
         self.layers = sorted(
             {at for _, p, _, sae_layer in self.entries for at in p.layers or [sae_layer]}
         )
@@ -190,7 +192,7 @@ class InlineScorer:
             "flagged_tags": flagged,
             "gate": gate,
             "thresholds": {tv.tag: tv.threshold for tv, *_ in self.entries},
-            "probes": {tv.tag: tv.probe_id() for tv, *_ in self.entries},
+            "probes": self.probe_ids,
         }
 
     def regenerate_steers(self, flagged: list[str]) -> list[Steer]:
