@@ -84,6 +84,28 @@ def build_tiny_model(kind: str, folder, hidden: int = 64, layers: int = 4):
     return folder
 
 
+def wordy_copy(folder, dest):
+    """A copy of a tiny model whose LM head writes only whole words (" quick", " fox"):
+    its answers tokenize back to the same ids, as a real model's text mostly does, so
+    the offline path (which tokenizes the text) reads the very tokens generated."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    words = [i for token, i in tokenizer.get_vocab().items()
+             if token.startswith("Ġ") and token[1:].isalpha() and len(token) > 2]  # fmt: skip
+    assert len(words) > 10
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        keep = torch.zeros(len(head), dtype=torch.bool)
+        keep[words] = True
+        head[~keep] = 0.0
+        head[keep] *= 20.0  # some word always beats the zeroed logits
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     return build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))

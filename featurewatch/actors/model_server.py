@@ -32,7 +32,10 @@ from featurewatch.analysis.verdicts import (
     ACTIONS,
     REFUSAL,
     InlineScorer,
+    count_verdicts,
     header_value,
+    new_counts,
+    verdict_records,
     verdict_summary,
 )
 from featurewatch.capture.generation import BatchGenerator, GenerationResult
@@ -109,7 +112,7 @@ class ModelServer:
         self._pending_inline: list = []
         self.verdict_settings = None  # as last taken from user_config
         self.refused: str | None = None  # why the last user_config was refused
-        self.verdict_counts = {"responses": 0, "flagged": 0, "blocked": 0, "regenerated": 0}
+        self.verdict_counts = new_counts()
         self.generator = BatchGenerator(model, tokenizer, self.capture)
         self.replica_id = replica_id()
         tls = self.cfg.collector.tls_cert_file
@@ -252,7 +255,7 @@ class ModelServer:
         again = [j for j, v in enumerate(verdicts) if v["gate"] == "regenerate"]
         for j, verdict in enumerate(verdicts):
             verdict["action"] = ACTIONS[verdict["gate"]] if verdict["gate"] else "none"
-            records += self._records(answers[j]["id"], verdict, attempt=0)
+            records += verdict_records(answers[j]["id"], verdict, 0, time.time_ns())
             if verdict["gate"] == "block":
                 choice = answers[j]["choices"][0]
                 choice["message"]["content"], choice["finish_reason"] = REFUSAL, "content_filter"
@@ -272,38 +275,17 @@ class ModelServer:
             for k, j in enumerate(rows):
                 second = scorer.verdict(scorer.score(redo.responses[k]))
                 second["action"] = "flagged" if second["flagged"] else "none"
-                records += self._records(answers[j]["id"], second, attempt=1)
+                records += verdict_records(answers[j]["id"], second, 1, time.time_ns())
                 fresh = self._response(answers[j]["id"], redo, k)
                 answers[j]["choices"], answers[j]["usage"] = fresh["choices"], fresh["usage"]
                 answers[j]["featurewatch"] = {**second, "action": "regenerated",
                                               "first": verdicts[j]}  # fmt: skip
-        counts = self.verdict_counts
-        counts["responses"] += len(verdicts)
-        counts["flagged"] += sum(v["flagged"] for v in verdicts)
-        counts["blocked"] += sum(v["action"] == "blocked" for v in verdicts)
-        counts["regenerated"] += len(again)
+        count_verdicts(self.verdict_counts, verdicts)
         if records:
             self.sender.submit(pb.ActivationBatch(
                 model=self.cfg.model.name, model_version=self.cfg.model.version,
-                engine="hf", verdicts=records,
+                engine="hf", verdicts=[pb.Verdict(**r) for r in records],
             ))  # fmt: skip
-
-    def _records(self, request_id: str, verdict: dict, attempt: int) -> list:
-        now = time.time_ns()
-        return [
-            pb.Verdict(
-                request_id=request_id,
-                tag=tag,
-                score=min(1.0, max(0.0, score)),
-                threshold=verdict["thresholds"][tag],
-                flagged=tag in verdict["flagged_tags"],
-                action=verdict["action"] if tag in verdict["flagged_tags"] else "none",
-                attempt=attempt,
-                probe=verdict["probes"][tag],
-                ts_unix_nanos=now,
-            )  # fmt: skip
-            for tag, score in verdict["scores"].items()
-        ]
 
     def _set_inline(self, scorer: InlineScorer | None) -> None:
         """Score with `scorer` from the next batch on (None: off)."""

@@ -199,11 +199,6 @@ def configured_verdicts(cfg: FeaturewatchConfig) -> VerdictSettings | None:
     wanted = cfg.model.verdicts
     if not wanted.tags:
         return None
-    if cfg.model.engine != "hf":
-        raise ConfigError(
-            f"model.verdicts: in-line verdicts are built for the hf engine only, not "
-            f"{cfg.model.engine}"
-        )
     tags = []
     with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
         for i, t in enumerate(wanted.tags):
@@ -398,11 +393,6 @@ def set_verdicts(cfg: FeaturewatchConfig, settings: VerdictSettings | None) -> d
 
     served, addresses, deployed = _deployed(cfg)
     if settings is not None:
-        if served.model.engine != "hf":
-            raise ConfigError(
-                f"{served.model.name}: in-line verdicts are built for the hf engine only, "
-                f"not {served.model.engine}"
-            )
         width, layers = model_dims(resolve_model_path(served.model.path, served.models_dir))
         InlineScorer(settings, width, layers)
     verdicts = settings.model_dump(mode="json") if settings is not None else None

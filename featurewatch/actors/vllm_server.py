@@ -13,15 +13,20 @@ steering_status, capture_stats, flush_capture), so deployment, steering, canarie
 """
 
 import asyncio
+import json
 import logging
 import os
+import time
+from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
 import ray
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from transformers import AutoTokenizer
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest,
@@ -46,6 +51,30 @@ from featurewatch.actors.replica_controls import (
     replica_id,
 )
 from featurewatch.actors.runtime import collector_lookup
+from featurewatch.actors.vllm_verdicts import (
+    Answering,
+    StreamedChoice,
+    answer_id,
+    check_xargs,
+    cut,
+    event,
+    events,
+    fix_usage,
+    hide_ids,
+    prepare,
+    refuse,
+    scored_tokens,
+)
+from featurewatch.analysis.verdicts import (
+    ACTIONS,
+    InlineScorer,
+    count_verdicts,
+    header_value,
+    merge_verdicts,
+    new_counts,
+    verdict_records,
+    verdict_summary,
+)
 from featurewatch.capture.models import resolve_model_path
 from featurewatch.capture.steering import Steer
 from featurewatch.capture.vllm_worker import ALWAYS_KEY
@@ -55,6 +84,7 @@ from featurewatch.storage.heartbeats import Heartbeat
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="featurewatch model server (vLLM)")
+VERDICT_HEADER = "x-featurewatch-verdict"
 WORKER_EXTENSION = "featurewatch.capture.vllm_worker.CaptureWorkerExtension"
 
 
@@ -199,6 +229,12 @@ class VLLMModelServer:
         self.collectors = list(collector_addresses)
         self.lookup = collector_lookup(collector_names) if collector_names else None
         self.steers: list[Steer] = []
+        # In-line verdicts (user_config): a request reads the scorer once, at its start.
+        self.inline: InlineScorer | None = None
+        self.verdict_settings = None  # as last taken from user_config
+        self.refused: str | None = None  # why the last user_config was refused
+        self.verdict_counts = new_counts()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
         # A canary (another model version, its own Serve application) answers a share of
         # the non-streamed chat requests when the user_config names one.
         self.canary = CanaryRoute(self.cfg.capture.seed)
@@ -229,7 +265,9 @@ class VLLMModelServer:
             if isinstance(body, dict) and not body.get("stream"):
                 answer = await self.canary.forward(handle, body, self._always_sample(raw, body))
                 if answer is not None:
-                    return JSONResponse(answer)
+                    verdict = answer.get("featurewatch")
+                    headers = {VERDICT_HEADER: header_value(verdict)} if verdict else None
+                    return JSONResponse(answer, headers=headers)
         return await self._dispatch(
             raw,
             ChatCompletionRequest,
@@ -240,11 +278,17 @@ class VLLMModelServer:
     async def canary_chat(self, body: dict, always: bool) -> dict:
         """A chat routed here by the served version's replicas (this one is a canary);
         an error is raised, so the served version answers it instead."""
-        request = self._validate(ChatCompletionRequest, body, always)
-        answer = await self.serving_chat.create_chat_completion(request, None)
+        scorer = self.inline
+        request, answering = self._validate(ChatCompletionRequest, body, always, scorer)
+        handler = self.serving_chat.create_chat_completion
+        answer = await handler(request, None)
         if not isinstance(answer, ChatCompletionResponse):
+            if answering is not None:
+                await self._forget(answering)
             raise ValueError(f"the canary refused the request: {answer}")
-        return self._body(answer)
+        if answering is None:
+            return self._body(answer)
+        return await self._judge(scorer, answering, self._body(answer), handler)
 
     @app.post("/v1/completions")
     async def completions(self, raw: Request) -> Response:
@@ -253,34 +297,215 @@ class VLLMModelServer:
         )
 
     async def _dispatch(self, raw: Request, request_type, response_type, handler) -> Response:
+        scorer, answering = self.inline, None
         try:
             body = await raw.json()
             if not isinstance(body, dict):
                 raise ValueError("the request body must be a JSON object")
-            request = self._validate(request_type, body, self._always_sample(raw, body))
+            always = self._always_sample(raw, body)
+            request, answering = self._validate(request_type, body, always, scorer)
             answer = await handler(request, raw)
         except Exception as err:  # noqa: BLE001 - vLLM maps any error to its OpenAI shape
             answer = create_error_response(err)
         if isinstance(answer, ErrorResponse):
+            if answering is not None:
+                await self._forget(answering)
             return JSONResponse(answer.model_dump(), status_code=answer.error.code)
         if isinstance(answer, response_type):
-            return JSONResponse(self._body(answer))
-        return StreamingResponse(answer, media_type="text/event-stream")
+            if answering is None:
+                return JSONResponse(self._body(answer))
+            body = await self._judge(scorer, answering, self._body(answer), handler)
+            return JSONResponse(body, headers={VERDICT_HEADER: header_value(body["featurewatch"])})
+        if answering is None:
+            return StreamingResponse(answer, media_type="text/event-stream")
+        return StreamingResponse(
+            self._judged_stream(scorer, answering, answer),
+            media_type="text/event-stream",
+            # Headers go before the first token: the verdict comes in the final chunk.
+            headers={VERDICT_HEADER: "final-chunk"},
+        )
 
-    def _validate(self, request_type, body: dict, always: bool):
+    def _validate(self, request_type, body: dict, always: bool, scorer=None):
         """The request vLLM will run, within the configured max_tokens limit, flagged for
-        capture of every token when the client asked for it."""
+        capture of every token when the client asked for it, and with a scorer, for
+        recording its answer (then also the Answering)."""
         request = request_type.model_validate(body)
+        check_xargs(request)
         limit = self.cfg.model.max_tokens_limit
         wanted = request.max_completion_tokens if request_type is ChatCompletionRequest else None
         wanted = wanted or request.max_tokens
         if wanted is not None and wanted > limit:
             raise ValueError(f"max_tokens: {wanted} exceeds the limit {limit}")
         if wanted is None:  # vLLM would generate up to the context's end
-            request.max_tokens = limit
+            request.max_tokens = wanted = limit
         if always:
             request.vllm_xargs = {**(request.vllm_xargs or {}), ALWAYS_KEY: 1}
-        return request
+        if scorer is None:
+            return request, None
+        original = request.model_copy(deep=True)
+        answering = prepare(request, wanted)
+        answering.original = original
+        return request, answering
+
+    # ---- in-line verdicts
+
+    def _decode(self, answering: Answering):
+        skip = answering.original.skip_special_tokens
+        return lambda ids: self.tokenizer.decode(ids, skip_special_tokens=skip)
+
+    async def _score(
+        self, scorer: InlineScorer, key: str, counts: dict[int, int], take: bool
+    ) -> dict[int, dict]:
+        """Each choice's verdict on its first `counts[index]` tokens (fewer where fewer
+        were computed: a stream's last token, or settings changed mid-answer)."""
+        (recorded,) = await self.engine.collective_rpc("fw_answer", args=(key, take))
+        found, width = {}, self.model_shape["width"]
+        for index, n in counts.items():
+            layers = recorded.get(index) or {}
+            have = min([n] + [layers[at][0] if at in layers else 0 for at in scorer.layers])
+            rows = {at: torch.frombuffer(bytearray(layers[at][1]), dtype=torch.float32)
+                    .view(-1, width)[:have] if have else torch.zeros(0, width)
+                    for at in scorer.layers}  # fmt: skip
+            found[index] = scorer.verdict(scorer.score(rows))
+        return found
+
+    async def _forget(self, answering: Answering) -> None:
+        await self.engine.collective_rpc("fw_forget", args=(answering.key,))
+
+    async def _judge(self, scorer, answering: Answering, body: dict, handler) -> dict:
+        """Cut the answer back to the client's limit, score each choice, apply its gate
+        (regenerating once, if any choice asks for it), record the verdicts."""
+        decode = self._decode(answering)
+        fix_usage(body, sum(cut(c, answering, decode) for c in body["choices"]))
+        counts = {c["index"]: scored_tokens(c, len(c.get("token_ids") or []))
+                  for c in body["choices"]}  # fmt: skip
+        verdicts = await self._score(scorer, answering.key, counts, take=True)
+        now, records, again = time.time_ns(), [], set()
+        for choice in body["choices"]:
+            verdict = verdicts[choice["index"]]
+            verdict["action"] = ACTIONS[verdict["gate"]] if verdict["gate"] else "none"
+            records += verdict_records(answer_id(body, choice), verdict, 0, now)
+            if verdict["gate"] == "block":
+                refuse(choice)
+            elif verdict["gate"] == "regenerate":
+                again.update(verdict["flagged_tags"])
+        count_verdicts(self.verdict_counts, list(verdicts.values()))
+        if again:
+            records += await self._regenerate(scorer, answering, body, verdicts, again, handler)
+        for choice in body["choices"]:
+            choice["featurewatch"] = verdicts[choice["index"]]
+        body["featurewatch"] = merge_verdicts([verdicts[c["index"]] for c in body["choices"]])
+        if len(body["choices"]) == 1:
+            del body["choices"][0]["featurewatch"]
+        hide_ids(body, answering)
+        await self._submit_verdicts(records)
+        return body
+
+    async def _regenerate(self, scorer, answering, body, verdicts, tags, handler) -> list[dict]:
+        """Answer the request once more with the flagged tags' steering on; the choices
+        whose gate asked for it take the new answer, and both verdicts are recorded. A
+        failed second answer leaves those choices refused."""
+        request = answering.original.model_copy(deep=True)
+        request.request_id = f"{body['id'].split('-', 1)[-1]}-regenerated"
+        redo = prepare(request, answering.wanted, sorted(tags))
+        redo.original = answering.original
+        answer, records = None, []
+        try:
+            answer = (await handler(request, None)).model_dump()
+            if "choices" not in answer:  # vLLM's error response
+                raise ValueError(answer)
+        except Exception:  # noqa: BLE001 - any failure: the flagged answers are refused
+            log.exception("regenerating %s failed; the flagged answer is refused", body["id"])
+            answer = None
+        chosen = [c for c in body["choices"] if verdicts[c["index"]]["gate"] == "regenerate"]
+        if answer is None:
+            await self._forget(redo)
+            for choice in chosen:
+                refuse(choice)
+            return records
+        decode = self._decode(redo)
+        fresh = {c["index"]: c for c in answer["choices"]}
+        removed = sum(cut(c, redo, decode) for c in fresh.values())
+        counts = {i: scored_tokens(c, len(c.get("token_ids") or [])) for i, c in fresh.items()}
+        second = await self._score(scorer, redo.key, counts, take=True)
+        now = time.time_ns()
+        for choice in chosen:
+            index = choice["index"]
+            verdict = second[index]
+            verdict["action"] = "flagged" if verdict["flagged"] else "none"
+            records += verdict_records(answer_id(body, choice), verdict, 1, now)
+            choice.clear()
+            choice.update(fresh[index])
+            verdicts[index] = {**verdict, "action": "regenerated", "first": verdicts[index]}
+        fix_usage(answer, removed)
+        body["usage"] = answer["usage"]
+        return records
+
+    async def _judged_stream(self, scorer, answering: Answering, stream):
+        """vLLM's stream with each choice checked every `every` tokens, ended by a
+        block or regenerate gate once flagged, and its final chunk carrying the verdict."""
+        decode, every = self._decode(answering), scorer.settings.every
+        choices: dict[int, StreamedChoice] = defaultdict(StreamedChoice)
+        removed, records, final, stopped = 0, [], [], False
+        try:
+            async for piece in stream:
+                out = []
+                for data in events(piece):
+                    chunk = None if data == "[DONE]" else json.loads(data)
+                    if not isinstance(chunk, dict) or "choices" not in chunk:
+                        out.append(event(data))  # the end, or an error
+                        continue
+                    kept = []
+                    for choice in chunk["choices"]:
+                        state = choices[choice["index"]]
+                        if state.ended:
+                            continue
+                        removed += state.take(choice, answering, decode)
+                        kept.append(choice)
+                        ending = bool(choice.get("finish_reason"))
+                        if not ending and len(state.ids) - state.checked < every:
+                            continue
+                        state.checked = len(state.ids)
+                        n = scored_tokens(choice, len(state.ids)) if ending else len(state.ids)
+                        (verdict,) = (await self._score(
+                            scorer, answering.key, {choice["index"]: n}, take=False
+                        )).values()  # fmt: skip
+                        gated = verdict["gate"] in ("block", "regenerate")
+                        if not ending and not gated:
+                            continue
+                        verdict["action"] = "stopped" if gated and not ending else (
+                            "flagged" if verdict["flagged"] else "none")  # fmt: skip
+                        if verdict["action"] == "stopped":
+                            holder = choice.get("delta") if "delta" in choice else choice
+                            holder["content" if "delta" in choice else "text"] = ""
+                            choice["finish_reason"], choice["stop_reason"] = "content_filter", None
+                            stopped = True
+                        state.ended = True
+                        chunk["featurewatch"] = verdict
+                        final.append(verdict)
+                        records += verdict_records(answer_id(chunk, choice), verdict, 0,
+                                                   time.time_ns())  # fmt: skip
+                    chunk["choices"] = kept
+                    fix_usage(chunk, removed)
+                    hide_ids(chunk, answering)
+                    if kept or chunk.get("usage"):
+                        out.append(event(chunk))
+                if out:
+                    yield "".join(out)
+                if stopped and choices and all(s.ended for s in choices.values()):
+                    yield event("[DONE]")
+                    break  # closing vLLM's stream aborts the request
+        finally:
+            await stream.aclose()
+            await self._forget(answering)
+            count_verdicts(self.verdict_counts, final)
+            await self._submit_verdicts(records)
+
+    async def _submit_verdicts(self, records: list[dict]) -> None:
+        if records:
+            await self.engine.collective_rpc(
+                "fw_submit_verdicts", args=(self.cfg.model.version, records)
+            )
 
     def _body(self, answer) -> dict:
         body = answer.model_dump()
@@ -300,12 +525,21 @@ class VLLMModelServer:
         applied in vLLM's worker, between forward passes."""
         try:
             steers, canary, verdicts = read_user_config(user_config)
-            if verdicts is not None:
-                # `featurewatch verdicts on` refuses a vllm model before it gets here.
-                raise ValueError("in-line verdicts are not built for the vllm engine yet")
-        except (TypeError, ValueError, KeyError) as err:
-            log.error("user_config refused, the previous steering and canary stay: %s", err)
+            scorer = None
+            if verdicts is not None and verdicts != self.verdict_settings:
+                shape = self.model_shape  # checked against this model first
+                scorer = InlineScorer(verdicts, shape["width"], shape["layers"])
+        except (TypeError, ValueError, KeyError, ConfigError) as err:
+            log.error("user_config refused, the previous settings stay: %s", err)
+            self.refused = str(err)
             return
+        if verdicts != self.verdict_settings:
+            spec = scorer and {
+                "layers": scorer.layers, "site": scorer.site,
+                "steering": {t: [asdict(s) for s in ss] for t, ss in scorer.steering.items()},
+            }  # fmt: skip
+            await self.engine.collective_rpc("fw_set_verdicts", args=(spec,))
+            self.inline, self.verdict_settings = scorer, verdicts
         if steers != self.steers:
             try:
                 await self.engine.collective_rpc(
@@ -319,7 +553,9 @@ class VLLMModelServer:
                 log.warning("prefix cache not reset: blocks cached before the change stay")
         self.steers = steers
         self.canary.set(canary)
-        log.warning("steering %s, canary %s", [s.summary() for s in steers] or "off", canary)
+        self.refused = None
+        log.warning("steering %s, canary %s, verdicts %s", [s.summary() for s in steers] or "off",
+                    canary, [t.tag for t in verdicts.tags] if verdicts else "off")  # fmt: skip
 
     def steering_status(self) -> dict:
         return {
@@ -328,6 +564,9 @@ class VLLMModelServer:
             "steers": [s.summary() for s in self.steers],
             "canary": self.canary.settings,
             "canary_forwarded": self.canary.forwarded,
+            "verdicts": verdict_summary(self.verdict_settings),
+            "verdict_counts": dict(self.verdict_counts),
+            "refused": self.refused,
         }
 
     async def capture_stats(self) -> dict:

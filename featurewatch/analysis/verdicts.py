@@ -200,6 +200,46 @@ class InlineScorer:
         return [s for tag in flagged for s in self.steering.get(tag, [])]
 
 
+def verdict_records(request_id: str, verdict: dict, attempt: int, now: int) -> list[dict]:
+    """The lake's rows of one verdict (the fields of a proto Verdict), one per tag."""
+    flagged = verdict["flagged_tags"]
+    return [
+        {"request_id": request_id, "tag": tag, "score": min(1.0, max(0.0, score)),
+         "threshold": verdict["thresholds"][tag], "flagged": tag in flagged,
+         "action": verdict["action"] if tag in flagged else "none", "attempt": attempt,
+         "probe": verdict["probes"][tag], "ts_unix_nanos": now}
+        for tag, score in verdict["scores"].items()
+    ]  # fmt: skip
+
+
+def count_verdicts(counts: dict, verdicts: list[dict]) -> None:
+    """Add first verdicts to a replica's counters (what `steering_status` reports)."""
+    counts["responses"] += len(verdicts)
+    counts["flagged"] += sum(v["flagged"] for v in verdicts)
+    for action in ("blocked", "regenerated", "stopped"):
+        counts[action] += sum(v["action"] == action for v in verdicts)
+
+
+def new_counts() -> dict:
+    return {"responses": 0, "flagged": 0, "blocked": 0, "regenerated": 0, "stopped": 0}
+
+
+def merge_verdicts(verdicts: list[dict]) -> dict:
+    """One verdict for a response of several answers (n > 1): each tag's highest score,
+    flagged if any answer is, the strongest gate and action. One answer: its own."""
+    if len(verdicts) == 1:
+        return verdicts[0]
+    first = verdicts[0]
+    scores = {t: max(v["scores"].get(t, 0.0) for v in verdicts) for t in first["thresholds"]}
+    flagged = sorted({t for v in verdicts for t in v["flagged_tags"]})
+    order = ("block", "regenerate", "flag")
+    gates = [v["gate"] for v in verdicts if v["gate"]]
+    actions = [v["action"] for v in verdicts if v["action"] != "none"]
+    return {**first, "scores": scores, "flagged": bool(flagged), "flagged_tags": flagged,
+            "gate": min(gates, key=order.index) if gates else None,
+            "action": ", ".join(sorted(set(actions))) or "none"}  # fmt: skip
+
+
 def header_value(verdict: dict) -> str:
     """The response header's value: `flagged` or `clean`, then each tag's score."""
     scores = " ".join(f"{t}={s:.4f}" for t, s in verdict["scores"].items())

@@ -119,6 +119,9 @@ class Steering:
         self._hooked: set[tuple[int, str]] = set()
         self._active: dict[tuple[int, str], list[tuple]] = {}
         self._extra: dict[tuple[int, str], list[tuple]] = {}
+        # rows_for(point) -> [(row indices, terms)]: steers for some rows of a forward
+        # only (vLLM's regenerated requests share passes with others).
+        self.rows_for = None
         self.steers: list[Steer] = []
 
     def set(self, steers: list[Steer]) -> None:
@@ -136,8 +139,12 @@ class Steering:
         finally:
             self._extra = {}
 
+    def terms(self, steers: list[Steer]) -> dict[tuple[int, str], list[tuple]]:
+        """Each steer's term by (layer, site), with a hook at every such point: what
+        `rows_for` hands back for the rows a steer applies to."""
+        return self._terms(steers)
+
     def _terms(self, steers: list[Steer]) -> dict[tuple[int, str], list[tuple]]:
-        """Each steer's term by (layer, site), with a hook at every such point."""
         for steer in steers:
             check_steer(steer, self.width, len(self.blocks))
         active: dict[tuple[int, str], list[tuple]] = {}
@@ -159,17 +166,15 @@ class Steering:
     def _make_hook(self, point: tuple[int, str]):
         def hook(module, inputs, output):
             terms = self._active.get(point, []) + self._extra.get(point, [])
-            if not terms:
+            rowed = self.rows_for(point) if self.rows_for is not None else []
+            if not terms and not rowed:
                 return None
             hidden = self.stream(point[1], output).float()
-            steered = hidden
-            device = steered.device
-            for mode, push, encoder, bias in terms:
-                if mode == "subtract":
-                    steered = steered - push.to(device)
-                else:
-                    activation = torch.relu(steered @ encoder.to(device) + bias)
-                    steered = steered - activation.unsqueeze(-1) * push.to(device)
+            steered = _steer(hidden, terms)
+            if rowed:
+                steered = steered.clone() if steered is hidden else steered
+                for rows, extra in rowed:
+                    steered[rows] = _steer(steered[rows], extra)
             # The change goes onto the output's first element: that is the stream itself,
             # or (vLLM) one of the two summands of it.
             first = first_element(point[1], output)
@@ -182,3 +187,15 @@ class Steering:
             return changed
 
         return hook
+
+
+def _steer(hidden: torch.Tensor, terms: list[tuple]) -> torch.Tensor:
+    """`hidden` with each term applied in turn (a new tensor; `hidden` itself without)."""
+    steered, device = hidden, hidden.device
+    for mode, push, encoder, bias in terms:
+        if mode == "subtract":
+            steered = steered - push.to(device)
+        else:
+            activation = torch.relu(steered @ encoder.to(device) + bias)
+            steered = steered - activation.unsqueeze(-1) * push.to(device)
+    return steered

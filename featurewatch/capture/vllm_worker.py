@@ -35,6 +35,7 @@ from featurewatch.capture.hooks import find_decoder_layers, site_module
 from featurewatch.capture.sampler import SamplingPolicy
 from featurewatch.capture.sender import ActivationSender
 from featurewatch.capture.steering import Steer, Steering
+from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto.codec import make_batch
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,14 @@ log = logging.getLogger(__name__)
 # "<i>_" to each of the n sequences of one request.
 _ENGINE_ID = re.compile(r"^(?:(?P<child>\d+)_)?(?P<base>.+)-[0-9a-f]{8}$")
 ALWAYS_KEY = "featurewatch_always"  # in a request's vllm_xargs: capture every token
+# In-line verdicts (analysis/verdicts.py), in a request's vllm_xargs: record this
+# answer's residual stream under the given key; steer it with these tags' steers (a
+# regenerated answer, comma-separated tags).
+VERDICT_KEY = "featurewatch_verdict"
+STEER_KEY = "featurewatch_steer"
+RESERVED_PREFIX = "featurewatch"  # xargs a client may not set
 _DECISIONS_KEPT = 65536  # per-request sampling decisions remembered (bounded)
+_ANSWERS_KEPT = 1024  # answers recorded for verdicts and not yet taken (bounded)
 
 
 def request_key(engine_id: str) -> str:
@@ -54,6 +62,13 @@ def request_key(engine_id: str) -> str:
         return engine_id
     child = found["child"]
     return found["base"] if child in (None, "0") else f"{found['base']}#{child}"
+
+
+def answer_key(engine_id: str, key: str) -> tuple[str, int]:
+    """(the replica's key, the sequence's index) of an engine request recorded for a
+    verdict: n > 1 sequences of one request share the key."""
+    found = _ENGINE_ID.match(engine_id)
+    return key, int(found["child"] or 0) if found is not None else 0
 
 
 def residual_stream(site: str, output):
@@ -129,6 +144,10 @@ class CaptureWorkerExtension:
         self._fw_steering = Steering(model, stream=residual_stream)
         self._fw_blocks = blocks
         self._fw_handles: list = []
+        # In-line verdicts: per answer key and sequence, layer -> position -> vector.
+        self._fw_answers: OrderedDict[tuple[str, int], dict] = OrderedDict()
+        self._fw_verdict_handles: list = []
+        self._fw_regenerate: dict[str, dict] = {}  # tag -> its steering terms
         self.fw_set_capture(True)
         return {"layers": len(blocks), "width": int(model.config.hidden_size)}
 
@@ -149,6 +168,56 @@ class CaptureWorkerExtension:
     def fw_set_steering(self, steers: list[dict]) -> list[dict]:
         self._fw_steering.set([Steer.from_dict(s) for s in steers])
         return [s.summary() for s in self._fw_steering.steers]
+
+    def fw_set_verdicts(self, spec: dict | None) -> None:
+        """Record every verdict request's answer at `spec["layers"]` (site
+        `spec["site"]`), and steer regenerated answers with `spec["steering"]`
+        ({tag: [steer, ...]}); None: off. Answers recorded so far stay until taken."""
+        for handle in self._fw_verdict_handles:
+            handle.remove()
+        self._fw_verdict_handles = []
+        self._fw_regenerate = {}
+        self._fw_steering.rows_for = None
+        if spec is None:
+            return
+        for layer in spec["layers"]:
+            module = site_module(self._fw_blocks[layer], spec["site"])
+            self._fw_verdict_handles.append(
+                module.register_forward_hook(self._fw_verdict_hook(layer, spec["site"]))
+            )
+        self._fw_regenerate = {
+            tag: self._fw_steering.terms([Steer.from_dict(s) for s in steers])
+            for tag, steers in spec["steering"].items()
+        }
+        self._fw_steering.rows_for = self._fw_steered_rows
+
+    def fw_answer(self, key: str, take: bool) -> dict[int, dict[int, tuple[int, bytes]]]:
+        """Sequence index -> layer -> (tokens, float32 bytes of [tokens, width]): the
+        answer's residual stream from its first generated token, in order, as far as it
+        was computed (take: forget it afterwards). Bytes: the engine's RPC would turn a
+        tensor into lists."""
+        found = {}
+        for answer in [k for k in self._fw_answers if k[0] == key]:
+            layers = self._fw_answers.pop(answer) if take else self._fw_answers[answer]
+            found[answer[1]] = {}
+            for layer, by_position in layers.items():
+                rows = _in_order(by_position)
+                found[answer[1]][layer] = (len(rows), rows.numpy().tobytes())
+        return found
+
+    def fw_forget(self, key: str) -> None:
+        for answer in [k for k in self._fw_answers if k[0] == key]:
+            del self._fw_answers[answer]
+
+    def fw_submit_verdicts(self, model_version: str, records: list[dict]) -> None:
+        """The replica's verdicts to the collector, as capture's vectors go."""
+        verdicts = [pb.Verdict(**record) for record in records]
+        self._fw_sender.submit(
+            pb.ActivationBatch(
+                model=self._fw["model"], model_version=model_version, engine="vllm",
+                verdicts=verdicts,
+            )
+        )  # fmt: skip
 
     def fw_set_collectors(self, addresses: list[str]) -> None:
         self._fw_collectors = list(addresses)
@@ -187,13 +256,70 @@ class CaptureWorkerExtension:
         n = batch.num_reqs
         return list(batch.req_ids[:n]), self.model_runner.query_start_loc.cpu[: n + 1].tolist()
 
+    def _fw_extra(self, engine_id: str) -> dict:
+        state = self.model_runner.requests.get(engine_id)
+        return getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
+
+    def _fw_verdict_hook(self, layer: int, site: str):
+        def hook(module, inputs, output):
+            try:
+                self._fw_record_answers(layer, site, output)
+            except Exception as err:  # noqa: BLE001 - verdicts must never stop the engine
+                log.exception("recording answers failed at layer %d; verdicts are off", layer)
+                self._fw_error = f"verdicts, layer {layer}: {type(err).__name__}: {err}"
+                self.fw_set_verdicts(None)
+
+        return hook
+
+    def _fw_record_answers(self, layer: int, site: str, output) -> None:
+        """Keep the rows of this pass that are generated tokens of verdict requests."""
+        found = self._fw_rows()
+        if found is None:
+            return
+        engine_ids, starts = found
+        stream = None
+        for k, engine_id in enumerate(engine_ids):
+            key = self._fw_extra(engine_id).get(VERDICT_KEY)
+            if not isinstance(key, str):
+                continue
+            prompt = self.model_runner.requests[engine_id].num_prompt_tokens
+            positions = self.model_runner.positions[starts[k] : starts[k + 1]].tolist()
+            keep = [(row, p) for row, p in enumerate(positions, starts[k]) if p >= prompt]
+            if not keep:
+                continue
+            if stream is None:
+                stream = residual_stream(site, output).detach()
+            rows = torch.tensor([row for row, _ in keep], device=stream.device)
+            vectors = stream[rows].float().cpu()
+            answer = self._fw_answers.setdefault(answer_key(engine_id, key), {})
+            by_position = answer.setdefault(layer, {})
+            for (_, position), vector in zip(keep, vectors, strict=True):
+                by_position[position - prompt] = vector  # a recomputed row replaces
+        while len(self._fw_answers) > _ANSWERS_KEPT:
+            self._fw_answers.popitem(last=False)
+
+    def _fw_steered_rows(self, point: tuple[int, str]) -> list:
+        """[(rows, terms)] of this pass for the regenerated requests' steers at `point`."""
+        found = self._fw_rows()
+        if found is None:
+            return []
+        engine_ids, starts = found
+        steered = []
+        for k, engine_id in enumerate(engine_ids):
+            tags = self._fw_extra(engine_id).get(STEER_KEY)
+            if not isinstance(tags, str):
+                continue
+            terms = [t for tag in tags.split(",")
+                     for t in self._fw_regenerate.get(tag, {}).get(point, [])]  # fmt: skip
+            if terms:
+                steered.append((slice(starts[k], starts[k + 1]), terms))
+        return steered
+
     def _fw_decide(self, engine_id: str) -> tuple[bool, bool]:
         """(chosen, always) for a request, decided once when it is first seen."""
         decision = self._fw_decisions.get(engine_id)
         if decision is None:
-            state = self.model_runner.requests.get(engine_id)
-            extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
-            always = bool(extra.get(ALWAYS_KEY))
+            always = bool(self._fw_extra(engine_id).get(ALWAYS_KEY))
             chosen, _ = self._fw_policy.select_requests([always])
             decision = (bool(chosen[0]), always)
             self._fw_decisions[engine_id] = decision
@@ -297,3 +423,11 @@ class CaptureWorkerExtension:
                         engine="vllm",
                     )
                 )
+
+
+def _in_order(by_position: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The rows from answer position 0 on, as far as they run without a gap."""
+    rows = []
+    while len(rows) in by_position:
+        rows.append(by_position[len(rows)])
+    return torch.stack(rows) if rows else torch.zeros(0, 0)

@@ -24,12 +24,12 @@ GROUP BY ALL ORDER BY model, model_version, replica
 """
 
 # In-line verdicts per model, version and tag over the last day: first answers scored,
-# those flagged, and what the gates did.
+# those flagged, and what the gates did (a stream a gate stopped counts as blocked).
 VERDICTS_SQL = """
 SELECT model, model_version, tag,
        count(*) FILTER (WHERE attempt = 0) AS answers,
        count(*) FILTER (WHERE attempt = 0 AND flagged) AS flagged,
-       count(*) FILTER (WHERE action = 'blocked') AS blocked,
+       count(*) FILTER (WHERE action IN ('blocked', 'stopped')) AS blocked,
        count(*) FILTER (WHERE action = 'regenerated') AS regenerated
 FROM verdicts WHERE ts >= ? AND ts < ?
 GROUP BY ALL ORDER BY model, model_version, tag

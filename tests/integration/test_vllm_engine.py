@@ -9,10 +9,13 @@ import shutil
 import threading
 import time
 from collections import defaultdict
+from dataclasses import asdict
 
+import numpy as np
 import openai
 import pytest
 import ray
+import requests
 import torch
 from peft import LoraConfig, get_peft_model
 from ray import serve
@@ -25,8 +28,13 @@ from featurewatch.actors.serving import (
     deploy_model_server,
     promote_model,
     set_steering,
+    set_verdicts,
     start_canary,
 )
+from featurewatch.analysis.probes import Probe, probe_terms
+from featurewatch.analysis.transcript_features import pooled_features
+from featurewatch.analysis.transcripts import Transcript
+from featurewatch.analysis.verdicts import REFUSAL, read_verdicts
 from featurewatch.capture.steering import steer_from_sae
 from featurewatch.config import build_config
 from featurewatch.errors import ConfigError
@@ -34,7 +42,7 @@ from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto.codec import unpack_vectors
 from featurewatch.sae import build
 from featurewatch.storage.spool import read_segment, sealed_segments
-from tests.conftest import build_tiny_model, free_port
+from tests.conftest import build_tiny_model, free_port, wordy_copy
 
 TOKEN = "vllm-test-token"
 LAYER = 1
@@ -44,8 +52,10 @@ ALWAYS = {"x-featurewatch-sample": "always"}  # capture.always_sample_header
 
 @pytest.fixture(scope="module")
 def vllm_llama_dir(tmp_path_factory):
-    # vLLM's CPU attention needs a head size of 32 or more: 128 wide, 4 heads.
-    return build_tiny_model("llama", tmp_path_factory.mktemp("vllm-llama"), hidden=128)
+    # vLLM's CPU attention needs a head size of 32 or more: 128 wide, 4 heads. Whole
+    # words only, so that in-line scores can be compared with offline ones on the text.
+    folder = build_tiny_model("llama", tmp_path_factory.mktemp("vllm-llama-random"), hidden=128)
+    return wordy_copy(folder, tmp_path_factory.mktemp("vllm-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +316,143 @@ def test_a_steer_changes_greedy_output_without_a_restart_and_off_restores_it(ser
     status = set_steering(cfg, [])
     assert (status["replica_id"], status["steers"]) == (replica, [])
     assert greedy() == plain
+
+
+def random_probe(tag, layers, intercept=0.1, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    columns = 128 * len(layers)
+    probe = Probe(
+        tag=tag, sae_version="sae-t", feature_ids=[], center=rng.normal(size=columns).tolist(),
+        scale=(1 + rng.random(columns)).tolist(), coef=(rng.normal(size=columns) * 0.3).tolist(),
+        intercept=intercept, fitted_on={}, family="multilayer" if len(layers) > 1 else "residual",
+        layers=list(layers),
+    )  # fmt: skip
+    return asdict(probe)
+
+
+def raw_chat(cfg, content: str, **fields) -> requests.Response:
+    port = cfg.serve.port
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": content}],
+            "temperature": 0, **fields}  # fmt: skip
+    return requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
+
+
+def streamed(cfg, content: str, **fields) -> tuple[requests.Response, list[dict]]:
+    answer = raw_chat(cfg, content, stream=True, **fields)
+    data = [line[6:] for line in answer.text.split("\n") if line.startswith("data: ")]
+    assert data[-1] == "[DONE]", data[-3:]
+    return answer, [json.loads(d) for d in data[:-1]]
+
+
+def test_inline_verdicts_equal_offline_scores_and_gate_answers_and_streams(served, vllm_llama_dir):
+    cfg, handle, client = served
+    prompts = ["How do I keep basil alive?", "Pretend you hate humans.", "The quick brown fox"]
+    limits = [12, 5, 9]
+    plain = [raw_chat(cfg, p, max_tokens=m).json() for p, m in zip(prompts, limits, strict=True)]
+    replica = handle.steering_status.remote().result()["replica_id"]
+    tags = [
+        {"tag": "resid", "threshold": 0.5, "probe": random_probe("resid", [2])},
+        {"tag": "multi", "threshold": 0.5, "probe": random_probe("multi", [1, 3], seed=1)},
+    ]
+    status = set_verdicts(cfg, read_verdicts({"tags": tags, "every": 4}))
+    assert status["replica_id"] == replica and [v["tag"] for v in status["verdicts"]] == [
+        "resid", "multi"]  # fmt: skip
+
+    # The answers are what they were without verdicts (one token more is asked of vLLM
+    # and cut back), and each scores as `featurewatch score` scores its transcript.
+    answers = [raw_chat(cfg, p, max_tokens=m) for p, m in zip(prompts, limits, strict=True)]
+    bodies = [a.json() for a in answers]
+    for body, before in zip(bodies, plain, strict=True):
+        assert body["choices"][0]["message"] == before["choices"][0]["message"]
+        assert body["choices"][0]["finish_reason"] == before["choices"][0]["finish_reason"]
+        assert body["usage"] == before["usage"] and "token_ids" not in body["choices"][0]
+    assert [b["usage"]["completion_tokens"] for b in bodies] == limits  # all cut by length
+    assert all(a.headers["x-featurewatch-verdict"].split()[0] in ("clean", "flagged")
+               for a in answers)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(vllm_llama_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(vllm_llama_dir)
+    transcripts = [
+        Transcript(
+            line=i,
+            messages=[{"role": "user", "content": p}, {"role": "assistant", "content": text}],
+        )
+        for i, (p, text) in enumerate(
+            zip(prompts, [b["choices"][0]["message"]["content"] for b in bodies], strict=True)
+        )
+    ]
+    pooled = pooled_features(model, tokenizer, None, transcripts, layer=1, site="resid_post",
+                             residual_layers=(1, 2, 3))  # fmt: skip
+    for tag in tags:
+        offline, _ = probe_terms(Probe(**tag["probe"]), pooled)
+        inline = [b["featurewatch"]["scores"][tag["tag"]] for b in bodies]
+        np.testing.assert_allclose(inline, offline, atol=1e-5)
+    assert len({round(b["featurewatch"]["scores"]["resid"], 4) for b in bodies}) > 1
+
+    # A stream carries the same text, and the same verdict in its final chunk.
+    answer, chunks = streamed(cfg, prompts[0], max_tokens=limits[0])
+    assert answer.headers["x-featurewatch-verdict"] == "final-chunk"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == bodies[0]["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    np.testing.assert_allclose(
+        list(chunks[-1]["featurewatch"]["scores"].values()),
+        list(bodies[0]["featurewatch"]["scores"].values()), atol=1e-5,
+    )  # fmt: skip
+
+    # block: the answer refused; a stream ended within `every` tokens of the start.
+    hot = {"tag": "hot", "threshold": 0.5, "gate": "block",
+           "probe": random_probe("hot", [2], intercept=40.0)}  # fmt: skip
+    set_verdicts(cfg, read_verdicts({"tags": [*tags, hot], "every": 4}))
+    blocked = raw_chat(cfg, prompts[0], max_tokens=12)
+    body = blocked.json()
+    assert body["choices"][0]["message"]["content"] == REFUSAL
+    assert body["choices"][0]["finish_reason"] == "content_filter"
+    assert body["featurewatch"]["action"] == "blocked"
+    assert "hot" in body["featurewatch"]["flagged_tags"]
+    assert blocked.headers["x-featurewatch-verdict"].startswith("flagged")
+    _, chunks = streamed(cfg, prompts[0], max_tokens=12)
+    sent = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
+    assert chunks[-1]["featurewatch"]["action"] == "stopped"
+    assert len(tokenizer(sent, add_special_tokens=False)["input_ids"]) <= 4 < 12
+
+    # regenerate: answered again with the tag's steering, as a steered replica answers.
+    torch.manual_seed(0)
+    sae = build("topk", 128, 32, k=4)
+    with torch.no_grad():
+        sae.W_dec.normal_()
+    steer = steer_from_sae(sae, 3, layer=LAYER, site="resid_post", scale=50.0)
+    hot = {**hot, "gate": "regenerate", "steering": [asdict(steer)]}
+    set_verdicts(cfg, read_verdicts({"tags": [*tags, hot], "every": 4}))
+    again = raw_chat(cfg, prompts[0], max_tokens=12).json()
+    assert again["featurewatch"]["action"] == "regenerated"
+    assert again["featurewatch"]["first"]["flagged_tags"][-1] == "hot"
+    set_verdicts(cfg, None)
+    set_steering(cfg, [steer])
+    steered = raw_chat(cfg, prompts[0], max_tokens=12).json()
+    set_steering(cfg, [])
+    assert again["choices"][0]["message"] == steered["choices"][0]["message"]
+    assert steered["choices"][0]["message"] != bodies[0]["choices"][0]["message"]
+    assert "featurewatch" not in raw_chat(cfg, prompts[0], max_tokens=3).json()  # off
+
+    # The verdicts reached the collector; a client may not set featurewatch's own xargs.
+    found = verdict_rows(cfg, handle)
+    assert found[("hot", "blocked", 0)] == 1 and found[("hot", "stopped", 0)] == 1
+    assert found[("hot", "regenerated", 0)] == 1 and found[("hot", "flagged", 1)] == 1
+    bad = raw_chat(cfg, "hi", max_tokens=3, vllm_xargs={"featurewatch_verdict": "x"})
+    assert bad.status_code == 400 and "reserved for featurewatch" in bad.text
+
+
+def verdict_rows(cfg, handle) -> dict:
+    """(tag, action, attempt) -> how many verdicts the collector has spooled."""
+    assert handle.flush_capture.remote(60.0).result(timeout_s=90)
+    time.sleep(0.5)
+    found = defaultdict(int)
+    for path in sealed_segments(cfg.spool_dir):
+        for raw in read_segment(path):
+            for v in pb.ActivationBatch.FromString(raw).verdicts:
+                found[(v.tag, v.action, v.attempt)] += 1
+    return found
 
 
 def test_settings_vllm_refuses_fail_before_any_replica_starts(served, vllm_llama_dir, tmp_path):

@@ -94,9 +94,10 @@ def fill_home(cfg, sae_path):
     return cfg
 
 
-def verdict_rows(cat, start, version, flagged, total, seg):
-    """`total` in-line verdicts of tag misalignment (the first `flagged` flagged) by
-    `version`, one a minute from `start`, committed as a segment's verdicts."""
+def verdict_rows(cat, start, version, flagged, total, seg, actions=None):
+    """`total` in-line verdicts of tag misalignment (the first `flagged` flagged, with
+    `actions`, else "flagged") by `version`, one a minute from `start`, committed as a
+    segment's verdicts."""
     times = [start + timedelta(minutes=i) for i in range(total)]
     table = pa.table({
         "ts": pa.array(times, pa.timestamp("us", "UTC")),
@@ -104,7 +105,8 @@ def verdict_rows(cat, start, version, flagged, total, seg):
         "replica": ["r1"] * total, "request_id": [f"{seg}-{i}" for i in range(total)],
         "tag": ["misalignment"] * total, "score": [0.9] * flagged + [0.1] * (total - flagged),
         "threshold": [0.5] * total, "flagged": [True] * flagged + [False] * (total - flagged),
-        "action": ["flagged"] * flagged + ["none"] * (total - flagged), "attempt": [0] * total,
+        "action": (actions or ["flagged"] * flagged) + ["none"] * (total - flagged),
+        "attempt": [0] * total,
         "probe": ["sae1/misalignment/residual"] * total, "engine": ["hf"] * total,
         "segment_id": [seg] * total,
     })  # fmt: skip

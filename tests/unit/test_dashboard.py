@@ -280,7 +280,9 @@ def test_fleet_overview_reads_heartbeats_the_lake_and_the_spool(home, tmp_path):
     spool.close()
 
     with Catalog(cfg.catalog_path, cfg.lake_dir) as cat:  # answers scored in-line
-        verdict_rows(cat, T0 + timedelta(hours=3), "v1", 3, 40, "vs1")
+        # a blocked answer and a stream a gate stopped both count as blocked
+        verdict_rows(cat, T0 + timedelta(hours=3), "v1", 3, 40, "vs1",
+                     actions=["blocked", "stopped", "flagged"])  # fmt: skip
         verdict_rows(cat, T0 - timedelta(hours=30), "v1", 9, 10, "vs-old")  # a day before
 
     now = T0 + timedelta(hours=3, minutes=55)
@@ -288,7 +290,7 @@ def test_fleet_overview_reads_heartbeats_the_lake_and_the_spool(home, tmp_path):
         overview = fleet_overview(cfg, cat, timedelta(minutes=30), now=now)
     assert overview["verdicts"] == [{
         "model": "tiny", "model_version": "v1", "tag": "misalignment", "answers": 40,
-        "flagged": 3, "blocked": 0, "regenerated": 0, "flagged_share": 0.075,
+        "flagged": 3, "blocked": 2, "regenerated": 0, "flagged_share": 0.075,
     }]  # fmt: skip
     with Catalog.for_analyst(cfg.catalog_path, cfg.lake_dir) as cat:
         later = fleet_overview(cfg, cat, timedelta(minutes=30), now=now + timedelta(minutes=1))

@@ -24,6 +24,7 @@ from featurewatch.capture.models import load_model
 from featurewatch.capture.steering import Steering, steer_from_sae
 from featurewatch.errors import ConfigError
 from featurewatch.sae import build
+from tests.conftest import wordy_copy
 
 WIDTH, LAYERS, D_SAE = 64, 4, 32
 CHATS = [
@@ -47,23 +48,7 @@ def random_probe(tag, family, *, layers=(), feature_ids=(), seed=0):
 
 @pytest.fixture(scope="module")
 def wordy_llama_dir(tiny_llama_dir, tmp_path_factory):
-    """The tiny Llama with an LM head that writes only whole words (" quick", " fox"):
-    its answers tokenize back to the same ids, as a real model's text mostly does, so
-    the offline path (which tokenizes the text) reads the very tokens generated."""
-    model, tokenizer = load_model(tiny_llama_dir)
-    words = [i for token, i in tokenizer.get_vocab().items()
-             if token.startswith("Ġ") and token[1:].isalpha() and len(token) > 2]  # fmt: skip
-    assert len(words) > 10
-    with torch.no_grad():
-        head = model.get_output_embeddings().weight
-        keep = torch.zeros(len(head), dtype=torch.bool)
-        keep[words] = True
-        head[~keep] = 0.0
-        head[keep] *= 20.0  # some word always beats the zeroed logits
-    folder = tmp_path_factory.mktemp("wordy-llama")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return wordy_copy(tiny_llama_dir, tmp_path_factory.mktemp("wordy-llama"))
 
 
 @pytest.fixture(scope="module")
