@@ -22,7 +22,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import ray
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -55,6 +54,7 @@ from featurewatch.actors.vllm_verdicts import (
     Answering,
     StreamedChoice,
     answer_id,
+    answer_rows,
     check_xargs,
     cut,
     event,
@@ -359,15 +359,13 @@ class VLLMModelServer:
         """Each choice's verdict on its first `counts[index]` tokens (fewer where fewer
         were computed: a stream's last token, or settings changed mid-answer)."""
         (recorded,) = await self.engine.collective_rpc("fw_answer", args=(key, take))
-        found, width = {}, self.model_shape["width"]
-        for index, n in counts.items():
-            layers = recorded.get(index) or {}
-            have = min([n] + [layers[at][0] if at in layers else 0 for at in scorer.layers])
-            rows = {at: torch.frombuffer(bytearray(layers[at][1]), dtype=torch.float32)
-                    .view(-1, width)[:have] if have else torch.zeros(0, width)
-                    for at in scorer.layers}  # fmt: skip
-            found[index] = scorer.verdict(scorer.score(rows))
-        return found
+        width = self.model_shape["width"]
+        return {
+            index: scorer.verdict(
+                scorer.score(answer_rows(recorded, index, n, scorer.layers, width))
+            )
+            for index, n in counts.items()
+        }
 
     async def _forget(self, answering: Answering) -> None:
         await self.engine.collective_rpc("fw_forget", args=(answering.key,))

@@ -22,6 +22,8 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
+import torch
+
 from featurewatch.analysis.verdicts import REFUSAL
 from featurewatch.capture.vllm_worker import RESERVED_PREFIX, STEER_KEY, VERDICT_KEY
 
@@ -171,3 +173,15 @@ def refuse(choice: dict) -> None:
     choice["finish_reason"], choice["stop_reason"] = "content_filter", None
     choice.pop("token_ids", None)
     choice.pop("logprobs", None)
+
+
+def answer_rows(recorded: dict, index: int, n: int, layers: list[int], width: int) -> dict:
+    """Layer -> [tokens, width] for choice `index` of what the worker's fw_answer gave:
+    its first `n` tokens, or as many as every layer has (fewer: a stream's last token,
+    or settings changed mid-answer)."""
+    found = recorded.get(index) or {}
+    have = min([n] + [found[at][0] if at in found else 0 for at in layers])
+    if not have:
+        return {at: torch.zeros(0, width) for at in layers}
+    return {at: torch.frombuffer(bytearray(found[at][1]), dtype=torch.float32)
+            .view(-1, width)[:have] for at in layers}  # fmt: skip

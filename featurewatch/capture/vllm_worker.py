@@ -144,7 +144,7 @@ class CaptureWorkerExtension:
         self._fw_steering = Steering(model, stream=residual_stream)
         self._fw_blocks = blocks
         self._fw_handles: list = []
-        # In-line verdicts: per answer key and sequence, layer -> position -> vector.
+        # In-line verdicts: per answer key and sequence, layer -> [(position, rows)].
         self._fw_answers: OrderedDict[tuple[str, int], dict] = OrderedDict()
         self._fw_verdict_handles: list = []
         self._fw_regenerate: dict[str, dict] = {}  # tag -> its steering terms
@@ -180,7 +180,9 @@ class CaptureWorkerExtension:
         self._fw_steering.rows_for = None
         if spec is None:
             return
-        for layer in spec["layers"]:
+        self._fw_verdict_layers = sorted(spec["layers"])
+        self._fw_plan = None
+        for layer in self._fw_verdict_layers:
             module = site_module(self._fw_blocks[layer], spec["site"])
             self._fw_verdict_handles.append(
                 module.register_forward_hook(self._fw_verdict_hook(layer, spec["site"]))
@@ -200,8 +202,8 @@ class CaptureWorkerExtension:
         for answer in [k for k in self._fw_answers if k[0] == key]:
             layers = self._fw_answers.pop(answer) if take else self._fw_answers[answer]
             found[answer[1]] = {}
-            for layer, by_position in layers.items():
-                rows = _in_order(by_position)
+            for layer, chunks in layers.items():
+                rows = rows_in_order(chunks)
                 found[answer[1]][layer] = (len(rows), rows.numpy().tobytes())
         return found
 
@@ -273,30 +275,41 @@ class CaptureWorkerExtension:
 
     def _fw_record_answers(self, layer: int, site: str, output) -> None:
         """Keep the rows of this pass that are generated tokens of verdict requests."""
+        if layer == self._fw_verdict_layers[0]:  # the first hook of a pass plans it
+            self._fw_plan = self._fw_plan_answers()
+        if not self._fw_plan:
+            return
+        rows, pieces = self._fw_plan
+        stream = residual_stream(site, output).detach()
+        vectors = stream[rows.to(stream.device)].float().cpu()
+        chunks = vectors.split([count for _, _, count in pieces])
+        for (answer, first, _), chunk in zip(pieces, chunks, strict=True):
+            self._fw_answers.setdefault(answer, {}).setdefault(layer, []).append((first, chunk))
+        while len(self._fw_answers) > _ANSWERS_KEPT:
+            self._fw_answers.popitem(last=False)
+
+    def _fw_plan_answers(self):
+        """(rows, [(answer, its position of the first row, rows)]) of this pass: the rows
+        that are generated tokens of verdict requests (a request's rows in a pass are
+        consecutive positions, so each is a tail of its rows); None when there are none."""
         found = self._fw_rows()
         if found is None:
-            return
+            return None
         engine_ids, starts = found
-        stream = None
+        rows, pieces = [], []
         for k, engine_id in enumerate(engine_ids):
             key = self._fw_extra(engine_id).get(VERDICT_KEY)
             if not isinstance(key, str):
                 continue
             prompt = self.model_runner.requests[engine_id].num_prompt_tokens
-            positions = self.model_runner.positions[starts[k] : starts[k + 1]].tolist()
-            keep = [(row, p) for row, p in enumerate(positions, starts[k]) if p >= prompt]
-            if not keep:
+            first = int(self.model_runner.positions[starts[k]])
+            skip = max(0, prompt - first)
+            if starts[k] + skip >= starts[k + 1]:
                 continue
-            if stream is None:
-                stream = residual_stream(site, output).detach()
-            rows = torch.tensor([row for row, _ in keep], device=stream.device)
-            vectors = stream[rows].float().cpu()
-            answer = self._fw_answers.setdefault(answer_key(engine_id, key), {})
-            by_position = answer.setdefault(layer, {})
-            for (_, position), vector in zip(keep, vectors, strict=True):
-                by_position[position - prompt] = vector  # a recomputed row replaces
-        while len(self._fw_answers) > _ANSWERS_KEPT:
-            self._fw_answers.popitem(last=False)
+            rows.append(torch.arange(starts[k] + skip, starts[k + 1]))
+            pieces.append((answer_key(engine_id, key), first + skip - prompt,
+                           starts[k + 1] - starts[k] - skip))  # fmt: skip
+        return (torch.cat(rows), pieces) if rows else None
 
     def _fw_steered_rows(self, point: tuple[int, str]) -> list:
         """[(rows, terms)] of this pass for the regenerated requests' steers at `point`."""
@@ -425,9 +438,16 @@ class CaptureWorkerExtension:
                 )
 
 
-def _in_order(by_position: dict[int, torch.Tensor]) -> torch.Tensor:
-    """The rows from answer position 0 on, as far as they run without a gap."""
-    rows = []
-    while len(rows) in by_position:
-        rows.append(by_position[len(rows)])
-    return torch.stack(rows) if rows else torch.zeros(0, 0)
+def rows_in_order(chunks: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """The rows from answer position 0 on, as far as they run without a gap; a chunk
+    that starts before the end (a preempted request computed again) replaces the rest."""
+    rows: list[torch.Tensor] = []
+    length = 0
+    for first, chunk in chunks:
+        if first > length:
+            break
+        if first < length:
+            rows, length = [torch.cat(rows)[:first]], first
+        rows.append(chunk)
+        length += len(chunk)
+    return torch.cat(rows) if rows else torch.zeros(0, 0)

@@ -22,6 +22,7 @@ from featurewatch.capture.generation import BatchGenerator
 from featurewatch.capture.hooks import ResponseRecorder, SiteRecorder
 from featurewatch.capture.models import load_model
 from featurewatch.capture.steering import Steering, steer_from_sae
+from featurewatch.capture.vllm_worker import rows_in_order
 from featurewatch.errors import ConfigError
 from featurewatch.sae import build
 from tests.conftest import wordy_copy
@@ -209,3 +210,12 @@ def test_a_tag_is_scored_once(sae_dir):
         read_verdicts(raw)
     assert isinstance(read_verdicts(settings(sae_dir)), VerdictSettings)
     assert read_verdicts(None) is None
+
+
+def test_a_vllm_answer_is_put_backrows_in_order_and_a_recomputed_part_replaces():
+    rows = torch.arange(10.0).unsqueeze(1)
+    # decode steps, then a preempted request computed again from position 3, then a gap
+    chunks = [(0, rows[0:2]), (2, rows[2:4]), (4, rows[4:5]), (3, rows[3:5] + 100), (5, rows[5:7]),
+              (9, rows[9:10])]  # fmt: skip
+    assert rows_in_order(chunks).squeeze(1).tolist() == [0, 1, 2, 103, 104, 5, 6]
+    assert rows_in_order([]).shape == (0, 0) and rows_in_order([(1, rows[1:2])]).shape == (0, 0)
