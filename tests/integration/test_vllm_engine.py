@@ -399,6 +399,16 @@ def test_inline_verdicts_equal_offline_scores_and_gate_answers_and_streams(serve
         list(bodies[0]["featurewatch"]["scores"].values()), atol=1e-5,
     )  # fmt: skip
 
+    # The OpenAI SDK reads the same stream; its usage counts the tokens the client got.
+    sdk = list(client.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": prompts[0]}], max_tokens=12,
+        temperature=0, stream=True, stream_options={"include_usage": True},
+    ))  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in sdk if c.choices) == text
+    assert sdk[-1].usage.completion_tokens == 12
+    assert [c.model_extra["featurewatch"]["flagged"] for c in sdk if "featurewatch" in
+            c.model_extra] == [bodies[0]["featurewatch"]["flagged"]]  # fmt: skip
+
     # block: the answer refused; a stream ended within `every` tokens of the start.
     hot = {"tag": "hot", "threshold": 0.5, "gate": "block",
            "probe": random_probe("hot", [2], intercept=40.0)}  # fmt: skip
