@@ -41,7 +41,10 @@ def parse_duration(text) -> timedelta:
     match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", text) if isinstance(text, str) else None
     if not match or int(match.group(1)) == 0:
         raise ValueError(f"must be a positive duration like 30m, 1h, 24h or 7d, not {text!r}")
-    return timedelta(seconds=int(match.group(1)) * DURATION_UNITS[match.group(2)])
+    try:
+        return timedelta(seconds=int(match.group(1)) * DURATION_UNITS[match.group(2)])
+    except OverflowError:
+        raise ValueError(f"is too long: {text!r}") from None
 
 
 def format_duration(span: timedelta) -> str:

@@ -21,6 +21,7 @@ from typing import Annotated
 from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, FastAPI, Form, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -274,7 +275,7 @@ def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> Fa
             )
         except ValueError as err:
             raise _Refused(400, f"invalid edit: {err}") from None
-        return JSONResponse({"outcome": _apply_edit(edit)})
+        return JSONResponse({"outcome": await run_in_threadpool(_apply_edit, edit)})
 
     @app.get("/api/timeline")
     def api_timeline(request: Request, all: bool = False):
@@ -292,7 +293,8 @@ def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> Fa
         body = await _json_body(request)
         if not isinstance(body.get("sql"), str):
             raise _Refused(400, "the body must be JSON with a string field 'sql'")
-        return JSONResponse(_jsonable(data.sql(body["sql"])))
+        # Off the event loop: a slow query must not hold up every other page.
+        return JSONResponse(_jsonable(await run_in_threadpool(data.sql, body["sql"])))
 
     edit_lock = threading.Lock()  # one writer connection in this process at a time
 

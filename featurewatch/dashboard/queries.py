@@ -16,7 +16,8 @@ from featurewatch.storage.registry import FeatureRegistry
 
 SPARK_POINTS = 24
 SQL_ROW_CAP = 1000
-# Queries share one connection with the pages: a long one holds them up to this long.
+SQL_BYTE_CAP = 8 * 2**20  # and at most this much of them (a few wide rows can be large)
+# A console query runs on a connection of its own, stopped after this long.
 SQL_TIMEOUT_S = 15.0
 
 # Rows of one side ('b' baseline, 'w' window) of the rollups, filtered by SAE version
@@ -121,14 +122,21 @@ def parse_time(text: str, name: str) -> datetime:
 
 class DashboardData:
     """One analyst connection to the readers' copy, reopened when the pipeline publishes
-    a new copy. Calls are serialised: DuckDB shares one database per file within a
-    process, and the sandbox's locked settings forbid a second connection beside it."""
+    a new copy. The pages' calls are serialised on it: DuckDB shares one database per
+    file within a process, and the sandbox's locked settings forbid a second connection
+    beside it. A SQL-console query runs on a cursor of it (DuckDB's own connection to the
+    same database: its own state and interrupt), closed after the query, so a slow or
+    odd query never holds up a page or leaves anything behind."""
 
     def __init__(self, cfg: FeaturewatchConfig):
         self.cfg = cfg
         self._lock = threading.Lock()
         self._catalog: Catalog | None = None
         self._opened: tuple | None = None
+        # Console queries running per catalog; a replaced catalog with queries still
+        # running is closed when the last one ends (closing it would end them).
+        self._running: dict[int, int] = {}
+        self._retired: dict[int, Catalog] = {}
         # One process may not open the audit file read-only and read-write at once.
         self._audit_lock = threading.Lock()
 
@@ -157,7 +165,10 @@ class DashboardData:
 
     def close_unlocked(self) -> None:
         if self._catalog is not None:
-            self._catalog.close()
+            if self._running.get(id(self._catalog)):
+                self._retired[id(self._catalog)] = self._catalog
+            else:
+                self._catalog.close()
         self._catalog, self._opened = None, None
 
     def close(self) -> None:
@@ -356,24 +367,37 @@ class DashboardData:
             return audit.decision(decision_id)
 
     def sql(self, text: str) -> dict:
-        """A query in the analyst sandbox; at most SQL_ROW_CAP rows come back, and a
-        query still running after SQL_TIMEOUT_S is interrupted."""
+        """A query in the analyst sandbox, on a cursor of its own; at most SQL_ROW_CAP
+        rows and about SQL_BYTE_CAP bytes come back, and a query still running after
+        SQL_TIMEOUT_S is interrupted."""
         if not text.strip():
             raise CatalogError("empty query")
         with self.catalog() as catalog:
-            timer = threading.Timer(SQL_TIMEOUT_S, catalog.con.interrupt)
-            timer.start()
-            try:
-                # Refuses anything but queries; reads one row past the cap, never more.
-                shown = catalog.query(text, limit=SQL_ROW_CAP + 1)
-            except CatalogError as err:
-                if timer.finished.is_set():
-                    raise CatalogError(f"query stopped after {SQL_TIMEOUT_S:.0f} s") from None
-                raise err
-            finally:
-                timer.cancel()
-        truncated = shown.num_rows > SQL_ROW_CAP
+            con = catalog.con.cursor()
+            self._running[id(catalog)] = self._running.get(id(catalog), 0) + 1
+        timer = threading.Timer(SQL_TIMEOUT_S, con.interrupt)
+        timer.start()
+        try:
+            # Refuses anything but queries; reads one row past the cap, never more.
+            shown = catalog.query(text, limit=SQL_ROW_CAP + 1, max_bytes=SQL_BYTE_CAP, con=con)
+        except CatalogError as err:
+            if timer.finished.is_set():
+                raise CatalogError(f"query stopped after {SQL_TIMEOUT_S:.0f} s") from None
+            raise err
+        finally:
+            timer.cancel()
+            con.close()
+            with self._lock:
+                self._running[id(catalog)] -= 1
+                if not self._running[id(catalog)]:
+                    del self._running[id(catalog)]
+                    retired = self._retired.pop(id(catalog), None)
+                    if retired is not None:
+                        retired.close()
+        truncated = shown.num_rows > SQL_ROW_CAP or shown.nbytes > SQL_BYTE_CAP
         shown = shown.slice(0, SQL_ROW_CAP)
+        while shown.num_rows and shown.nbytes > SQL_BYTE_CAP:
+            shown = shown.slice(0, shown.num_rows // 2)
         return {
             "columns": shown.column_names,
             "rows": [list(r.values()) for r in shown.to_pylist()],

@@ -562,26 +562,36 @@ class Catalog:
     # ---- queries
 
     def query(
-        self, sql: str, params: list | dict | None = None, *, limit: int | None = None
+        self,
+        sql: str,
+        params: list | dict | None = None,
+        *,
+        limit: int | None = None,
+        max_bytes: int | None = None,
+        con: duckdb.DuckDBPyConnection | None = None,
     ) -> pa.Table:
         """Run one statement and return its result as an Arrow table (with `limit`, its
-        first rows only, without reading the rest). On a sandboxed connection the text
-        may hold several queries; the last one's result returns."""
+        first rows only, without reading the rest; with `max_bytes`, reading stops once
+        the rows read pass it). On a sandboxed connection the text may hold several
+        queries; the last one's result returns. `con`: a cursor of this catalog's
+        connection to run on instead (the same database and sandbox)."""
+        con = con or self.con
         try:
             if self.sandboxed:
                 *before, last = self.check_analyst_sql(sql)
                 for statement in before:
-                    self.con.execute(statement)
+                    con.execute(statement)
                 sql = last
             if limit is None:
-                return fetch_arrow(self.con, sql, params)
-            reader = self.con.sql(sql, params=params).to_arrow_reader(limit)
-            batches = []
-            while sum(b.num_rows for b in batches) < limit:
+                return fetch_arrow(con, sql, params)
+            reader = con.sql(sql, params=params).to_arrow_reader(limit)
+            batches, rows, size = [], 0, 0
+            while rows < limit and (max_bytes is None or size <= max_bytes):
                 try:
                     batches.append(reader.read_next_batch())
                 except StopIteration:
                     break
+                rows, size = rows + batches[-1].num_rows, size + batches[-1].nbytes
             return pa.Table.from_batches(batches, schema=reader.schema).slice(0, limit)
         except duckdb.Error as err:
             raise CatalogError(str(err)) from None

@@ -6,14 +6,18 @@ heartbeats and the spool, and the `status`, `report` and `token` commands."""
 import json
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 
 import pytest
+import requests
+import uvicorn
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from featurewatch.config import build_config
+from featurewatch.dashboard import queries
 from featurewatch.dashboard.app import create_app
 from featurewatch.dashboard.auth import TokenStore
 from featurewatch.platform.cli import app as cli
@@ -27,6 +31,7 @@ from featurewatch.storage.inbox import apply_registrations, pending
 from featurewatch.storage.lake import write_segment
 from featurewatch.storage.registry import FeatureRegistry
 from featurewatch.storage.spool import Spool
+from tests.conftest import free_port
 from tests.unit.lake_helpers import T0, fill_home, segment, verdict_rows
 
 PAGES = ["/", "/drift", "/features/sae1/7", "/timeline", "/sql"]
@@ -407,3 +412,61 @@ def test_the_reviewers_cases(home):
     assert {e["feature_id"]: e["label"] for e in shown if e["feature_id"] >= 12} == {
         i: f"label {i}" for i in range(12, 18)
     }
+
+
+def test_a_slow_console_query_holds_up_no_page_and_leaves_nothing_behind(home, monkeypatch):
+    """Issue 24: a slow query ran on the event loop and froze every page; the console
+    shared the pages' connection; overflowing windows answered 500."""
+    _, client, tokens, _ = home
+    viewer = bearer(tokens["viewer"])
+    monkeypatch.setattr(queries, "SQL_TIMEOUT_S", 4.0)
+    # A real server (one event loop for every request, as users run it).
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(client.app, port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    base = f"http://127.0.0.1:{port}"
+    while not server.started:
+        time.sleep(0.05)
+    slow: dict = {}
+
+    def run_slow():
+        started = time.perf_counter()
+        slow["response"] = requests.post(f"{base}/api/sql", headers=viewer, json={
+            "sql": "SELECT count(*) FROM range(1000000000000)"}, timeout=30)  # fmt: skip
+        slow["seconds"] = time.perf_counter() - started
+
+    thread = threading.Thread(target=run_slow)
+    thread.start()
+    time.sleep(0.5)  # the query is running
+    try:
+        for path in ("/api/overview", "/api/timeline", "/"):
+            started = time.perf_counter()
+            assert requests.get(base + path, headers=viewer, timeout=30).status_code == 200
+            assert time.perf_counter() - started < 2.0, path  # not behind the 4 s query
+        quick = requests.post(f"{base}/api/sql", headers=viewer, timeout=30,
+                              json={"sql": "SELECT 41 + 1 AS n"})  # fmt: skip
+        assert quick.json()["rows"] == [[42]]
+        thread.join()
+    finally:
+        server.should_exit = True
+    assert slow["seconds"] >= 3.5 and slow["response"].status_code == 400
+    assert "stopped after 4 s" in slow["response"].json()["error"]
+
+    # Several statements, a failing one among them: the pages and the console go on.
+    for text in ("SELECT 1; SELECT 2 AS two", "SELECT 1; SELECT * FROM nowhere", "SELECT 1;;"):
+        client.post("/api/sql", headers=viewer, json={"sql": text})
+        assert client.get("/api/overview", headers=viewer).status_code == 200
+        again = client.post("/api/sql", headers=viewer, json={"sql": "SELECT 7 AS n"})
+        assert again.json()["rows"] == [[7]], text
+    # Results are capped in bytes as well as rows.
+    wide = client.post("/api/sql", headers=viewer, json={
+        "sql": "SELECT repeat('x', 100000) AS w FROM range(500)"}).json()  # fmt: skip
+    assert wide["truncated"] and 0 < wide["shown_rows"] < 500
+    assert sum(len(r[0]) for r in wide["rows"]) <= queries.SQL_BYTE_CAP
+    # Values that overflow are a 400 naming the parameter.
+    for path, name in [("/api/drift?window=99999999999999999999d", "window"),
+                       ("/api/drift?baseline=9999999999999999w", "baseline"),
+                       ("/api/features/sae1/7?span=99999999999999999999h", "span"),
+                       ("/api/drift?limit=99999999999999999999999", "limit")]:  # fmt: skip
+        response = client.get(path, headers=viewer)
+        assert response.status_code == 400 and name in response.json()["error"], path
