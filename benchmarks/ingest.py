@@ -37,7 +37,7 @@ from featurewatch.actors.collector import start_collector_process
 from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto.codec import make_batch
 
-WIDTH, ROWS, TOKEN = 576, 256, "bench-token"
+WIDTH, ROWS, TOKEN = 576, 256, "bench-test-token-5f0c2e9b7d"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 

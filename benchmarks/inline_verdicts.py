@@ -83,7 +83,9 @@ async def vllm_rounds(args, scorer, folder, tokenizer, chats) -> tuple[dict, dic
 
     cfg = build_config({"model": {"engine": "vllm", "vllm": {
         "max_num_seqs": BATCH, "enable_prefix_caching": False}}})  # fmt: skip
-    engine, shape = await start_engine(cfg, folder, "verdicts-bench", ["127.0.0.1:1"], "t" * 32)
+    engine, shape = await start_engine(
+        cfg, folder, "verdicts-bench", ["127.0.0.1:1"], "verdicts-bench-token-5f0c2e9b"
+    )
     await engine.collective_rpc("fw_set_capture", args=(False,))
     await engine.collective_rpc("fw_set_verdicts", args=({
         "layers": scorer.layers, "site": scorer.site, "steering": {}},))  # fmt: skip

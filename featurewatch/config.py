@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -45,6 +47,67 @@ def parse_duration(text) -> timedelta:
         return timedelta(seconds=int(match.group(1)) * DURATION_UNITS[match.group(2)])
     except OverflowError:
         raise ValueError(f"is too long: {text!r}") from None
+
+
+MIN_TOKEN_CHARS = 24
+MIN_TOKEN_DISTINCT = 8
+
+
+def check_token(token, where: str) -> str:
+    """A bearer token strong enough to be one (a ValueError naming `where` otherwise):
+    at least MIN_TOKEN_CHARS characters, MIN_TOKEN_DISTINCT of them different, and no
+    whitespace. Generated tokens (secrets.token_urlsafe(32)) have 43."""
+    if not isinstance(token, str):
+        raise ValueError(f"{where} must be a string")
+    if (len(token) < MIN_TOKEN_CHARS or len(set(token)) < MIN_TOKEN_DISTINCT
+            or any(c.isspace() for c in token)):  # fmt: skip
+        raise ValueError(
+            f"{where} is too weak: a token needs at least {MIN_TOKEN_CHARS} characters, "
+            f"{MIN_TOKEN_DISTINCT} of them different, and no spaces (make one with "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
+    return token
+
+
+class FailureLimiter:
+    """Failed authentications per client (a host): `failed` counts one, `locked`
+    says for how many more seconds a client with `max_failures` in the last `window_s`
+    is refused (None: not locked). Bounded: the quietest clients are forgotten first.
+    Used by the collector and the dashboard."""
+
+    def __init__(self, max_failures: int = 20, window_s: float = 60.0, clients: int = 10_000):
+        self.max_failures, self.window_s, self.clients = max_failures, window_s, clients
+        self._lock = threading.Lock()
+        self._failures: dict[str, list[float]] = {}
+
+    def _recent(self, client: str, now: float) -> list[float]:
+        recent = [t for t in self._failures.get(client, ()) if now - t < self.window_s]
+        if recent:
+            self._failures[client] = recent
+        else:
+            self._failures.pop(client, None)
+        return recent
+
+    def locked(self, client: str) -> float | None:
+        now = time.monotonic()
+        with self._lock:
+            recent = self._recent(client, now)
+            if len(recent) < self.max_failures:
+                return None
+            return self.window_s - (now - recent[0])
+
+    def failed(self, client: str) -> int:
+        """Count a failure; the client's failures within the window."""
+        now = time.monotonic()
+        with self._lock:
+            recent = self._recent(client, now)
+            recent.append(now)
+            self._failures[client] = recent
+            if len(self._failures) > self.clients:
+                quiet = sorted(self._failures, key=lambda c: self._failures[c][-1])
+                for forgotten in quiet[: max(1, self.clients // 10)]:
+                    del self._failures[forgotten]
+            return len(recent)
 
 
 def format_duration(span: timedelta) -> str:
@@ -246,8 +309,14 @@ class CollectorConfig(_Strict):
     host: str = Field("127.0.0.1", description="Interface the gRPC collector listens on.")
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
     token: str | None = Field(
-        None, description="Bearer token; None generates one per run (kept in the home)."
+        None,
+        description="Bearer token (24 characters or more); None generates one, kept in the "
+        "home. Also the dashboard's operator login.",
     )
+    previous_tokens: list[str] = Field(
+        [], max_length=4, description="Tokens collectors still accept while replicas "
+        "move to `token` (a rotation; see Operating the platform).",
+    )  # fmt: skip
     max_batch_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest vector payload one batch may carry."
     )
@@ -266,6 +335,16 @@ class CollectorConfig(_Strict):
     )
     tls_cert_file: str | None = Field(None, description="PEM certificate: collectors use TLS.")
     tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file.")
+
+    @field_validator("token")
+    @classmethod
+    def _strong(cls, token: str | None) -> str | None:
+        return None if token is None else check_token(token, "the token")
+
+    @field_validator("previous_tokens")
+    @classmethod
+    def _all_strong(cls, tokens: list[str]) -> list[str]:
+        return [check_token(t, f"previous token {i}") for i, t in enumerate(tokens)]
 
 
 class SAEConfig(_Strict):

@@ -17,7 +17,8 @@ from ray._common.utils import (  # where Ray puts sessions and its current-clust
 )
 
 from featurewatch.actors.collector import CollectorActor
-from featurewatch.config import FeaturewatchConfig
+from featurewatch.config import FeaturewatchConfig, check_token
+from featurewatch.errors import ConfigError
 from featurewatch.storage.spool import collector_spool_dir
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,10 @@ def collector_token(cfg: FeaturewatchConfig) -> str:
         return cfg.collector.token
     path = cfg.token_file
     if path.is_file():
-        return path.read_text().strip()
+        try:
+            return check_token(path.read_text().strip(), str(path))
+        except ValueError as err:
+            raise ConfigError(f"{err}; delete the file to have a new one made") from None
     cfg.home.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -211,6 +215,7 @@ def start_collectors(cfg: FeaturewatchConfig, token: str, width: int | dict[str,
             segment_max_age_s=cc.segment_max_age_s,
             tls_cert_file=cc.tls_cert_file,
             tls_key_file=cc.tls_key_file,
+            previous_tokens=tuple(cc.previous_tokens),
         )
         for i, name in enumerate(collector_names(cfg))
     ]

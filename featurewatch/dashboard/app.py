@@ -9,6 +9,7 @@ takes CPU from the model replicas. Every page and API call needs a token (auth.p
 from __future__ import annotations
 
 import html
+import logging
 import math
 import re
 import threading
@@ -25,7 +26,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from featurewatch.config import FeaturewatchConfig
+from featurewatch.config import FailureLimiter, FeaturewatchConfig
 from featurewatch.dashboard import charts
 from featurewatch.dashboard.auth import Identity, TokenStore
 from featurewatch.dashboard.queries import DashboardData
@@ -35,6 +36,7 @@ from featurewatch.storage.inbox import FeatureEdit, apply_feature_edit, submit
 from featurewatch.storage.registry import FeatureRegistry, check_tag
 
 COOKIE = "fw_token"
+log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 
 
@@ -83,10 +85,29 @@ def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> Fa
     templates.env.filters["highlight"] = _highlight
     app.state.data = data
 
+    failures = FailureLimiter(max_failures=20, window_s=60.0)
+
+    def identify(request: Request, token: str | None) -> Identity | None:
+        """Who holds `token`; a failure is logged and counted against the client's
+        address, and an address with too many is refused for a while (429)."""
+        client = request.client.host if request.client else "unknown"
+        left = failures.locked(client)
+        if left is not None:
+            raise _Refused(429, f"too many failed logins from {client}: try again in "
+                                f"{left:.0f} s")  # fmt: skip
+        if not token:
+            return None
+        who = tokens.identify(token)
+        if who is None:
+            count = failures.failed(client)
+            log.warning("failed dashboard login from %s on %s (%d in 60 s)", client,
+                        request.url.path, count)  # fmt: skip
+        return who
+
     def identity(request: Request) -> Identity | None:
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else None
-        return tokens.identify(token or request.cookies.get(COOKIE))
+        return identify(request, token or request.cookies.get(COOKIE))
 
     def quiet_identity(request: Request) -> Identity | None:
         try:
@@ -145,7 +166,7 @@ def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> Fa
 
     @app.post("/login")
     def login(request: Request, token: str = Form(""), next: str = Form("/")):
-        who = tokens.identify(token.strip())
+        who = identify(request, token.strip())
         if who is None:
             context = {"next": next, "message": "unknown token"}
             return _page(request, "login.html", None, context, 401)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from featurewatch.config import check_token
 from featurewatch.errors import ConfigError
 
 ROLES = ("viewer", "operator")
@@ -42,6 +43,11 @@ def _digest(token: str) -> str:
 class TokenStore:
     def __init__(self, path: Path, platform_token: str | None = None):
         self.path = Path(path)
+        if platform_token is not None:
+            try:
+                check_token(platform_token, "the platform token (collector.token)")
+            except ValueError as err:
+                raise ConfigError(f"{err}: it would be an operator login") from None
         self.platform_token = platform_token
 
     def _load(self) -> list[dict]:

@@ -1,5 +1,7 @@
 """The collector over real gRPC on loopback: validation, auth, dedupe, durability."""
 
+import time
+
 import grpc
 import pytest
 import torch
@@ -11,7 +13,7 @@ from featurewatch.proto import activations_pb2_grpc as pb_grpc
 from featurewatch.storage.spool import read_segment, sealed_segments
 from tests.unit.test_codec import batch_of
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-test-token-5f0c2e9b7d"
 WIDTH = 8
 
 
@@ -98,6 +100,46 @@ def test_missing_or_wrong_token_is_unauthenticated(server, metadata):
             list(stub.Stream(iter([good(2)]), metadata=metadata))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert stored(server) == []
+
+
+def test_failed_authentication_is_logged_counted_and_locks_the_host_out(tmp_path, caplog):
+    """Issue 24: any token was accepted, and failures went unlogged and unlimited."""
+    for weak in ("t", "short-token", "a" * 40, "spaces in a long token, really"):
+        with pytest.raises(ValueError, match="too weak"):
+            CollectorServer(tmp_path / "weak", weak)
+    old = "the-previous-token-5f0c2e9b7d"
+    srv = CollectorServer(
+        tmp_path / "spool", TOKEN, expected_width=WIDTH, previous_tokens=(old,),
+        max_auth_failures=5, auth_window_s=2.0,
+    ).start()  # fmt: skip
+    try:
+        channel, stub = stub_for(srv)
+        with channel:
+            # The previous token still works during a rotation.
+            assert stub.Push(good(1), metadata=(("authorization", f"Bearer {old}"),)).seq == 1
+            for i in range(5):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Push(good(10 + i), metadata=(("authorization", f"Bearer guess{i}"),))
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # Locked out: even the right token is refused until the window ends.
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Push(good(2), metadata=AUTH)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "too many failed authentications from 127.0.0.1" in info.value.details()
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Stream(iter([good(2)]), metadata=AUTH))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            time.sleep(2.1)
+            assert stub.Push(good(2), metadata=AUTH).seq == 2
+        stats = srv.stats()
+        assert (stats["auth_failures"], stats["auth_locked_out"]) == (5, 2)
+        logged = [r.getMessage() for r in caplog.records if "failed authentication" in
+                  r.getMessage()]  # fmt: skip
+        assert logged[0].startswith("failed authentication from 127.0.0.1 (1 in 2 s)")
+        assert not any("guess" in m for m in logged)  # the token is never logged
+        assert [b.seq for b in stored(srv)] == [1, 2]
+    finally:
+        srv.stop()
 
 
 def test_resend_is_deduplicated_also_after_restart(tmp_path):

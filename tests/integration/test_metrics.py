@@ -24,7 +24,7 @@ from featurewatch.storage.spool import sealed_segments
 from tests.unit.test_codec import batch_of
 from tests.unit.test_controller import platform, policies, webhook  # noqa: F401 (fixtures)
 
-TOKEN = "metrics-token"
+TOKEN = "metrics-test-token-5f0c2e9b7d"
 WIDTH = 16
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 

@@ -102,7 +102,7 @@ def test_the_realign_loop_closes_on_a_tiny_model(ray_cluster, tiny_llama_dir, tm
             },
             "capture": {"layers": [1]},
             "serve": {"port": free_port(), "app_name": "fw-loop"},
-            "collector": {"token": "loop-token"},
+            "collector": {"token": "loop-test-token-5f0c2e9b7d"},
             "demo": {"max_tokens": 12},
         }
     )

@@ -37,7 +37,7 @@ from tests.conftest import free_port
 from tests.integration.test_metrics import metric, wait_for_metrics
 from tests.unit.lake_helpers import T0, segment
 
-TOKEN = "serve-test-token"
+TOKEN = "serve-test-token-5f0c2e9b7d"
 
 
 @pytest.fixture(scope="module")

@@ -335,7 +335,10 @@ def test_collect_cli_refuses_bad_arguments(tmp_path):
     for args, message in cases:
         result = runner.invoke(app, base + args)
         assert result.exit_code == 2 and message in result.output
-    token.write_text("t")
+    token.write_text("t")  # one character: refused as a token
+    result = runner.invoke(app, base + ["--listen", "127.0.0.1:1", "--token-file", str(token)])
+    assert result.exit_code == 2 and "is too weak: a token needs at least 24" in result.output
+    token.write_text(TOKEN)
     result = runner.invoke(
         app, base + ["--listen", "127.0.0.1:1", "--token-file", str(token), "--tls-cert", "c"]
     )

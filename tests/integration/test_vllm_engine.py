@@ -44,7 +44,7 @@ from featurewatch.sae import build
 from featurewatch.storage.spool import read_segment, sealed_segments
 from tests.conftest import build_tiny_model, free_port, wordy_copy
 
-TOKEN = "vllm-test-token"
+TOKEN = "vllm-test-token-5f0c2e9b7d"
 LAYER = 1
 KV_BLOCK = 128  # positions per KV cache block, vLLM's default on the CPU
 ALWAYS = {"x-featurewatch-sample": "always"}  # capture.always_sample_header

@@ -114,3 +114,14 @@ def test_a_fleet_member_cannot_ask_for_verdicts():
     member = {"model": {"name": "other", "verdicts": {"tags": [{"tag": "x", "threshold": 0.5}]}}}
     with pytest.raises(ConfigError, match=r"fleet\.0: .*built for the first model only"):
         build_config({"fleet": [member]})
+
+
+@pytest.mark.parametrize(
+    "collector, field",
+    [({"token": "x"}, "collector.token"), ({"token": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"},
+     "collector.token"), ({"previous_tokens": ["short"]}, "collector.previous_tokens")],
+)  # fmt: skip
+def test_weak_tokens_are_refused_by_field(collector, field):
+    with pytest.raises(ConfigError, match=f"{field}.*too weak"):
+        build_config({"collector": collector})
+    assert build_config({"collector": {"token": "a-strong-enough-token-5f0c2e9b7d"}})

@@ -20,6 +20,7 @@ from featurewatch.config import build_config
 from featurewatch.dashboard import queries
 from featurewatch.dashboard.app import create_app
 from featurewatch.dashboard.auth import TokenStore
+from featurewatch.errors import ConfigError
 from featurewatch.platform.cli import app as cli
 from featurewatch.platform.control.controller import PolicyController
 from featurewatch.platform.control.policies import PolicyFile
@@ -65,7 +66,7 @@ def home(tmp_path):
     (row,) = PolicyController(cfg, manual_policy()).tick(T0 + timedelta(hours=4))
     store = TokenStore(cfg.dashboard_tokens_file)
     tokens = {"operator": store.create("ana", "operator"), "viewer": store.create("vic", "viewer")}
-    client = TestClient(create_app(cfg, platform_token="the-platform-token"))
+    client = TestClient(create_app(cfg, platform_token="the-platform-token-5f0c2e9b7d"))
     yield cfg, client, tokens, row["decision"]
     client.app.state.data.close()
 
@@ -110,7 +111,10 @@ def test_every_page_and_call_needs_a_token_and_viewers_cannot_act(home):
     assert client.get("/drift", follow_redirects=False).status_code == 303
     client.cookies.clear()
     # The platform's own token is an operator.
-    assert client.get("/api/timeline", headers=bearer("the-platform-token")).status_code == 200
+    assert (
+        client.get("/api/timeline", headers=bearer("the-platform-token-5f0c2e9b7d")).status_code
+        == 200
+    )
 
 
 def test_operators_approve_and_edit_with_history(home):
@@ -470,3 +474,22 @@ def test_a_slow_console_query_holds_up_no_page_and_leaves_nothing_behind(home, m
                        ("/api/drift?limit=99999999999999999999999", "limit")]:  # fmt: skip
         response = client.get(path, headers=viewer)
         assert response.status_code == 400 and name in response.json()["error"], path
+
+
+def test_failed_logins_are_logged_and_limited_and_weak_platform_tokens_refused(home, caplog):
+    """Issue 24: a one-character platform token was an operator login, and failed logins
+    were neither limited nor logged."""
+    cfg, client, tokens, _ = home
+    for weak in ("x", "short-one", "a" * 30):
+        with pytest.raises(ConfigError, match="platform token .* is too weak"):
+            create_app(cfg, platform_token=weak)
+    for i in range(20):
+        assert client.get("/api/overview", headers=bearer(f"guess-{i}")).status_code == 401
+    # The address is locked out for a while, right token or not, pages and login alike.
+    locked = client.get("/api/overview", headers=bearer(tokens["viewer"]))
+    assert locked.status_code == 429 and "too many failed logins" in locked.json()["error"]
+    assert client.post("/login", data={"token": tokens["viewer"]}).status_code == 429
+    logged = [r.getMessage() for r in caplog.records if "failed dashboard login" in
+              r.getMessage()]  # fmt: skip
+    assert len(logged) == 20 and "testclient" in logged[0]
+    assert not any("guess" in m for m in logged)  # the token is never logged

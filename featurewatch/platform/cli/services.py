@@ -15,6 +15,7 @@ import uvicorn
 
 from featurewatch.actors.collector import CollectorServer
 from featurewatch.actors.pipeline import run_pipeline
+from featurewatch.config import check_token
 from featurewatch.dashboard.app import create_app
 from featurewatch.platform.apps.demo import run_demo
 from featurewatch.platform.apps.realign_demo import RealignScenario, run_realign_demo
@@ -103,6 +104,19 @@ def demo(
         fail(report.failure)
 
 
+def read_token_file(path: Path, option: str) -> str:
+    """A token from a file, checked (exit 2 naming the option and file otherwise)."""
+    if not path.is_file():
+        fail(f"{option} {path} does not exist", 2)
+    token = path.read_text().strip()
+    if not token:
+        fail(f"{option} {path} is empty", 2)
+    try:
+        return check_token(token, f"{option} {path}")
+    except ValueError as err:
+        fail(str(err), 2)
+
+
 @commands.command()
 def collect(
     listen: Annotated[str, typer.Option(help="HOST:PORT to listen on (port 0: any free).")],
@@ -117,14 +131,19 @@ def collect(
     max_batch_bytes: Annotated[int, typer.Option(min=1024)] = 16 * 1024 * 1024,
     segment_max_bytes: Annotated[int, typer.Option(min=1024)] = 64 * 1024 * 1024,
     segment_max_age_s: Annotated[float, typer.Option(min=0.01)] = 5.0,
+    previous_token_file: Annotated[
+        list[Path] | None,
+        typer.Option(help="A token still accepted while senders move on (repeatable)."),
+    ] = None,
 ) -> None:
     """Run a collector in the foreground, without Ray (edge nodes, tests)."""
     host, port = parse_listen(listen)
-    if not token_file.is_file():
-        fail(f"--token-file {token_file} does not exist", 2)
-    token = token_file.read_text().strip()
-    if not token:
-        fail(f"--token-file {token_file} is empty", 2)
+    token, *previous = [
+        read_token_file(path, option)
+        for option, paths in (("--token-file", [token_file]),
+                              ("--previous-token-file", previous_token_file or []))
+        for path in paths
+    ]  # fmt: skip
     if (tls_cert is None) != (tls_key is None):
         fail("--tls-cert and --tls-key go together", 2)
     for path in (tls_cert, tls_key):
@@ -137,6 +156,7 @@ def collect(
         server = CollectorServer(
             spool,
             token,
+            previous_tokens=tuple(previous),
             host=host,
             port=port,
             expected_width=width,
