@@ -335,6 +335,17 @@ class CollectorConfig(_Strict):
     )
     tls_cert_file: str | None = Field(None, description="PEM certificate: collectors use TLS.")
     tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file.")
+    max_streams: int = Field(
+        256, ge=1, le=4096, strict=True,
+        description="Streams one collector keeps open (a thread each); more are refused.",
+    )  # fmt: skip
+    max_streams_per_host: int = Field(
+        64, ge=1, le=4096, strict=True, description="Streams one peer host may keep open."
+    )
+    stream_idle_s: float = Field(
+        60.0, gt=0, le=3600, strict=True,
+        description="A stream that sends nothing this long is closed (its sender reopens).",
+    )  # fmt: skip
 
     @field_validator("token")
     @classmethod

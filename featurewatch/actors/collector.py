@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import ray
 from google.protobuf.message import DecodeError
 
 from featurewatch.actors.metrics import Exporter, collector_metrics
-from featurewatch.capture.sender import REJECTED_SEQ_KEY
+from featurewatch.capture.sender import IDLE_CLOSE_KEY, REJECTED_SEQ_KEY
 from featurewatch.config import FailureLimiter, check_token
 from featurewatch.errors import BatchValidationError, SpoolError
 from featurewatch.proto import activations_pb2 as pb
@@ -117,9 +118,20 @@ class CollectorService:
         max_batch_bytes: int | None = None,
         allowed_models: set[str] | None = None,
         guard: BearerGuard | None = None,
+        max_streams: int = 256,
+        max_streams_per_host: int = 64,
+        stream_idle_s: float = 60.0,
     ):
         self.spool = spool
         self.guard = guard
+        # Each open stream holds a server thread: bounded in all and per peer host, and
+        # a stream with nothing to say for stream_idle_s is closed (its sender opens a
+        # new one when it has a batch), so idle streams cannot hold the threads.
+        self.max_streams, self.max_streams_per_host = max_streams, max_streams_per_host
+        self.stream_idle_s = stream_idle_s
+        self._streams: dict[str, int] = {}  # open streams per peer host
+        self.refused_streams = 0
+        self.idle_closed_streams = 0
         self.expected_width = expected_width
         self.max_batch_bytes = max_batch_bytes
         self.allowed_models = allowed_models
@@ -204,7 +216,28 @@ class CollectorService:
         instead of paying one fsync per batch."""
         if self.guard is not None:
             self.guard.check(context)
+        host = peer_host(context.peer())
+        with self._lock:
+            total, mine = sum(self._streams.values()), self._streams.get(host, 0)
+            if total >= self.max_streams or mine >= self.max_streams_per_host:
+                self.refused_streams += 1
+                if total >= self.max_streams:
+                    full = f"{total} streams are open, the most this collector takes"
+                else:
+                    full = f"{mine} streams are open from {host}, the most one host may open"
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"stream refused: {full}")
+            self._streams[host] = mine + 1
+        try:
+            yield from self._stream(request_iterator, context)
+        finally:
+            with self._lock:
+                self._streams[host] -= 1
+                if not self._streams[host]:
+                    del self._streams[host]
+
+    def _stream(self, request_iterator, context):
         items: queue.Queue = queue.Queue(maxsize=64)
+        heard = [time.monotonic()]  # when the last message arrived
 
         def put(item) -> bool:
             while context.is_active():
@@ -219,6 +252,7 @@ class CollectorService:
             previous = 0
             try:
                 for raw, batch in request_iterator:
+                    heard[0] = time.monotonic()
                     try:
                         # Within one call seqs only grow; a resend opens a new call.
                         if batch is not None and batch.seq <= previous:
@@ -246,9 +280,17 @@ class CollectorService:
                 try:
                     kind, payload, pending = items.get(timeout=0.5)
                 except queue.Empty:
-                    if context.is_active():
-                        continue
-                    return  # the call is over (client gone or server stopping)
+                    if not context.is_active():
+                        return  # the call is over (client gone or server stopping)
+                    if time.monotonic() - heard[0] > self.stream_idle_s:
+                        with self._lock:
+                            self.idle_closed_streams += 1
+                        context.set_trailing_metadata(((IDLE_CLOSE_KEY, "1"),))
+                        context.abort(
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"stream idle for {self.stream_idle_s:.0f} s: closed",
+                        )
+                    continue
             if kind == "end":
                 return
             if kind == "reject":
@@ -302,7 +344,9 @@ class CollectorServer:
         allowed_models: set[str] | None = None,
         tls_cert_file: str | None = None,
         tls_key_file: str | None = None,
-        max_workers: int = 32,
+        max_streams: int = 256,
+        max_streams_per_host: int = 64,
+        stream_idle_s: float = 60.0,
         previous_tokens: tuple[str, ...] = (),
         max_auth_failures: int = 20,
         auth_window_s: float = 60.0,
@@ -326,12 +370,17 @@ class CollectorServer:
             max_batch_bytes=max_batch_bytes,
             allowed_models=set(allowed_models) if allowed_models else None,
             guard=self.guard,
+            max_streams=max_streams,
+            max_streams_per_host=max_streams_per_host,
+            stream_idle_s=stream_idle_s,
         )
         # Leave room above the payload limit for metadata; larger messages fail in grpc
         # with RESOURCE_EXHAUSTED before reaching us.
         max_message = max_batch_bytes * 2 + (1 << 20)
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fw-grpc"),
+            # A thread per open stream, and room beyond the cap so that Push calls and
+            # refusals never wait behind streams.
+            futures.ThreadPoolExecutor(max_streams + 32, thread_name_prefix="fw-grpc"),
             options=[
                 ("grpc.max_receive_message_length", max_message),
                 ("grpc.so_reuseport", 0),
@@ -367,6 +416,8 @@ class CollectorServer:
             "accepted_bytes": s.accepted_bytes,
             "duplicate_batches": s.duplicate_batches,
             "rejected_batches": s.rejected_batches,
+            "refused_streams": s.refused_streams,
+            "idle_closed_streams": s.idle_closed_streams,
             "auth_failures": self.guard.failed,
             "auth_locked_out": self.guard.locked_out,
             "fsyncs": self.spool.fsyncs,

@@ -216,6 +216,9 @@ def start_collectors(cfg: FeaturewatchConfig, token: str, width: int | dict[str,
             tls_cert_file=cc.tls_cert_file,
             tls_key_file=cc.tls_key_file,
             previous_tokens=tuple(cc.previous_tokens),
+            max_streams=cc.max_streams,
+            max_streams_per_host=cc.max_streams_per_host,
+            stream_idle_s=cc.stream_idle_s,
         )
         for i, name in enumerate(collector_names(cfg))
     ]

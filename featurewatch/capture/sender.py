@@ -36,6 +36,7 @@ _REJECTING = {
     grpc.StatusCode.FAILED_PRECONDITION,
 }
 REJECTED_SEQ_KEY = "fw-rejected-seq"
+IDLE_CLOSE_KEY = "fw-idle-close"  # trailer: the collector closed a stream that sent nothing
 
 
 @dataclass
@@ -216,7 +217,7 @@ class ActivationSender:
                 if self._stopping:
                     return
                 generation = self._generation
-            rejected_seq = None
+            rejected_seq, idle = None, False
             try:
                 with self._channel() as channel:
                     stub = pb_grpc.CollectorStub(channel)
@@ -227,11 +228,17 @@ class ActivationSender:
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else None
                 details = err.details() if hasattr(err, "details") else str(err)
-                self.stats.last_error = f"{code}: {details}"
-                if code in _REJECTING:
-                    for key, value in err.trailing_metadata() or ():
-                        if key == REJECTED_SEQ_KEY:
-                            rejected_seq = int(value)
+                trailers = dict(err.trailing_metadata() or ()) if hasattr(
+                    err, "trailing_metadata") else {}  # fmt: skip
+                # An idle stream closed by the collector is no error: a new one opens,
+                # on the same collector, when a batch comes.
+                idle = trailers.get(IDLE_CLOSE_KEY) == "1"
+                if not idle:
+                    self.stats.last_error = f"{code}: {details}"
+                if idle:
+                    log.debug("collector closed an idle stream")
+                elif code in _REJECTING and REJECTED_SEQ_KEY in trailers:
+                    rejected_seq = int(trailers[REJECTED_SEQ_KEY])
                     log.warning("collector rejected a batch: %s", self.stats.last_error)
                 elif code != grpc.StatusCode.CANCELLED:
                     log.info("collector stream broke (%s); reconnecting", self.stats.last_error)
@@ -239,7 +246,7 @@ class ActivationSender:
             with self._cond:
                 if self._stopping:
                     return
-            if rejected_seq is None:
+            if rejected_seq is None and not idle:
                 self.stats.reconnects += 1
                 self._refresh_addresses()
                 # fail over: the next collector in the list (wraps around)

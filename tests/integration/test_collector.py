@@ -1,5 +1,6 @@
 """The collector over real gRPC on loopback: validation, auth, dedupe, durability."""
 
+import threading
 import time
 
 import grpc
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from featurewatch.actors.collector import CollectorServer
-from featurewatch.capture.sender import ActivationSender
+from featurewatch.capture.sender import IDLE_CLOSE_KEY, ActivationSender
 from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto import activations_pb2_grpc as pb_grpc
 from featurewatch.storage.spool import read_segment, sealed_segments
@@ -138,6 +139,89 @@ def test_failed_authentication_is_logged_counted_and_locks_the_host_out(tmp_path
         assert logged[0].startswith("failed authentication from 127.0.0.1 (1 in 2 s)")
         assert not any("guess" in m for m in logged)  # the token is never logged
         assert [b.seq for b in stored(srv)] == [1, 2]
+    finally:
+        srv.stop()
+
+
+def idle_streams(srv, count: int, first_seq: int = 1) -> tuple[list, threading.Event]:
+    """`count` authenticated streams, each sending one batch under its own replica id,
+    then saying nothing until the event is set; each call's ack (or error) is read."""
+    release = threading.Event()
+    calls = []
+
+    def one_then_wait(i):
+        batch = good(first_seq)
+        batch.replica_id = f"idle-{i}"
+        yield batch
+        release.wait(30)
+
+    channel, stub = stub_for(srv)
+    for i in range(count):
+        calls.append(stub.Stream(one_then_wait(i), metadata=AUTH))
+    return calls, release, channel
+
+
+def test_idle_streams_cannot_hold_up_other_senders(tmp_path):
+    """Issue 24: authenticated streams that sent one batch and stayed idle took every
+    server thread, so other senders' calls hit their deadlines. Bound: a sender beside
+    60 of them (below the 64 one host may open) gets its acks within 3 s on loopback
+    (about 0.1 s alone)."""
+    srv = CollectorServer(tmp_path / "spool", TOKEN, expected_width=WIDTH).start()
+    try:
+        calls, release, channel = idle_streams(srv, 60)
+        deadline = time.monotonic() + 10
+        while srv.stats()["accepted_batches"] < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.stats()["accepted_batches"] == 60  # all open, each sent its batch
+        started = time.perf_counter()
+        sender = ActivationSender(srv.address, TOKEN, "busy-replica")
+        for seq in range(20):
+            sender.submit(good(seq + 1))
+        assert sender.flush(10.0)
+        assert time.perf_counter() - started < 3.0
+        sender.close()
+        release.set()
+        channel.close()
+    finally:
+        srv.stop()
+
+
+def test_streams_are_capped_and_idle_ones_closed(tmp_path):
+    srv = CollectorServer(tmp_path / "spool", TOKEN, expected_width=WIDTH, max_streams=8,
+                          max_streams_per_host=6, stream_idle_s=1.0).start()  # fmt: skip
+    try:
+        calls, release, channel = idle_streams(srv, 6)
+        assert [next(c).seq for c in calls] == [1] * 6
+        refused, _, other = idle_streams(srv, 1, first_seq=2)
+        with pytest.raises(grpc.RpcError) as info:
+            next(refused[0])
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "6 streams are open from 127.0.0.1" in info.value.details()
+        push_channel, stub = stub_for(srv)
+        with push_channel:  # a Push is never behind the streams
+            assert stub.Push(good(9), metadata=AUTH).seq == 9
+        # Idle past stream_idle_s: closed (marked so the sender reopens quietly).
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                next(call)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert dict(info.value.trailing_metadata())[IDLE_CLOSE_KEY] == "1"
+        assert srv.stats()["idle_closed_streams"] >= 6
+        # A sender that goes quiet and comes back: its idle stream was closed, a new one
+        # opens for the next batch, on the same collector, with no error counted.
+        sender = ActivationSender(srv.address, TOKEN, "quiet-replica")
+        sender.submit(good(1))
+        assert sender.flush(5.0)
+        time.sleep(1.6)
+        sender.submit(good(2))
+        assert sender.flush(5.0)
+        stats = sender.snapshot()
+        assert (stats.acked_batches, stats.reconnects, stats.last_error) == (2, 0, "")
+        sender.close()
+        release.set()
+        channel.close()
+        other.close()
+        assert srv.stats()["refused_streams"] == 1
     finally:
         srv.stop()
 
