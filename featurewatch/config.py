@@ -346,6 +346,11 @@ class CollectorConfig(_Strict):
         60.0, gt=0, le=3600, strict=True,
         description="A stream that sends nothing this long is closed (its sender reopens).",
     )  # fmt: skip
+    seq_window: int = Field(
+        65536, ge=1024, le=2**31, strict=True,
+        description="A stream's seq may run at most this far past its highest; a batch "
+        "further on is refused (a forged seq cannot shadow later batches).",
+    )  # fmt: skip
 
     @field_validator("token")
     @classmethod

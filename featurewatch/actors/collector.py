@@ -22,6 +22,8 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
+from collections import OrderedDict
 from concurrent import futures
 from pathlib import Path
 
@@ -89,15 +91,75 @@ def peer_host(peer: str) -> str:
     return peer
 
 
-def replay_last_seqs(spool_dir: Path) -> dict[tuple[str, int], int]:
-    """Highest durable seq per (replica, stream epoch), read back from the spool."""
-    last: dict[tuple[str, int], int] = {}
+class StreamRecord:
+    """What one collector stored of each stream (replica, epoch): its highest seq, and a
+    digest of each of its last `keep` batches, so that a resend is acked as a duplicate
+    only when that very batch is stored. Bounded: `streams` streams at most (the least
+    recently written forgotten: a resend on one may then be stored twice, which the
+    pipeline drops by batch key; nothing is ever acked unstored)."""
+
+    def __init__(self, window: int = 65536, keep: int = 4096, streams: int = 4096):
+        self.window, self.keep, self.streams = window, keep, streams
+        self._streams: OrderedDict[tuple[str, int], tuple[list[int], dict[int, bytes]]] = (
+            OrderedDict()
+        )
+
+    def check(self, key: tuple[str, int], seq: int, digest: bytes) -> bool:
+        """True: this batch is stored already (a duplicate). False: new. A
+        BatchValidationError for a seq that cannot be right: far past the stream's
+        highest, too far behind it to check, or stored with other content."""
+        found = self._streams.get(key)
+        if found is None:
+            return False  # a stream new here (or failing over to here): any seq
+        (highest,), digests = found
+        if seq in digests:
+            if digests[seq] != digest:
+                raise BatchValidationError(
+                    "seq", f"{seq} of this stream is stored with other content"
+                )
+            return True
+        if seq > highest + self.window:
+            raise BatchValidationError(
+                "seq", f"jumps from {highest} to {seq}, more than {self.window} ahead"
+            )
+        if seq <= highest - self.keep:
+            raise BatchValidationError(
+                "seq", f"{seq} is more than {self.keep} behind the stream's latest ({highest})"
+            )
+        return False
+
+    def add(self, key: tuple[str, int], seq: int, digest: bytes) -> None:
+        found = self._streams.pop(key, None) or ([0], {})
+        self._streams[key] = found  # most recently written last
+        highest, digests = found
+        digests[seq] = digest
+        highest[0] = max(highest[0], seq)
+        if len(digests) > 2 * self.keep:
+            for old in [s for s in digests if s <= highest[0] - self.keep]:
+                del digests[old]
+        while len(self._streams) > self.streams:
+            self._streams.popitem(last=False)
+
+    def forget(self, key: tuple[str, int], seq: int) -> None:
+        """A batch whose write failed: not stored, so a resend must be."""
+        found = self._streams.get(key)
+        if found is not None:
+            found[1].pop(seq, None)
+
+
+def batch_digest(raw: bytes) -> bytes:
+    """Tells a resend (the same bytes) from another batch under the same seq. CRC-32 and
+    length: a forger cannot match a batch not yet sent, and it costs a sixth of
+    BLAKE2b on the ingest path (0.06 against 0.3 ms for 300 kB)."""
+    return zlib.crc32(raw).to_bytes(4, "big") + len(raw).to_bytes(4, "big")
+
+
+def replay_streams(spool_dir: Path, record: StreamRecord) -> None:
+    """What is already durable must count as stored after a restart: the spool read back."""
     for path in sealed_segments(spool_dir):
         for payload in read_segment(path):
             batch = pb.ActivationBatch.FromString(payload)
-            key = (batch.replica_id, batch.stream_epoch)
-            last[key] = max(last.get(key, 0), batch.seq)
-    return last
+            record.add((batch.replica_id, batch.stream_epoch), batch.seq, batch_digest(payload))
 
 
 def _parse(raw: bytes) -> tuple[bytes, pb.ActivationBatch | None]:
@@ -121,6 +183,7 @@ class CollectorService:
         max_streams: int = 256,
         max_streams_per_host: int = 64,
         stream_idle_s: float = 60.0,
+        seq_window: int = 65536,
     ):
         self.spool = spool
         self.guard = guard
@@ -136,8 +199,9 @@ class CollectorService:
         self.max_batch_bytes = max_batch_bytes
         self.allowed_models = allowed_models
         self._lock = threading.Lock()
-        # Replay: what is already durable must still count as seen after a restart.
-        self._last_seq = replay_last_seqs(spool.directory)
+        # Replay: what is already durable must still count as stored after a restart.
+        self.record = StreamRecord(window=seq_window)
+        replay_streams(spool.directory, self.record)
         self.accepted_batches = 0
         self.accepted_vectors = 0
         self.accepted_bytes = 0
@@ -167,14 +231,15 @@ class CollectorService:
         )
         key = (batch.replica_id, batch.stream_epoch)
         ack = pb.Ack(replica_id=batch.replica_id, stream_epoch=batch.stream_epoch, seq=batch.seq)
+        digest = batch_digest(raw)
         with self._lock:
-            if batch.seq <= self._last_seq.get(key, 0):
+            if self.record.check(key, batch.seq, digest):
                 self.duplicate_batches += 1
                 ack.duplicate = True
                 return ack, None
             # Recorded at submit so a resend in the same group is still a duplicate; a
-            # failed write aborts the stream and the collector is unhealthy anyway.
-            self._last_seq[key] = batch.seq
+            # failed write is forgotten again (below).
+            self.record.add(key, batch.seq, digest)
             pending = self.spool.append_async(raw)
         return ack, pending
 
@@ -185,13 +250,9 @@ class CollectorService:
         try:
             pending.wait()
         except SpoolError as err:
-            # Not durable, so a resend must be stored, not acked as a duplicate: move
-            # the dedupe mark back below it (a later batch that did land may then be
-            # stored twice, which the pipeline drops by batch key; losing one is worse).
-            key = (batch.replica_id, batch.stream_epoch)
+            # Not durable, so a resend must be stored, not acked as a duplicate.
             with self._lock:
-                if self._last_seq.get(key, 0) >= batch.seq:
-                    self._last_seq[key] = batch.seq - 1
+                self.record.forget((batch.replica_id, batch.stream_epoch), batch.seq)
             context.abort(grpc.StatusCode.UNAVAILABLE, f"batch seq {batch.seq}: {err}")
         with self._lock:
             self.accepted_batches += 1
@@ -249,7 +310,7 @@ class CollectorService:
             return False
 
         def read() -> None:
-            previous = 0
+            previous, identity = 0, None
             try:
                 for raw, batch in request_iterator:
                     heard[0] = time.monotonic()
@@ -260,6 +321,16 @@ class CollectorService:
                                 "seq",
                                 f"going backwards within a stream ({batch.seq} after {previous})",
                             )
+                        # One call is one sender's stream: its identity cannot change.
+                        if batch is not None:
+                            identity = identity or (batch.replica_id, batch.stream_epoch)
+                            if (batch.replica_id, batch.stream_epoch) != identity:
+                                raise BatchValidationError(
+                                    "replica_id",
+                                    f"changed within a stream (from {identity[0]!r}, epoch "
+                                    f"{identity[1]}, to {batch.replica_id!r}, epoch "
+                                    f"{batch.stream_epoch})",
+                                )
                         ack, pending = self._submit(raw, batch)
                     except BatchValidationError as err:
                         put(("reject", batch.seq if batch is not None else 0, err))
@@ -347,6 +418,7 @@ class CollectorServer:
         max_streams: int = 256,
         max_streams_per_host: int = 64,
         stream_idle_s: float = 60.0,
+        seq_window: int = 65536,
         previous_tokens: tuple[str, ...] = (),
         max_auth_failures: int = 20,
         auth_window_s: float = 60.0,
@@ -373,6 +445,7 @@ class CollectorServer:
             max_streams=max_streams,
             max_streams_per_host=max_streams_per_host,
             stream_idle_s=stream_idle_s,
+            seq_window=seq_window,
         )
         # Leave room above the payload limit for metadata; larger messages fail in grpc
         # with RESOURCE_EXHAUSTED before reaching us.

@@ -219,6 +219,7 @@ def start_collectors(cfg: FeaturewatchConfig, token: str, width: int | dict[str,
             max_streams=cc.max_streams,
             max_streams_per_host=cc.max_streams_per_host,
             stream_idle_s=cc.stream_idle_s,
+            seq_window=cc.seq_window,
         )
         for i, name in enumerate(collector_names(cfg))
     ]

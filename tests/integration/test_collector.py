@@ -230,17 +230,56 @@ def test_resend_is_deduplicated_also_after_restart(tmp_path):
     spool_dir = tmp_path / "spool"
     srv = CollectorServer(spool_dir, TOKEN, expected_width=WIDTH).start()
     channel, stub = stub_for(srv)
+    first = good(1)
     with channel:
-        assert not stub.Push(good(1), metadata=AUTH).duplicate
-        assert stub.Push(good(1), metadata=AUTH).duplicate
+        assert not stub.Push(first, metadata=AUTH).duplicate
+        assert stub.Push(first, metadata=AUTH).duplicate
     srv.stop(grace=0)
     # a restarted collector replays the spool and still knows seq 1 is durable
     srv = CollectorServer(spool_dir, TOKEN, expected_width=WIDTH).start()
     channel, stub = stub_for(srv)
     with channel:
-        assert stub.Push(good(1), metadata=AUTH).duplicate
+        assert stub.Push(first, metadata=AUTH).duplicate
         assert not stub.Push(good(2), metadata=AUTH).duplicate
     assert [b.seq for b in stored(srv)] == [1, 2]
+    srv.stop(grace=0)
+
+
+def test_a_forged_seq_can_never_make_a_real_batch_count_as_a_duplicate(tmp_path):
+    """Issue 24: any token holder could write under another replica's (replica, epoch)
+    with an absurd seq, and that stream's later real batches were acked as duplicates
+    without being stored."""
+    srv = CollectorServer(tmp_path / "spool", TOKEN, expected_width=WIDTH,
+                          seq_window=1024).start()  # fmt: skip
+    channel, stub = stub_for(srv)
+
+    def refused(batch, message):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Push(batch, metadata=AUTH)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in info.value.details()
+
+    with channel:
+        real = [good(seq) for seq in range(1, 6)]
+        assert not stub.Push(real[0], metadata=AUTH).duplicate
+        refused(good(10**12), "jumps from 1 to 1000000000000, more than 1024 ahead")
+        refused(good(1), "1 of this stream is stored with other content")  # a forgery
+        forged = good(3)
+        assert not stub.Push(forged, metadata=AUTH).duplicate  # within the window: stored
+        for batch in real[1:]:
+            if batch.seq == 3:  # the real seq 3 is refused by name, never acked unstored
+                refused(batch, "3 of this stream is stored with other content")
+            else:
+                assert not stub.Push(batch, metadata=AUTH).duplicate
+        # Within one stream the identity is fixed.
+        other = good(7)
+        other.replica_id = "someone-else"
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Stream(iter([good(6), other]), metadata=AUTH))
+        assert "replica_id: changed within a stream" in info.value.details()
+    acked_unstored = srv.stats()["duplicate_batches"]
+    assert acked_unstored == 0
+    assert sorted(b.seq for b in stored(srv)) == [1, 2, 3, 4, 5, 6]  # 3 is the forgery
     srv.stop(grace=0)
 
 

@@ -128,11 +128,12 @@ def test_a_batch_whose_write_failed_is_stored_when_resent(tmp_path, disk_fault):
             stub = pb_grpc.CollectorStub(channel)
             assert not stub.Push(good(1), metadata=AUTH).duplicate
             disk_fault("fdatasync")
+            second = good(2)
             with pytest.raises(grpc.RpcError) as info:
-                stub.Push(good(2), metadata=AUTH)
+                stub.Push(second, metadata=AUTH)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert not stub.Push(good(2), metadata=AUTH).duplicate
-            assert stub.Push(good(2), metadata=AUTH).duplicate  # now it is durable
+            assert not stub.Push(second, metadata=AUTH).duplicate
+            assert stub.Push(second, metadata=AUTH).duplicate  # now it is durable
         assert sorted(b.seq for b in stored(srv)) == [1, 2]
     finally:
         srv.stop(grace=0)
