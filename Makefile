@@ -8,7 +8,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 BROWSER_STAMP := $(VENV)/.browser
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-dev demo test docs lint format proto clean
+.PHONY: install install-dev demo test docs lint format proto clean wheel
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ $(BROWSER_STAMP): $(PY)
 	touch $@
 
 install: $(STAMP)
+
+# The wheel cluster nodes and images install (cluster.yaml mounts dist/): built from the
+# tracked sources, without an in-tree build/ folder that could lend it stale files.
+wheel: $(PY)
+	rm -rf dist build
+	$(PIP) wheel --quiet --no-deps --no-build-isolation -w dist .
+	rm -rf build
+	ls dist
 
 install-dev: $(DEV_STAMP)
 

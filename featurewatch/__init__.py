@@ -17,4 +17,9 @@ The rooms, each importing only those below it (tests/unit/test_layout.py checks)
     dashboard/         the web app; reads storage/ and the config only
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # one source of truth: pyproject.toml's version, as installed
+    __version__ = version("featurewatch")
+except PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"

@@ -26,6 +26,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from featurewatch import __version__
 from featurewatch.config import FailureLimiter, FeaturewatchConfig
 from featurewatch.dashboard import charts
 from featurewatch.dashboard.auth import Identity, TokenStore
@@ -155,7 +156,7 @@ def create_app(cfg: FeaturewatchConfig, platform_token: str | None = None) -> Fa
         return _page(request, "error.html", quiet_identity(request), {"message": str(exc)}, 400)
 
     def _page(request, name, who, context, status=200):
-        context = {"who": who, "path": request.url.path, **context}
+        context = {"who": who, "path": request.url.path, "version": __version__, **context}
         return templates.TemplateResponse(request, name, context, status_code=status)
 
     # ---- login

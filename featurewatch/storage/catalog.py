@@ -27,6 +27,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from featurewatch import __version__
 from featurewatch.errors import CatalogError
 from featurewatch.storage.lake import GROWN_TABLES, PARTITION_COLUMNS, SCHEMAS
 from featurewatch.storage.lake_store import LakeStore, as_lake_store
@@ -88,6 +89,9 @@ CREATE TABLE IF NOT EXISTS model_versions (
     registered_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (model, model_version)
 );
+-- Which featurewatch wrote a row (older rows: NULL).
+ALTER TABLE sae_versions ADD COLUMN IF NOT EXISTS featurewatch_version VARCHAR;
+ALTER TABLE model_versions ADD COLUMN IF NOT EXISTS featurewatch_version VARCHAR;
 -- The feature registry (storage/registry.py): what people learned about a feature of
 -- one SAE version, and every change to it.
 CREATE TABLE IF NOT EXISTS feature_labels (
@@ -533,11 +537,11 @@ class Catalog:
         self.con.execute(
             "INSERT OR REPLACE INTO sae_versions (sae_version, path, architecture, model, "
             "layer, d_in, d_sae, k, metrics, parent_version, model_version, site, "
-            "data_start, data_end, lineage) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "data_start, data_end, lineage, featurewatch_version) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [sae_version, str(path), architecture, model, layer, d_in, d_sae, k]
             + [json.dumps(metrics), parent_version, model_version, site, start, end]
-            + [json.dumps(lineage or {}, default=str)],
+            + [json.dumps(lineage or {}, default=str), __version__],
         )
 
     def update_sae_metrics(self, sae_version: str, metrics: dict) -> None:
@@ -555,8 +559,9 @@ class Catalog:
 
     def register_model_version(self, model: str, model_version: str, path: str) -> None:
         self.con.execute(
-            "INSERT OR IGNORE INTO model_versions (model, model_version, path) VALUES (?, ?, ?)",
-            [model, model_version, path],
+            "INSERT OR IGNORE INTO model_versions (model, model_version, path, "
+            "featurewatch_version) VALUES (?, ?, ?, ?)",
+            [model, model_version, path, __version__],
         )
 
     # ---- queries

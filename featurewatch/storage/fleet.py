@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from featurewatch import __version__
 from featurewatch.config import FeaturewatchConfig
 from featurewatch.errors import ConfigError
 from featurewatch.storage.catalog import Catalog
@@ -105,6 +106,7 @@ def fleet_overview(
     live_replicas = [r for r in replicas if r["live"]]
     return {
         "at": now,
+        "featurewatch_version": __version__,
         "window_s": window.total_seconds(),
         "deployed": _deployed(cfg),
         "replicas": replicas,
@@ -139,7 +141,7 @@ def _age(seconds) -> str:
 
 def format_overview(overview: dict) -> str:
     """The overview as a few aligned blocks of text for a terminal."""
-    lines = [f"featurewatch status at {overview['at']:%Y-%m-%d %H:%M:%S} UTC"]
+    lines = [f"featurewatch {__version__} status at {overview['at']:%Y-%m-%d %H:%M:%S} UTC"]
     deployed = overview["deployed"]
     if deployed:
         lines.append(

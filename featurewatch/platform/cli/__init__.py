@@ -17,11 +17,13 @@ Two things live here:
 from __future__ import annotations
 
 import importlib
+from typing import Annotated
 
 import click
 import typer
 from typer.core import TyperGroup
 
+from featurewatch import __version__
 from featurewatch.errors import FeaturewatchError
 
 # name: (module under featurewatch.platform.cli, its Typer app holding the command, the
@@ -177,8 +179,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True,
+                     help="Print the featurewatch version and exit."),
+    ] = False,
+) -> None:  # fmt: skip
     """featurewatch: SAE features over a model fleet's activations, drift in SQL."""
 
 
