@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from featurewatch import __version__
-from featurewatch.config import build_config
+from featurewatch.config import build_config, load_config
 from featurewatch.dashboard.auth import TokenStore
 from tests.unit.lake_helpers import fill_home
 
@@ -34,7 +34,7 @@ from fastapi.testclient import TestClient
 
 from featurewatch.analysis.prompts import load_prompts
 from featurewatch.analysis.transcripts import read_transcripts
-from featurewatch.config import build_config
+from featurewatch.config import build_config, load_config
 from featurewatch.dashboard.app import create_app
 from featurewatch.sae import build, load
 
@@ -105,6 +105,10 @@ def test_the_wheel_installed_outside_the_checkout_runs_everything(tmp_path):
     printed = subprocess.run([str(venv / "bin" / "featurewatch"), "--version"], cwd=outside,
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert printed.strip() == __version__
+    subprocess.run([str(venv / "bin" / "featurewatch"), "examples", "configs"], cwd=outside,
+                   check=True, capture_output=True)  # fmt: skip
+    assert load_config(outside / "configs" / "fleet.yaml").fleet
+    assert (outside / "configs" / "policies" / "example.yaml").is_file()
     subprocess.run([str(venv / "bin" / "python"), str(script), str(cfg.home), token,
                     str(outside)], cwd=outside, check=True, timeout=300)  # fmt: skip
     found = json.loads((outside / "found.json").read_text())

@@ -290,7 +290,7 @@ def test_features_commands(tmp_path):
 EVERY_COMMAND = [
     "demo", "sql", "drift", "collect", "sae", "features", "evaluate", "score", "threshold",
     "policy", "approve", "steer", "verdicts", "up", "pipeline", "finetune", "audit", "lake",
-    "status", "report", "dashboard", "token", "version",
+    "status", "report", "dashboard", "token", "version", "examples",
 ]  # fmt: skip
 
 

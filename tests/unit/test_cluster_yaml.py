@@ -27,7 +27,7 @@ def test_ray_prepares_and_validates_every_shipped_cluster_file(path):
     # Nodes install the built wheel (make wheel), never an editable checkout.
     assert any("featurewatch-dist/featurewatch-*.whl" in c for c in prepared["setup_commands"])
     assert not any(" -e " in c for c in prepared["setup_commands"])
-    assert set(config["file_mounts"].values()) == {"./dist", "./configs"}
+    assert set(config["file_mounts"].values()) == {"./dist"}
     if config["provider"]["type"] == "local":
         # The on-premise provider's bootstrap runs offline too: the whole of `ray up`
         # before SSH.

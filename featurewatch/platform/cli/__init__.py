@@ -134,6 +134,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "token": ("tokens", "app", "Dashboard login tokens and their roles."),
     "version": ("query", "commands", "Print the featurewatch version."),
+    "examples": (
+        "query",
+        "commands",
+        "Copy the example configs (a fleet, the quality SAE, policies) into a folder.",
+    ),
 }
 
 

@@ -3,6 +3,7 @@ Every one reads the catalog through the sandboxed, read-only connection."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -218,3 +219,25 @@ def report(
 def version() -> None:
     """Print the featurewatch version."""
     typer.echo(__version__)
+
+
+EXAMPLES = Path(__file__).parents[2] / "data" / "configs"
+
+
+@commands.command()
+def examples(
+    dest: Annotated[Path, typer.Argument(help="Folder to copy them into (made if missing).")],
+) -> None:
+    """Copy the example configs (a fleet, the quality SAE, policies) into a folder."""
+    if dest.exists() and not dest.is_dir():
+        fail(f"{dest} is not a folder", 2)
+    copied = []
+    for source in sorted(EXAMPLES.rglob("*.yaml")):
+        target = dest / source.relative_to(EXAMPLES)
+        if target.exists():
+            fail(f"{target} exists: copy into an empty folder", 2)
+        copied.append((source, target))
+    for source, target in copied:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        typer.echo(target)
