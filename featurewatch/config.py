@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from featurewatch.errors import ConfigError
+from featurewatch.errors import MAX_FILE_BYTES, MAX_NESTING, ConfigError
 
 SMOLLM2 = "smollm2-135m-instruct"
 # The custom resource a node advertises (`ray start --resources`) for each role it takes.
@@ -136,7 +136,8 @@ def default_home() -> Path:
 
 class _Strict(BaseModel):
     # Unknown keys are errors, not silently ignored: a typo must not turn a setting off.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are refused: a threshold of NaN is a policy that never fires.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RayConfig(_Strict):
@@ -609,13 +610,41 @@ def build_config(data: dict | None = None) -> FeaturewatchConfig:
         raise ConfigError(f"invalid config: {describe_errors(err)}") from None
 
 
+def read_limited(path: Path, kind: str, max_bytes: int = MAX_FILE_BYTES) -> str:
+    """A text file's content, refused (ConfigError naming it) past `max_bytes`."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ConfigError(f"{kind} {path} is {size} bytes, more than the {max_bytes} allowed")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{kind} {path} is not UTF-8 text: {err}") from None
+
+
+def _check_yaml_shape(text: str) -> None:
+    """Refuse aliases (a few lines of them expand into a huge document) and nesting
+    deeper than MAX_NESTING, from the event stream, before building anything."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.YAMLError(f"aliases (*{event.anchor}) are not allowed")
+        if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise yaml.YAMLError(f"nested more than {MAX_NESTING} deep")
+        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            depth -= 1
+
+
 def read_yaml_mapping(path: Path, kind: str) -> dict:
     """A YAML file holding a mapping (empty: {}); ConfigError says what `kind` of file
-    is missing, unparsable or not a mapping."""
+    is missing, too large, unparsable, too deep or not a mapping."""
     if not path.is_file():
         raise ConfigError(f"{kind} not found: {path}")
+    text = read_limited(path, kind)
     try:
-        data = yaml.safe_load(path.read_text())
+        _check_yaml_shape(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{kind} {path} is not valid YAML: {err}") from None
     if data is None:

@@ -1,4 +1,7 @@
-"""Named exceptions for featurewatch, so callers can catch what they can handle."""
+"""Named exceptions for featurewatch, so callers can catch what they can handle, and the
+bounds every parse of outside input keeps (sizes, nesting)."""
+
+import json
 
 
 class FeaturewatchError(Exception):
@@ -44,3 +47,33 @@ class CatalogError(FeaturewatchError):
 
 class TranscriptError(FeaturewatchError):
     """A JSONL file of chat transcripts has malformed lines; the message names them."""
+
+
+# Limits on every file featurewatch parses from outside (configs, policies, SAE cfg.json,
+# transcript lines): a size checked before reading, and a nesting depth.
+MAX_FILE_BYTES = 1 << 20
+MAX_NESTING = 32
+
+
+def nesting(value) -> int:
+    """How deeply lists and mappings nest in a parsed value (a scalar: 0), without
+    recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_json(text: str | bytes, max_depth: int = MAX_NESTING):
+    """json.loads within a nesting depth; ValueError (JSONDecodeError for bad syntax)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested more than {max_depth} deep") from None
+    if nesting(value) > max_depth:
+        raise ValueError(f"nested more than {max_depth} deep")
+    return value

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from featurewatch.analysis.prompts import load_prompts
-from featurewatch.errors import TranscriptError
+from featurewatch.errors import TranscriptError, parse_json
 
 ROLES = ("system", "user", "assistant")
 MAX_CHARS = 100_000
@@ -87,7 +87,7 @@ def parse_transcript(text: str, line: int, *, require_label: bool = False) -> Tr
     if len(text) > MAX_CHARS:
         raise ValueError(f"line is longer than {MAX_CHARS} characters")
     try:
-        obj = json.loads(text)
+        obj = parse_json(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"not valid JSON: {err.msg}") from None
     if not isinstance(obj, dict):
@@ -222,7 +222,7 @@ def read_prompts(source: str | Path) -> list[list[dict]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = parse_json(line)
             if not isinstance(obj, dict):
                 raise ValueError("must be a JSON object")
             if "messages" in obj:

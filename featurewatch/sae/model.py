@@ -24,10 +24,11 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from featurewatch.errors import SAEFormatError
+from featurewatch.errors import MAX_FILE_BYTES, SAEFormatError, parse_json
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -290,9 +291,11 @@ def load(path: str | Path, *, expected_d_in: int | None = None) -> SparseAutoenc
         raise SAEFormatError(f"{path}: missing {CFG_FILE}")
     if not weights_path.is_file():
         raise SAEFormatError(f"{path}: missing {WEIGHTS_FILE}")
+    if cfg_path.stat().st_size > MAX_FILE_BYTES:
+        raise SAEFormatError(f"{cfg_path}: larger than {MAX_FILE_BYTES} bytes")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
+        cfg = parse_json(cfg_path.read_bytes())
+    except ValueError as err:  # JSONDecodeError too
         raise SAEFormatError(f"{cfg_path}: not valid JSON: {err}") from None
     if not isinstance(cfg, dict):
         raise SAEFormatError(f"{cfg_path}: must hold a JSON object")
@@ -324,6 +327,23 @@ def load(path: str | Path, *, expected_d_in: int | None = None) -> SparseAutoenc
         if cfg.get(key, supported) != supported:
             raise SAEFormatError(
                 f"{cfg_path}: {key} = {cfg[key]!r} is not supported (only {supported!r})"
+            )
+    # The shapes cfg.json implies, checked against the file's header before anything of
+    # that size is allocated (a cfg.json claiming billions of latents must not be).
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in build(
+            arch, d_in, d_sae, k=cfg.get("k"), dtype=dtype).named_parameters()}  # fmt: skip
+    try:
+        with safe_open(str(weights_path), "pt") as header:
+            stored = {name: tuple(header.get_slice(name).get_shape()) for name in header.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises several types for a corrupt file
+        raise SAEFormatError(f"{weights_path}: unreadable: {err}") from None
+    for name, shape in shapes.items():
+        if name not in stored:
+            raise SAEFormatError(f"{weights_path}: missing tensor {name}")
+        if stored[name] != shape:
+            raise SAEFormatError(
+                f"{weights_path}: {name} has shape {stored[name]}, cfg.json implies {shape}"
             )
     try:
         tensors = load_file(str(weights_path))

@@ -1,5 +1,6 @@
 """Policy files: the shipped example validates, and each mistake is named by its field."""
 
+import copy
 from datetime import timedelta
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def test_each_mistake_is_named(tmp_path, where, value, message):
 
 def test_file_level_mistakes(tmp_path):
     twice = base()
-    twice["policies"].append(twice["policies"][0])
+    twice["policies"].append(copy.deepcopy(twice["policies"][0]))
     with pytest.raises(ConfigError, match="policy id 'p1' is used twice"):
         load_policies(write(tmp_path, twice))
     with pytest.raises(ConfigError, match="not valid YAML"):
