@@ -27,6 +27,7 @@ from featurewatch.capture.models import load_model, resolve_model_path
 from featurewatch.config import FeaturewatchConfig
 from featurewatch.errors import ConfigError
 from featurewatch.sae import load
+from featurewatch.storage.catalog import recorded_path
 from featurewatch.storage.sae_store import SAEChoice, registered_sae
 
 
@@ -143,7 +144,7 @@ def model_folder(cfg: FeaturewatchConfig, catalog, ref: str) -> Path:
         [cfg.model.name, ref],
     ).to_pylist()
     if rows:
-        return Path(rows[0]["path"])
+        return recorded_path(cfg.home, rows[0]["path"])
     if Path(ref).is_dir():
         return Path(ref)
     raise ConfigError(

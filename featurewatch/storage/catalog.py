@@ -16,6 +16,7 @@ while the pipeline goes on committing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
@@ -32,6 +33,8 @@ from featurewatch.errors import CatalogError
 from featurewatch.storage.lake import GROWN_TABLES, PARTITION_COLUMNS, SCHEMAS
 from featurewatch.storage.lake_store import LakeStore, as_lake_store
 from featurewatch.storage.macros import MACROS_SQL, ROLLUPS_VIEW_SQL
+
+log = logging.getLogger(__name__)
 
 _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS segments (
@@ -89,6 +92,9 @@ CREATE TABLE IF NOT EXISTS model_versions (
     registered_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (model, model_version)
 );
+-- What the catalog's views were last built over (the lake's location): a reader that
+-- finds the lake elsewhere (a home restored or mounted at another path) builds its own.
+CREATE TABLE IF NOT EXISTS catalog_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 -- Which featurewatch wrote a row (older rows: NULL).
 ALTER TABLE sae_versions ADD COLUMN IF NOT EXISTS featurewatch_version VARCHAR;
 ALTER TABLE model_versions ADD COLUMN IF NOT EXISTS featurewatch_version VARCHAR;
@@ -242,6 +248,11 @@ class Catalog:
         self.lake.register(self.con)  # the views read the lake's files through it
         if sandboxed:
             self._sandbox()
+        if read_only and self._views_elsewhere():
+            try:  # this connection's own views, over the lake where it is now
+                self._rebuild_views(temp=True)
+            except duckdb.Error as err:  # a file gone: queries name it; `lake check` too
+                log.warning("the lake moved and its views cannot be rebuilt: %s", err)
         if not read_only:
             self.con.execute(_SCHEMA_SQL)
             self._rebuild_views()
@@ -465,7 +476,21 @@ class Catalog:
         ).fetchall()
         return [r[0] for r in rows]
 
-    def _rebuild_views(self) -> None:
+    def _views_elsewhere(self) -> bool:
+        """Whether the stored views name another lake location than this connection's
+        (a catalog from before the record, with no lake files, reads as not)."""
+        try:
+            row = self.con.execute("SELECT value FROM catalog_meta WHERE key = 'lake'").fetchone()
+        except duckdb.Error:  # a catalog from before catalog_meta
+            return True
+        return row is None or row[0] != self.lake.url("")
+
+    def _rebuild_views(self, temp: bool = False) -> None:
+        if not temp:
+            self.con.execute(
+                "INSERT OR REPLACE INTO catalog_meta VALUES ('lake', ?)", [self.lake.url("")]
+            )
+        self._temp = temp
         files: dict[str, list[tuple]] = {name: [] for name in SCHEMAS}
         for table_name, path, folded_until in self.con.execute(
             "SELECT table_name, path, folded_until FROM lake_files ORDER BY path"
@@ -502,7 +527,8 @@ class Catalog:
                 body += f" WHERE {where}"
         else:
             body = _empty_view_sql(table_name)
-        self.con.execute(f"CREATE OR REPLACE VIEW {view} AS {body}")
+        kind = "TEMP VIEW" if getattr(self, "_temp", False) else "VIEW"
+        self.con.execute(f"CREATE OR REPLACE {kind} {view} AS {body}")
 
     # ---- versions
 
@@ -534,6 +560,7 @@ class Catalog:
         ):
             raise CatalogError(f"parent SAE version {parent_version!r} is not in the catalog")
         start, end = data_window or (None, None)
+        path = self.home_relative(path)
         self.con.execute(
             "INSERT OR REPLACE INTO sae_versions (sae_version, path, architecture, model, "
             "layer, d_in, d_sae, k, metrics, parent_version, model_version, site, "
@@ -543,6 +570,17 @@ class Catalog:
             + [json.dumps(metrics), parent_version, model_version, site, start, end]
             + [json.dumps(lineage or {}, default=str), __version__],
         )
+
+    def home_relative(self, path: str | Path) -> str:
+        """A folder as the catalog records it: `home:<path in the home>` when it is in
+        the home (the catalog's folder), so a home copied or mounted elsewhere still
+        finds it; anything else (another folder, a hub id) as given. `recorded_path`
+        turns it back."""
+        if not Path(path).is_absolute():
+            return str(path)
+        absolute, home = Path(path).resolve(), self.path.parent.resolve()
+        return f"{HOME_PREFIX}{absolute.relative_to(home)}" if absolute.is_relative_to(
+            home) else str(path)  # fmt: skip
 
     def update_sae_metrics(self, sae_version: str, metrics: dict) -> None:
         """Merge new evaluation figures into a version's metrics."""
@@ -558,6 +596,7 @@ class Catalog:
         )
 
     def register_model_version(self, model: str, model_version: str, path: str) -> None:
+        path = self.home_relative(path)
         self.con.execute(
             "INSERT OR IGNORE INTO model_versions (model, model_version, path, "
             "featurewatch_version) VALUES (?, ?, ?, ?)",
@@ -600,6 +639,16 @@ class Catalog:
             return pa.Table.from_batches(batches, schema=reader.schema).slice(0, limit)
         except duckdb.Error as err:
             raise CatalogError(str(err)) from None
+
+
+HOME_PREFIX = "home:"
+
+
+def recorded_path(home: Path, recorded: str) -> Path:
+    """A folder the catalog recorded (Catalog.home_relative), on this node's home."""
+    if recorded.startswith(HOME_PREFIX):
+        return Path(home) / recorded.removeprefix(HOME_PREFIX)
+    return Path(recorded)
 
 
 def fetch_arrow(con: duckdb.DuckDBPyConnection, sql: str, params=None) -> pa.Table:

@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 
 from featurewatch.config import FeaturewatchConfig
 from featurewatch.errors import ConfigError, SAEFormatError
+from featurewatch.storage.catalog import recorded_path
 from featurewatch.storage.lake_store import LakeStore
 
 MARKER = "cfg.json"  # written last: its presence means the version is whole
@@ -140,7 +141,8 @@ def registered_sae(cfg: FeaturewatchConfig, catalog, version: str | None = None)
             raise ConfigError(f"SAE version {version!r} is not in the catalog")
     row = rows[0]
     # On a node other than the one that trained it, the folder comes from the store.
-    path = sae_folder(sae_store(cfg), row["sae_version"], Path(row["path"]))
+    recorded = recorded_path(cfg.home, row["path"])
+    path = sae_folder(sae_store(cfg), row["sae_version"], recorded)
     return SAEChoice(row["sae_version"], path, row["layer"], row["site"] or "resid_post")
 
 

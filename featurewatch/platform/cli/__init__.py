@@ -114,7 +114,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "nothing.",
     ),
     "audit": ("query", "commands", "What the controller evaluated, decided and did, newest first."),
-    "lake": ("lake", "app", "Lake upkeep: compaction and retention."),
+    "lake": ("lake", "app", "Lake upkeep: compaction, retention, and checking a home."),
     "status": (
         "query",
         "commands",

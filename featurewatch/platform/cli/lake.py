@@ -1,4 +1,5 @@
-"""`featurewatch lake ...`: compaction, retention and the scheduled upkeep."""
+"""`featurewatch lake ...`: compaction, retention, the scheduled upkeep, and a check
+that a home is whole."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ from featurewatch.platform.cli.common import (
 )
 from featurewatch.storage import compaction
 from featurewatch.storage.catalog import Catalog
+from featurewatch.storage.home_check import check_home
 
 app = typer.Typer(
-    help="Lake upkeep: compaction and retention.", no_args_is_help=True, add_completion=False
+    help="Lake upkeep: compaction, retention, and checking a home.",
+    no_args_is_help=True,
+    add_completion=False,
 )
 
 
@@ -56,3 +60,14 @@ def lake_upkeep(
         if interval is None:
             return
         time.sleep(interval.total_seconds())
+
+
+@app.command("check")
+def lake_check(config: ConfigOpt = None, home: HomeOpt = None) -> None:
+    """Check a home is whole: lake files named and present, SAE folders, spool checksums."""
+    cfg = cli_config(config, home)
+    with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
+        report = check_home(cfg, catalog)
+    print_json(report)
+    if not report["ok"]:
+        raise typer.Exit(1)
