@@ -12,6 +12,7 @@ import shutil
 import site
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -77,12 +78,21 @@ def test_the_wheel_installed_outside_the_checkout_runs_everything(tmp_path):
                     "-q", "-w", str(dist), str(source)], check=True, cwd=tmp_path)  # fmt: skip
     (wheel,) = dist.glob("featurewatch-*.whl")
     assert wheel.name.startswith(f"featurewatch-{__version__}-")
-    names = zipfile.ZipFile(wheel).namelist()
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    # The sdist too, built by the same backend.
+    build_sdist = f"from setuptools import build_meta; build_meta.build_sdist({str(dist)!r})"
+    subprocess.run([sys.executable, "-c", build_sdist], cwd=source, check=True,
+                   capture_output=True)  # fmt: skip
+    (sdist,) = dist.glob("featurewatch-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        in_sdist = [n.split("/", 1)[1] for n in archive.getnames() if "/" in n]
     for wanted in ("featurewatch/dashboard/templates/login.html",
                    "featurewatch/dashboard/static/dashboard.css",
                    "featurewatch/proto/activations.proto",
-                   "featurewatch/data/labelled/safe_a.jsonl"):  # fmt: skip
-        assert wanted in names, wanted
+                   "featurewatch/data/labelled/safe_a.jsonl",
+                   "featurewatch/data/configs/fleet.yaml"):  # fmt: skip
+        assert wanted in names and wanted in in_sdist, wanted
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
