@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +20,10 @@ from featurewatch.platform.cli.common import (
     print_json,
 )
 from featurewatch.platform.jobs.refresh_sae import refresh_sae
-from featurewatch.platform.jobs.sae_jobs import evaluate_sae, gather, train
+from featurewatch.platform.jobs.sae_jobs import evaluate_sae, gather, spool_vectors, train
+from featurewatch.sae import load
+from featurewatch.sae.matching import match_latents
+from featurewatch.storage.sae_store import sae_version_or_folder
 
 app = typer.Typer(
     help="Gather activations, train and evaluate SAEs.", no_args_is_help=True, add_completion=False
@@ -102,6 +106,28 @@ def sae_eval(
     cfg = cli_config(config, home)
 
     print_json(evaluate_sae(cfg, sae, eval_spool=eval_spool, ce_chunks=ce_chunks))
+
+
+@app.command("match")
+def sae_match(
+    parent: Annotated[str, typer.Argument(help="The parent: a version id or an SAE folder.")],
+    child: Annotated[str, typer.Argument(help="The child: a version id or an SAE folder.")],
+    vectors: Annotated[
+        Path | None,
+        typer.Option(help="A spool of held-out activations: also match by correlation."),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=2, help="Vectors read from --vectors.")] = 20_000,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Match a child SAE's latents to its parent's one to one (JSON lines)."""
+    cfg = cli_config(config, home)
+    parent_sae, child_sae = (load(sae_version_or_folder(cfg, ref)[1]) for ref in (parent, child))
+    held_out = None
+    if vectors is not None:
+        held_out = spool_vectors(vectors, limit, cfg.capture.layer, cfg.capture.site)
+    for match in sorted(match_latents(parent_sae, child_sae, held_out), key=lambda m: m.parent_id):
+        typer.echo(json.dumps(asdict(match)))
 
 
 @app.command("refresh")
