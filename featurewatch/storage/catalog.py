@@ -92,6 +92,17 @@ CREATE TABLE IF NOT EXISTS model_versions (
     registered_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (model, model_version)
 );
+-- Which latent of a child SAE is which of its parent's (sae/matching.py): one row per
+-- pair of the optimal one-to-one matching, recorded when the child is registered.
+CREATE TABLE IF NOT EXISTS sae_matches (
+    parent_version VARCHAR NOT NULL,
+    child_version  VARCHAR NOT NULL,
+    parent_id      INTEGER NOT NULL,
+    child_id       INTEGER NOT NULL,
+    cosine         DOUBLE NOT NULL,
+    correlation    DOUBLE,
+    PRIMARY KEY (child_version, parent_id)
+);
 -- What the catalog's views were last built over (the lake's location): a reader that
 -- finds the lake elsewhere (a home restored or mounted at another path) builds its own.
 CREATE TABLE IF NOT EXISTS catalog_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -570,6 +581,16 @@ class Catalog:
             + [json.dumps(metrics), parent_version, model_version, site, start, end]
             + [json.dumps(lineage or {}, default=str), __version__],
         )
+
+    def record_matches(self, parent_version: str, child_version: str, matches) -> None:
+        """The matching of a child's latents to its parent's ((parent_id, child_id,
+        cosine, correlation or None) each), replacing any recorded before."""
+        self.con.execute("DELETE FROM sae_matches WHERE child_version = ?", [child_version])
+        if matches:
+            self.con.executemany(
+                "INSERT INTO sae_matches VALUES (?, ?, ?, ?, ?, ?)",
+                [[parent_version, child_version, *m] for m in matches],
+            )
 
     def home_relative(self, path: str | Path) -> str:
         """A folder as the catalog records it: `home:<path in the home>` when it is in

@@ -54,6 +54,9 @@ class SAERegistration(_Request):
     # A child trained from its parent's weights keeps its features' meaning: it takes
     # over the parent's labels and tags, so policies on a tag go on working after a swap.
     inherit_registry: bool = False
+    # The child's latents matched to the parent's: (parent_id, child_id, cosine,
+    # correlation or None) each, recorded in sae_matches.
+    matches: list[tuple[int, int, float, float | None]] = Field([], max_length=1 << 20)
 
 
 class ModelVersionRegistration(_Request):
@@ -140,9 +143,13 @@ def _apply_one(catalog: Catalog, request) -> None:
         return
     if not (Path(request.path) / "cfg.json").is_file():
         raise CatalogError(f"{request.path} is not an SAE folder (no cfg.json)")
-    fields = request.model_dump(exclude={"kind", "sae_version", "path", "inherit_registry"})
+    fields = request.model_dump(
+        exclude={"kind", "sae_version", "path", "inherit_registry", "matches"}
+    )
     with catalog.transaction():
         catalog.register_sae(request.sae_version, Path(request.path), **fields)
+        if request.parent_version and request.matches:
+            catalog.record_matches(request.parent_version, request.sae_version, request.matches)
         if request.inherit_registry and request.parent_version:
             FeatureRegistry(catalog).inherit(
                 request.sae_version, request.parent_version, actor="refresh_sae"

@@ -105,6 +105,16 @@ def test_a_stale_sae_is_refreshed_and_swapped_into_the_running_pipeline(drifted)
         ).to_pylist()[0]
         assert row["parent_version"] == "parent" and float(row["fvu"]) < fresh["parent_fvu"]
         assert FeatureRegistry(reader).ids_with_tag(child, "misalignment") == [3, 5]
+        # Its latents matched one to one to the parent's, joinable in SQL.
+        matched = reader.query(
+            "SELECT count(DISTINCT child_id) AS n, min(cosine) AS low, max(cosine) AS high, "
+            "count(correlation) AS correlated FROM sae_matches m JOIN sae_versions v "
+            "ON v.sae_version = m.child_version WHERE m.parent_version = 'parent' "
+            "AND v.sae_version = ?",
+            [child],
+        ).to_pylist()[0]
+        assert matched["n"] == 48 and matched["correlated"] == 48
+        assert -1.0 <= matched["low"] <= matched["high"] <= 1.0 + 1e-6
         # In the lake: the drifted traffic is reconstructed better by the child.
         drifted_requests = [f"req-{seq}" for seq in range(101, 129)]
         errors = {

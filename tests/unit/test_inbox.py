@@ -57,7 +57,7 @@ def catalog(tmp_path):
 
 def test_a_child_sae_is_registered_with_its_parents_labels_and_tags(catalog, tmp_path):
     home = tmp_path / "home"
-    submit(home, child_request(tmp_path))
+    submit(home, child_request(tmp_path, matches=[(7, 3, 0.95, 0.8), (9, 9, 0.5, None)]))
     submit(home, ModelVersionRegistration(model="m", model_version="v2", path=str(tmp_path)))
     assert len(pending(home)) == 2
     applied = apply_registrations(catalog, home)
@@ -68,6 +68,13 @@ def test_a_child_sae_is_registered_with_its_parents_labels_and_tags(catalog, tmp
         "WHERE sae_version = 'sae1-r1'"
     ).to_pylist()
     assert row == [{"parent_version": "sae1", "fvu": "0.1"}]
+    assert catalog.query(
+        "SELECT parent_id, child_id, cosine, correlation FROM sae_matches "
+        "WHERE parent_version = 'sae1' AND child_version = 'sae1-r1' ORDER BY parent_id"
+    ).to_pylist() == [
+        {"parent_id": 7, "child_id": 3, "cosine": 0.95, "correlation": 0.8},
+        {"parent_id": 9, "child_id": 9, "cosine": 0.5, "correlation": None},
+    ]
     registry = FeatureRegistry(catalog)
     assert registry.ids_with_tag("sae1-r1", "misalignment") == [7, 9]
     entry = registry.show("sae1-r1", 7)

@@ -38,7 +38,7 @@ from featurewatch.analysis.probes import load_probe
 from featurewatch.analysis.scoring import MAX_PROBE_AUROC_LOSS, refit_group_probe
 from featurewatch.config import FeaturewatchConfig
 from featurewatch.errors import ConfigError
-from featurewatch.platform.jobs.sae_jobs import segment_vectors
+from featurewatch.platform.jobs.sae_jobs import latent_matches, segment_vectors
 from featurewatch.platform.jobs.train_sae import SAVED_AS, train_sae
 from featurewatch.sae import load
 from featurewatch.sae.train import evaluate
@@ -187,6 +187,7 @@ def refresh_sae(
         return result
     metrics = {**trained.metrics, "fvu_fresh": child_fvu, "parent_fvu_fresh": parent_fvu}
     metrics["decoder_cosine_to_parent"] = result.decoder_cosine
+    matches = latent_matches(parent, trained.sae, held_out)
     submit(
         cfg.inbox_dir,
         SAERegistration(
@@ -196,6 +197,7 @@ def refresh_sae(
             site=site, parent_version=parent_version,
             data_window=trained.lineage.get("data_window"),
             lineage={**trained.lineage, "refresh": result.summary()}, inherit_registry=True,
+            matches=matches,
         ),
     )  # fmt: skip
     result.seconds = time.time() - started

@@ -9,6 +9,7 @@ eval:   an SAE against held-out activations (FVU, L0, dead fraction) and against
 from __future__ import annotations
 
 import json
+from dataclasses import astuple
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto.codec import unpack_vectors
 from featurewatch.sae import load
 from featurewatch.sae.evaluate import ce_loss_recovered
+from featurewatch.sae.matching import match_latents
 from featurewatch.sae.train import evaluate, typical_rows
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.sae_store import registered_sae, sae_version_or_folder
@@ -56,6 +58,16 @@ def _segments(spool: Path, what: str) -> list[Path]:
     if not segments:
         raise ConfigError(f"{what} {spool} holds no sealed spool segments")
     return segments
+
+
+MATCH_VECTORS = 4096  # held-out vectors the matching correlates latents on
+
+
+def latent_matches(parent, child, vectors: torch.Tensor | None) -> list[tuple]:
+    """A child's latents matched to its parent's (sae/matching.py), as catalog rows."""
+    if vectors is not None:
+        vectors = vectors[:MATCH_VECTORS]
+    return [astuple(m) for m in match_latents(parent, child, vectors)]
 
 
 def spool_vectors(spool: Path, limit: int, layer: int, site: str) -> torch.Tensor:
@@ -119,7 +131,13 @@ def train(
         parent_version=parent,
         init_from=init_from,
     )
-    with Catalog(cfg.catalog_path, cfg.lake_location) as catalog:
+    matches = []
+    if init_from is not None:  # a child: its latents matched to its parent's
+        held_out = spool_vectors(eval_spool, MATCH_VECTORS, layer, site) if eval_spool else None
+        matches = latent_matches(load(init_from), trained.sae, held_out)
+    with Catalog(cfg.catalog_path, cfg.lake_location) as catalog, catalog.transaction():
+        if matches:
+            catalog.record_matches(parent, trained.version, matches)
         catalog.register_sae(
             trained.version,
             trained.path,
