@@ -7,7 +7,9 @@ The fresh environment takes its dependencies from the test's own (a path entry, 
 does not run the editable install's hook), so featurewatch itself can only come from
 the wheel; the check below makes sure it does."""
 
+import functools
 import json
+import os
 import shutil
 import site
 import subprocess
@@ -64,6 +66,10 @@ found["encode"] = bool(torch.equal(load(out / "sae").encode(x), sae.encode(x)))
 
 @pytest.mark.slow
 def test_the_wheel_installed_outside_the_checkout_runs_everything(tmp_path):
+    # Nothing may put the checkout back on the path (PYTHONPATH, say, when the suite runs
+    # from a worktree): not for pip, not for the installed commands.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = functools.partial(subprocess.run, env=env, check=True)
     # Built from a copy of the source files alone, as a clean checkout has them (an
     # in-tree build/ folder would lend the wheel files its configuration leaves out).
     source = tmp_path / "source"
@@ -100,8 +106,8 @@ def test_the_wheel_installed_outside_the_checkout_runs_everything(tmp_path):
     # The test environment's packages, as a plain path: its editable featurewatch hook
     # (a .pth file there) is not run, so `import featurewatch` finds only the wheel.
     (packages / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
-                    "install", "--no-deps", "-q", str(wheel)], check=True)  # fmt: skip
+    run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+         "--no-deps", "-q", str(wheel)])  # fmt: skip
 
     cfg = fill_home(build_config({"home": str(tmp_path / "home")}), tmp_path / "s")
     token = TokenStore(cfg.dashboard_tokens_file).create("wheel-user", "viewer")
@@ -109,18 +115,19 @@ def test_the_wheel_installed_outside_the_checkout_runs_everything(tmp_path):
     outside.mkdir()
     script = outside / "use.py"
     script.write_text(USE)
-    help_text = subprocess.run([str(venv / "bin" / "featurewatch"), "--help"], cwd=outside,
-                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+    featurewatch = str(venv / "bin" / "featurewatch")
+    help_text = run([featurewatch, "--help"], cwd=outside, capture_output=True, text=True).stdout
     assert "Usage: featurewatch" in help_text
-    printed = subprocess.run([str(venv / "bin" / "featurewatch"), "--version"], cwd=outside,
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    printed = run([featurewatch, "--version"], cwd=outside, capture_output=True, text=True).stdout
     assert printed.strip() == __version__
-    subprocess.run([str(venv / "bin" / "featurewatch"), "examples", "configs"], cwd=outside,
-                   check=True, capture_output=True)  # fmt: skip
+    run([featurewatch, "examples", "configs"], cwd=outside, capture_output=True)
     assert load_config(outside / "configs" / "fleet.yaml").fleet
     assert (outside / "configs" / "policies" / "example.yaml").is_file()
-    subprocess.run([str(venv / "bin" / "python"), str(script), str(cfg.home), token,
-                    str(outside)], cwd=outside, check=True, timeout=300)  # fmt: skip
+    run(
+        [str(venv / "bin" / "python"), str(script), str(cfg.home), token, str(outside)],
+        cwd=outside,
+        timeout=300,
+    )
     found = json.loads((outside / "found.json").read_text())
     assert found["module"].startswith(str(packages)), found["module"]  # the wheel's copy
     assert found["version"] == __version__

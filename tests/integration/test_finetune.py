@@ -23,7 +23,7 @@ from featurewatch.platform.jobs.finetune import (
     run_finetune,
     sft_example,
 )
-from featurewatch.storage.catalog import Catalog
+from featurewatch.storage.catalog import Catalog, recorded_path
 from tests.integration.test_sae_train_resume import train_workers
 
 LINES = [
@@ -57,7 +57,11 @@ def test_the_loss_falls_and_the_merged_model_is_saved_and_registered(setup):
     # A random tiny model starts near ln(vocab) = 6.0; its final norm and small random LM
     # head bound its logits, so it cannot go far below 4.7 however it is trained.
     assert result.steps == 60 and result.last_loss < result.first_loss - 0.5, result
-    assert registered == [{"model": cfg.model.name, "path": str(result.path)}]
+    # Recorded relative to the home (a home moved elsewhere still finds it).
+    assert [(r["model"], recorded_path(cfg.home, r["path"])) for r in registered] == [
+        (cfg.model.name, result.path)
+    ]
+    assert registered[0]["path"].startswith("home:")
     tuned, _ = load_model(result.path)
     original, _ = load_model(base)
     changed = [
