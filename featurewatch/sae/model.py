@@ -300,7 +300,7 @@ def load(path: str | Path, *, expected_d_in: int | None = None) -> SparseAutoenc
     if not isinstance(cfg, dict):
         raise SAEFormatError(f"{cfg_path}: must hold a JSON object")
     arch = cfg.get("architecture")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise SAEFormatError(
             f"{cfg_path}: unknown architecture {arch!r}; supported: {sorted(ARCHITECTURES)}"
         )
@@ -315,9 +315,13 @@ def load(path: str | Path, *, expected_d_in: int | None = None) -> SparseAutoenc
         raise SAEFormatError(
             f"{path}: d_in is {d_in} but the monitored layer has width {expected_d_in}"
         )
-    dtype = DTYPES.get(cfg.get("dtype", "float32"))
+    named = cfg.get("dtype", "float32")
+    dtype = DTYPES.get(named) if isinstance(named, str) else None
     if dtype is None:
         raise SAEFormatError(f"{cfg_path}: unknown dtype {cfg.get('dtype')!r}")
+    metadata = cfg.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise SAEFormatError(f"{cfg_path}: metadata must be a JSON object")
     # Settings that would change what the weights mean: refused, not silently ignored.
     for key, supported in (
         ("normalize_activations", "none"),
@@ -356,7 +360,7 @@ def load(path: str | Path, *, expected_d_in: int | None = None) -> SparseAutoenc
         k=cfg.get("k"),
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
         dtype=dtype,
-        metadata={k: v for k, v in (cfg.get("metadata") or {}).items() if k != "sae_lens_version"},
+        metadata={k: v for k, v in metadata.items() if k != "sae_lens_version"},
     )
     expected = {name: tuple(p.shape) for name, p in sae.named_parameters()}
     for name, shape in expected.items():

@@ -5,6 +5,7 @@ A hypothesis test per file kind feeds it arbitrary content."""
 
 import contextlib
 import json
+import os
 import time
 
 import pytest
@@ -29,7 +30,7 @@ POLICY = {"policies": [{
     "id": "p1", "condition": {"tag": "misalignment", "statistic": "rate_ratio",
                               "window": "1h", "baseline": "24h", "threshold": 2.0},
     "actions": [{"type": "alert", "url": "http://127.0.0.1:9/x"}]}]}  # fmt: skip
-FAST = settings(max_examples=60, deadline=None,
+FAST = settings(max_examples=int(os.environ.get("FW_HYPOTHESIS_EXAMPLES", "60")), deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 
 
@@ -91,6 +92,18 @@ def test_an_sae_whose_config_claims_huge_sizes_is_refused_before_any_allocation(
     cfg_path.write_text('{"d_in": ' + "[" * 50_000 + "]" * 50_000 + "}")
     with pytest.raises(SAEFormatError, match="nested more than 32 deep"):
         load(tmp_path / "sae")
+
+
+@pytest.mark.parametrize("cfg", [{"architecture": []}, {"architecture": "topk", "d_in": 8,
+                                  "d_sae": 16, "k": 2, "dtype": ["float32"]},
+                                 {"architecture": "topk", "d_in": 8, "d_sae": 16, "k": 2,
+                                  "metadata": [1]}])  # fmt: skip
+def test_sae_cfg_values_of_the_wrong_type_are_named(tmp_path, cfg):
+    """Found by the hypothesis test below: a list where a name goes raised TypeError."""
+    build("topk", 8, 16, k=2).save(tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SAEFormatError, match="architecture|dtype|metadata"):
+        load(tmp_path)
 
 
 def test_parse_json_bounds_depth():
