@@ -39,6 +39,7 @@ from featurewatch.analysis.prompts import load_prompts
 from featurewatch.analysis.transcripts import read_transcripts
 from featurewatch.config import build_config, load_config
 from featurewatch.dashboard.app import create_app
+from featurewatch.dashboard.report import write_report
 from featurewatch.sae import build, load
 
 home, token, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
@@ -55,6 +56,11 @@ found["pages"] = {}
 for p in pages:
     answer = client.get(p, headers=auth)
     found["pages"][p] = [answer.status_code, footer in answer.text]
+bad = client.get("/features/nope/1", headers=auth)  # the error page
+found["error_page"] = [bad.status_code, footer in bad.text]
+client.app.state.data.close()  # one sandboxed connection per process: the report's next
+write_report(build_config({"home": home}), out / "report.html")
+found["report"] = (out / "report.html").stat().st_size
 torch.manual_seed(0)
 sae = build("topk", 64, 256, k=8)
 sae.save(out / "sae")
@@ -135,4 +141,5 @@ def test_the_wheel_installed_outside_the_checkout_runs_everything(tmp_path):
     assert found["labelled"] > 100 and found["safe"] > 10
     assert all(status == 200 for status, _ in found["pages"].values()), found["pages"]
     assert all(footer for page, (_, footer) in found["pages"].items() if "css" not in page)
+    assert found["error_page"] == [400, True] and found["report"] > 1000
     assert found["encode"]
