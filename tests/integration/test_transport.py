@@ -332,6 +332,10 @@ def test_collect_cli_refuses_bad_arguments(tmp_path):
         (["--listen", "nope", "--token-file", str(token)], "--listen must be HOST:PORT"),
         (["--listen", "127.0.0.1:1", "--token-file", str(tmp_path / "x")], "does not exist"),
         (["--listen", "127.0.0.1:1", "--token-file", str(token)], "is empty"),
+        (
+            ["--listen", "127.0.0.1:1", "--token-file", str(token), "--max-streams", "0"],
+            "--max-streams",
+        ),
     ]
     for args, message in cases:
         result = runner.invoke(app, base + args)

@@ -135,6 +135,15 @@ def collect(
         list[Path] | None,
         typer.Option(help="A token still accepted while senders move on (repeatable)."),
     ] = None,
+    max_streams: Annotated[
+        int, typer.Option(min=1, max=4096, help="Streams kept open; more are refused.")
+    ] = 256,
+    max_streams_per_host: Annotated[
+        int, typer.Option(min=1, max=4096, help="Streams one peer host may keep open.")
+    ] = 64,
+    stream_idle_s: Annotated[
+        float, typer.Option(min=0.1, max=3600, help="Close a stream silent this long.")
+    ] = 60.0,
 ) -> None:
     """Run a collector in the foreground, without Ray (edge nodes, tests)."""
     host, port = parse_listen(listen)
@@ -157,6 +166,9 @@ def collect(
             spool,
             token,
             previous_tokens=tuple(previous),
+            max_streams=max_streams,
+            max_streams_per_host=max_streams_per_host,
+            stream_idle_s=stream_idle_s,
             host=host,
             port=port,
             expected_width=width,
