@@ -25,6 +25,7 @@ import time
 import zlib
 from collections import OrderedDict
 from concurrent import futures
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -91,6 +92,14 @@ def peer_host(peer: str) -> str:
     return peer
 
 
+@dataclass
+class _Stored:
+    """One stream's record: its highest seq stored, and the digest of each recent batch."""
+
+    highest: int = 0
+    digests: dict[int, bytes] = field(default_factory=dict)
+
+
 class StreamRecord:
     """What one collector stored of each stream (replica, epoch): its highest seq, and a
     digest of each of its last `keep` batches, so that a resend is acked as a duplicate
@@ -100,51 +109,48 @@ class StreamRecord:
 
     def __init__(self, window: int = 65536, keep: int = 4096, streams: int = 4096):
         self.window, self.keep, self.streams = window, keep, streams
-        self._streams: OrderedDict[tuple[str, int], tuple[list[int], dict[int, bytes]]] = (
-            OrderedDict()
-        )
+        self._streams: OrderedDict[tuple[str, int], _Stored] = OrderedDict()
 
     def check(self, key: tuple[str, int], seq: int, digest: bytes) -> bool:
         """True: this batch is stored already (a duplicate). False: new. A
         BatchValidationError for a seq that cannot be right: far past the stream's
         highest, too far behind it to check, or stored with other content."""
-        found = self._streams.get(key)
-        if found is None:
+        stored = self._streams.get(key)
+        if stored is None:
             return False  # a stream new here (or failing over to here): any seq
-        (highest,), digests = found
-        if seq in digests:
-            if digests[seq] != digest:
+        if seq in stored.digests:
+            if stored.digests[seq] != digest:
                 raise BatchValidationError(
                     "seq", f"{seq} of this stream is stored with other content"
                 )
             return True
-        if seq > highest + self.window:
+        if seq > stored.highest + self.window:
             raise BatchValidationError(
-                "seq", f"jumps from {highest} to {seq}, more than {self.window} ahead"
+                "seq", f"jumps from {stored.highest} to {seq}, more than {self.window} ahead"
             )
-        if seq <= highest - self.keep:
+        if seq <= stored.highest - self.keep:
             raise BatchValidationError(
-                "seq", f"{seq} is more than {self.keep} behind the stream's latest ({highest})"
+                "seq",
+                f"{seq} is more than {self.keep} behind the stream's latest ({stored.highest})",
             )
         return False
 
     def add(self, key: tuple[str, int], seq: int, digest: bytes) -> None:
-        found = self._streams.pop(key, None) or ([0], {})
-        self._streams[key] = found  # most recently written last
-        highest, digests = found
-        digests[seq] = digest
-        highest[0] = max(highest[0], seq)
-        if len(digests) > 2 * self.keep:
-            for old in [s for s in digests if s <= highest[0] - self.keep]:
-                del digests[old]
+        stored = self._streams.pop(key, None) or _Stored()
+        self._streams[key] = stored  # most recently written last
+        stored.digests[seq] = digest
+        stored.highest = max(stored.highest, seq)
+        if len(stored.digests) > 2 * self.keep:  # amortised: once per `keep` batches
+            for old in [s for s in stored.digests if s <= stored.highest - self.keep]:
+                del stored.digests[old]
         while len(self._streams) > self.streams:
             self._streams.popitem(last=False)
 
     def forget(self, key: tuple[str, int], seq: int) -> None:
         """A batch whose write failed: not stored, so a resend must be."""
-        found = self._streams.get(key)
-        if found is not None:
-            found[1].pop(seq, None)
+        stored = self._streams.get(key)
+        if stored is not None:
+            stored.digests.pop(seq, None)
 
 
 def batch_digest(raw: bytes) -> bytes:

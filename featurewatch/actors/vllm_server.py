@@ -474,9 +474,7 @@ class VLLMModelServer:
                         verdict["action"] = "stopped" if gated and not ending else (
                             "flagged" if verdict["flagged"] else "none")  # fmt: skip
                         if verdict["action"] == "stopped":
-                            holder = choice.get("delta") if "delta" in choice else choice
-                            holder["content" if "delta" in choice else "text"] = ""
-                            choice["finish_reason"], choice["stop_reason"] = "content_filter", None
+                            refuse(choice, text="")  # this chunk's text is never sent
                             stopped = True
                         state.ended = True
                         chunk["featurewatch"] = verdict

@@ -166,10 +166,11 @@ def answer_id(body: dict, choice: dict) -> str:
     return body["id"] if choice["index"] == 0 else f"{body['id']}#{choice['index']}"
 
 
-def refuse(choice: dict) -> None:
-    """The block gate: a whole answer replaced by a refusal."""
+def refuse(choice: dict, text: str = REFUSAL) -> None:
+    """The block gate: a whole answer replaced by a refusal, or (a stream stopped) a
+    chunk's text withheld."""
     holder, key = _text_key(choice)
-    holder[key] = REFUSAL
+    holder[key] = text
     choice["finish_reason"], choice["stop_reason"] = "content_filter", None
     choice.pop("token_ids", None)
     choice.pop("logprobs", None)

@@ -191,7 +191,8 @@ class CaptureWorkerExtension:
             tag: self._fw_steering.terms([Steer.from_dict(s) for s in steers])
             for tag, steers in spec["steering"].items()
         }
-        self._fw_steering.rows_for = self._fw_steered_rows
+        # Steering hooks ask for per-request rows only when some tag regenerates.
+        self._fw_steering.rows_for = self._fw_steered_rows if self._fw_regenerate else None
 
     def fw_answer(self, key: str, take: bool) -> dict[int, dict[int, tuple[int, bytes]]]:
         """Sequence index -> layer -> (tokens, float32 bytes of [tokens, width]): the

@@ -501,14 +501,13 @@ class Catalog:
             self.con.execute(
                 "INSERT OR REPLACE INTO catalog_meta VALUES ('lake', ?)", [self.lake.url("")]
             )
-        self._temp = temp
         files: dict[str, list[tuple]] = {name: [] for name in SCHEMAS}
         for table_name, path, folded_until in self.con.execute(
             "SELECT table_name, path, folded_until FROM lake_files ORDER BY path"
         ).fetchall():
             files[table_name].append((path, folded_until))
         for table_name in SCHEMAS:
-            self._create_view(table_name, table_name, [p for p, _ in files[table_name]])
+            self._create_view(table_name, table_name, [p for p, _ in files[table_name]], temp=temp)
         # `feature_days` / `token_days`: every day's rollups once, for questions over whole
         # days: its day rows, plus the minute and hour rows not folded into them yet (a
         # day not closed yet, late rows of a closed one). A rollup file compaction folded
@@ -520,10 +519,16 @@ class Catalog:
                 p for p, until in files[f"{kind}_rollups"] if not _day_folded_file(p, until)
             ]
             self._create_view(
-                f"{kind}_days", f"{kind}_daily", paths, "period_minutes = 1440 OR NOT day_folded"
+                f"{kind}_days",
+                f"{kind}_daily",
+                paths,
+                "period_minutes = 1440 OR NOT day_folded",
+                temp=temp,
             )
 
-    def _create_view(self, view: str, table_name: str, paths: list[str], where: str = "") -> None:
+    def _create_view(
+        self, view: str, table_name: str, paths: list[str], where: str = "", temp: bool = False
+    ) -> None:
         if paths:
             files = ", ".join(_sql_str(self.lake.url(p)) for p in paths)
             types = ", ".join(f"'{c}': {HIVE_TYPES[c]}" for c in PARTITION_COLUMNS[table_name])
@@ -538,7 +543,7 @@ class Catalog:
                 body += f" WHERE {where}"
         else:
             body = _empty_view_sql(table_name)
-        kind = "TEMP VIEW" if getattr(self, "_temp", False) else "VIEW"
+        kind = "TEMP VIEW" if temp else "VIEW"
         self.con.execute(f"CREATE OR REPLACE {kind} {view} AS {body}")
 
     # ---- versions
