@@ -3,6 +3,7 @@ a local S3-compatible server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -195,6 +196,36 @@ def s3_server():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def mount_small_disk(folder, megabytes: int) -> None:
+    """A real filesystem of `megabytes` MiB at `folder` (tmpfs: root only, as on CI)."""
+    os.makedirs(folder, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def fill_disk(folder) -> int:
+    """Write `folder/filler` until the filesystem is full; the bytes written."""
+    written = 0
+    with open(os.path.join(folder, "filler"), "wb", buffering=0) as f:
+        for size in (1 << 16, 1 << 12, 1):  # then the last partial chunk's room too
+            with contextlib.suppress(OSError):
+                while n := f.write(b"\0" * size):
+                    written += n
+    return written
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB filesystem of its own (tmpfs), unmounted after the test."""
+    folder = tmp_path / "small-disk"
+    mount_small_disk(folder, 8)
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 @pytest.fixture

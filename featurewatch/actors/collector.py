@@ -213,6 +213,8 @@ class CollectorService:
         self.accepted_bytes = 0
         self.duplicate_batches = 0
         self.rejected_batches = 0
+        self.disk_full_refusals = 0
+        self._writing: dict[tuple[tuple[str, int], int], object] = {}  # seq -> its write
 
     def _reject(self, context, seq: int, err: BatchValidationError):
         with self._lock:
@@ -242,24 +244,42 @@ class CollectorService:
             if self.record.check(key, batch.seq, digest):
                 self.duplicate_batches += 1
                 ack.duplicate = True
-                return ack, None
+                # A resend of a batch still being written is acked once that write is
+                # durable, and fails if it fails.
+                return ack, self._writing.get((key, batch.seq))
             # Recorded at submit so a resend in the same group is still a duplicate; a
-            # failed write is forgotten again (below).
+            # failed write is forgotten again as it fails, whether or not its call is
+            # still there to wait for it.
             self.record.add(key, batch.seq, digest)
-            pending = self.spool.append_async(raw)
+
+            def written(error, at=(key, batch.seq)) -> None:
+                with self._lock:
+                    self._writing.pop(at, None)
+                    if error is not None:
+                        self.record.forget(*at)
+
+            pending = self.spool.append_async(raw, on_done=written)
+            self._writing[(key, batch.seq)] = pending
         return ack, pending
 
-    def _complete(self, batch: pb.ActivationBatch, raw: bytes, pending, context) -> None:
-        """Wait until the batch is durable (no-op for a duplicate)."""
+    def _complete(self, ack: pb.Ack, batch: pb.ActivationBatch, raw: bytes, pending, context):
+        """Wait until the batch is durable (a duplicate: until its first write is)."""
         if pending is None:
             return
         try:
             pending.wait()
         except SpoolError as err:
-            # Not durable, so a resend must be stored, not acked as a duplicate.
-            with self._lock:
-                self.record.forget((batch.replica_id, batch.stream_epoch), batch.seq)
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"batch seq {batch.seq}: {err}")
+            # Not durable (and forgotten as it failed): the sender resends it later.
+            # A full disk is RESOURCE_EXHAUSTED without a rejected seq: not the batch's
+            # fault, so the sender keeps it and backs off.
+            code = grpc.StatusCode.UNAVAILABLE
+            if pending.disk_full:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                with self._lock:
+                    self.disk_full_refusals += 1
+            context.abort(code, f"batch seq {batch.seq}: {err}")
+        if ack.duplicate:
+            return
         with self._lock:
             self.accepted_batches += 1
             self.accepted_vectors += batch.rows
@@ -273,7 +293,7 @@ class CollectorService:
             ack, pending = self._submit(raw, batch)
         except BatchValidationError as err:
             self._reject(context, batch.seq if batch is not None else 0, err)
-        self._complete(batch, raw, pending, context)
+        self._complete(ack, batch, raw, pending, context)
         return ack
 
     def stream(self, request_iterator, context):
@@ -373,7 +393,7 @@ class CollectorService:
             if kind == "reject":
                 self._reject(context, payload, pending)
             ack, batch, raw = payload
-            self._complete(batch, raw, pending, context)
+            self._complete(ack, batch, raw, pending, context)
             # One ack covers every earlier seq of the call (the sender treats it so):
             # take along what is already durable behind this batch, usually the rest
             # of its group commit, and send a single ack for all of it.
@@ -386,7 +406,7 @@ class CollectorService:
                     held = item
                     break
                 ack, batch, raw = item[1]
-                self._complete(batch, raw, item[2], context)
+                self._complete(ack, batch, raw, item[2], context)
             yield ack
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -495,6 +515,7 @@ class CollectorServer:
             "accepted_bytes": s.accepted_bytes,
             "duplicate_batches": s.duplicate_batches,
             "rejected_batches": s.rejected_batches,
+            "disk_full_refusals": s.disk_full_refusals,
             "refused_streams": s.refused_streams,
             "idle_closed_streams": s.idle_closed_streams,
             "auth_failures": self.guard.failed,

@@ -106,6 +106,7 @@ COLLECTOR_COUNTERS = {
     "duplicate_batches": "Resent batches already stored: acked as duplicates, not stored.",
     "rejected_batches": "Batches refused as invalid (the stream is aborted naming the field).",
     "fsyncs": "Spool fsyncs (one per group commit).",
+    "disk_full_refusals": "Batches answered RESOURCE_EXHAUSTED: the spool's disk was full.",
     "refused_streams": "Streams refused: the collector's or one host's limit of open streams.",
     "idle_closed_streams": "Streams closed after stream_idle_s without a message.",
     "auth_failures": "Calls with a missing or wrong bearer token (each logged with its host).",

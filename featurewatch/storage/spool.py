@@ -264,22 +264,39 @@ def _write_all(fd: int, chunks: list, offset: int) -> None:
 class _Pending:
     """A queued append; wait() returns once it is durable, or raises SpoolError."""
 
-    __slots__ = ("payload", "done", "error")
+    __slots__ = ("payload", "done", "error", "on_done")
 
-    def __init__(self, payload: bytes):
+    def __init__(self, payload: bytes, on_done=None):
         self.payload = payload
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.on_done = on_done
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """Durable (error None) or failed; on_done(error) runs before any waiter wakes."""
+        self.error = error
+        if self.on_done is not None:
+            try:
+                self.on_done(error)
+            except Exception:  # noqa: BLE001 - a waiter must still wake
+                log.exception("spool: an append's completion callback failed")
+        self.done.set()
 
     def ready(self) -> bool:
         """Finished (durable or failed): wait() will not block."""
         return self.done.is_set()
 
+    @property
+    def disk_full(self) -> bool:
+        """Failed because the filesystem is out of space (or quota)."""
+        return isinstance(self.error, OSError) and self.error.errno in (errno.ENOSPC, errno.EDQUOT)
+
     def wait(self, timeout: float = 60.0) -> None:
         if not self.done.wait(timeout):
             raise SpoolError("spool write timed out")
         if self.error is not None:
-            raise SpoolError(f"spool write failed: {self.error}") from self.error
+            reason = "the disk is full" if self.disk_full else str(self.error)
+            raise SpoolError(f"spool write failed: {reason}") from self.error
 
 
 class Spool:
@@ -327,13 +344,14 @@ class Spool:
         """Write one record; return once it is fsynced. Thread-safe."""
         self.append_async(payload).wait(timeout)
 
-    def append_async(self, payload: bytes) -> _Pending:
+    def append_async(self, payload: bytes, on_done=None) -> _Pending:
         """Queue one record; `.wait()` on the result returns once it is fsynced.
 
         Lets one stream keep several records in the same group commit instead of
-        waiting for each fsync in turn.
+        waiting for each fsync in turn. `on_done(error)` runs on the writer thread once
+        the record is durable (error None) or has failed, whether or not anyone waits.
         """
-        item = _Pending(payload)
+        item = _Pending(payload, on_done)
         with self._cond:
             if self._closed:
                 raise SpoolError("spool is closed")
@@ -448,6 +466,7 @@ class Spool:
                 seal_now = self._seal_requested
                 self._seal_requested = False
                 closing = self._closed and not self._pending  # else write the rest first
+            durable = False
             try:
                 if batch:
                     if self._file is None:
@@ -458,6 +477,9 @@ class Spool:
                         self._staging = None  # O_DIRECT refused here: stop trying
                     self.fsyncs += 1
                     self.appended_records += len(batch)
+                durable = True
+                for item in batch:
+                    item.finish()
                 aged = (
                     self._file is not None
                     and time.monotonic() - self._opened_at >= self.segment_max_age_s
@@ -467,14 +489,13 @@ class Spool:
                 ):
                     self._seal_segment()
             except BaseException as err:  # report to every waiter, keep the thread alive
-                for item in batch:
-                    item.error = err
+                if not durable:  # a failed seal leaves the written group durable
+                    for item in batch:
+                        item.finish(err)
                 self.write_errors += 1
                 log.error("spool %s: write or seal failed: %s", self.directory, err)
                 time.sleep(0.5)  # a persistent failure (disk gone) must not spin a core
             finally:
-                for item in batch:
-                    item.done.set()
                 if seal_now:
                     self._sealed_event.set()
             if closing:
@@ -482,6 +503,5 @@ class Spool:
                     leftover, self._pending = self._pending, []
                     self._pending_bytes = 0
                 for item in leftover:
-                    item.error = SpoolError("spool closed")
-                    item.done.set()
+                    item.finish(SpoolError("spool closed"))
                 return

@@ -18,7 +18,7 @@ from featurewatch.proto import activations_pb2 as pb
 from featurewatch.proto import activations_pb2_grpc as pb_grpc
 from featurewatch.proto.codec import validate_batch
 from featurewatch.storage.spool import read_segment, sealed_segments
-from tests.conftest import free_port
+from tests.conftest import fill_disk, free_port
 from tests.integration.test_collector import AUTH, TOKEN, WIDTH, good, stored
 from tests.unit.test_codec import batch_of
 
@@ -348,3 +348,36 @@ def test_collect_cli_refuses_bad_arguments(tmp_path):
         app, base + ["--listen", "127.0.0.1:1", "--token-file", str(token), "--tls-cert", "c"]
     )
     assert result.exit_code == 2 and "--tls-cert and --tls-key go together" in result.output
+
+
+def test_a_full_disk_is_resource_exhausted_and_nothing_acked_is_lost(tmp_path, small_disk):
+    """The spool on a real 8 MiB filesystem filled up mid-stream: the collector answers
+    RESOURCE_EXHAUSTED (not the batch's fault: no rejected seq), the sender keeps its
+    batches and backs off, and once space returns every batch is stored exactly once.
+    Several batches of one stream are in flight when the disk fills: each failed write
+    is forgotten as it fails, so its resend is stored, not acked as a duplicate."""
+    srv = CollectorServer(small_disk / "spool", TOKEN, segment_max_age_s=0.2).start()
+    sender = ActivationSender(srv.address, TOKEN, "full-disk-replica", max_queue_batches=4096)
+    try:
+        rows = 64  # 64 x WIDTH fp16: a few hundred bytes a batch
+        for _ in range(200):
+            sender.submit(batch_of(torch.randn(rows, WIDTH, dtype=torch.float16), seq=0))
+        assert sender.flush(30)
+        fill_disk(small_disk)
+        for _ in range(400):
+            sender.submit(batch_of(torch.randn(rows, WIDTH, dtype=torch.float16), seq=0))
+        deadline = time.monotonic() + 30
+        while srv.stats()["disk_full_refusals"] == 0:
+            assert time.monotonic() < deadline, "the full disk was never reported"
+            time.sleep(0.1)
+        assert not sender.flush(1)  # nothing more can be stored while the disk is full
+        assert "RESOURCE_EXHAUSTED" in sender.snapshot().last_error
+        (small_disk / "filler").unlink()
+        assert sender.flush(60)
+        stats = sender.snapshot()
+        assert stats.acked_batches == 600 and stats.dropped_batches == 0
+    finally:
+        sender.close()
+        srv.stop(grace=0)
+    batches = stored(srv)
+    assert sorted(b.seq for b in batches) == list(range(1, 601))
