@@ -12,11 +12,12 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -134,10 +135,25 @@ def default_home() -> Path:
     return Path(os.environ.get("FEATUREWATCH_HOME", "~/.featurewatch")).expanduser()
 
 
+def _path(value):
+    """A path as YAML writes it (a string) or as code passes it; nothing else."""
+    if isinstance(value, str) and value:
+        return Path(value)
+    if isinstance(value, Path):
+        return value
+    raise ValueError("should be a path (a non-empty string)")
+
+
+PathText = Annotated[Path, BeforeValidator(_path)]
+
+
 class _Strict(BaseModel):
     # Unknown keys are errors, not silently ignored: a typo must not turn a setting off.
+    # Types are exact (strict): "60" is not a number and 1 is not true.
     # NaN and infinity are refused: a threshold of NaN is a policy that never fires.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True
+    )
 
 
 class RayConfig(_Strict):
@@ -473,8 +489,20 @@ class DemoConfig(_Strict):
     top_movers: int = Field(10, ge=1, description="Features printed in the drift table.")
 
 
+class ControlConfig(_Strict):
+    policies: PathText | None = Field(
+        None,
+        description="A policy file: `featurewatch up` runs the policy controller over it, as "
+        "a Ray actor that Ray restarts if it dies (decisions are never run twice: see "
+        "Operating). None: no controller (run `featurewatch policy run` yourself).",
+    )
+    every_s: float = Field(
+        60.0, gt=0, le=86400, description="Seconds between the controller's rounds."
+    )
+
+
 class FeaturewatchConfig(_Strict):
-    home: Path = Field(
+    home: PathText = Field(
         default_factory=default_home,
         description="Holds spool, lake, catalog, SAEs and models ($FEATUREWATCH_HOME).",
     )
@@ -487,6 +515,7 @@ class FeaturewatchConfig(_Strict):
     lake: LakeConfig = Field(default_factory=LakeConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
     fleet: list[FleetModelConfig] = Field(
         default_factory=list,
         description="Models served beside `model`, each its own Serve application at "

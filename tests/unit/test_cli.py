@@ -134,6 +134,24 @@ def test_up_refuses_bad_input_by_name(tmp_path):
     assert missing.exit_code == 1 and str(model) in missing.output
 
 
+def test_up_refuses_a_bad_policy_file_before_starting_anything(tmp_path, tiny_llama_dir):
+    cfg = tmp_path / "up.yaml"
+    policies = tmp_path / "policies.yaml"
+    cfg.write_text(
+        f"home: {tmp_path / 'home'}\nmodel: {{path: {tiny_llama_dir}}}\ncapture: {{layers: [1]}}\n"
+        f"control: {{policies: {policies}}}\n"
+    )
+    missing = runner.invoke(app, ["up", "--config", str(cfg)])
+    assert missing.exit_code == 1 and f"policy file not found: {policies}" in missing.output
+    policies.write_text("policies: [{id: p, condition: {tag: t, threshold: .nan}}]\n")
+    bad = runner.invoke(app, ["up", "--config", str(cfg)])
+    assert bad.exit_code == 1 and "threshold" in bad.output, bad.output
+    cfg.write_text(f"home: {tmp_path / 'home'}\ncontrol: {{every_s: '60'}}\n")
+    loose = runner.invoke(app, ["up", "--config", str(cfg)])
+    assert loose.exit_code == 1 and "control.every_s" in loose.output
+    assert not (tmp_path / "home").exists()  # nothing started, nothing written
+
+
 def test_sae_commands_refuse_bad_input_by_name(tmp_path):
     home = ["--home", str(tmp_path / "home")]
     empty = tmp_path / "empty"

@@ -39,6 +39,8 @@ from featurewatch.actors.pipeline import (
 from featurewatch.actors.runtime import collector_token, init_ray, start_collectors
 from featurewatch.actors.serving import check_servable, deploy_model_server
 from featurewatch.config import FeaturewatchConfig
+from featurewatch.platform.control.actor import start_controller
+from featurewatch.platform.control.controller import load_policy_list
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.heartbeats import read_heartbeats
 
@@ -83,6 +85,8 @@ def run_up(
     folders, widths = {}, {}
     for member in members:
         folders[member.model.name], widths[member.model.name] = check_servable(member)
+    # Checked before the minutes-long start: a bad policy file is named at once.
+    policies = load_policy_list(cfg.control.policies) if cfg.control.policies else None
     cfg.home.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
     if stop is None:
@@ -97,7 +101,10 @@ def run_up(
         cfg, token, widths if len(members) > 1 else widths[cfg.model.name]
     )
     lanes, drained, last = fleet_lanes(cfg), False, EncodeReport(0, 0, 0, 0)
+    controller = None
     try:
+        if policies is not None:
+            controller = start_controller(cfg, policies, cfg.control.every_s)
         addresses = ray.get([c.address.remote() for c in collectors])
         serve.start(
             proxy_location="HeadOnly",
@@ -138,6 +145,11 @@ def run_up(
                     last.tokens += report.tokens
                     last.feature_rows += report.feature_rows
     finally:
+        if controller is not None:
+            try:
+                ray.get(controller.stop.remote(), timeout=60)
+            except ray.exceptions.RayError as err:  # it may be restarting: it goes with us
+                log.warning("the controller did not stop cleanly: %s", err)
         _delete_applications(members)  # never leave replicas streaming to dead collectors
         ray.get([c.stop.remote() for c in collectors], timeout=60)
     versions = {lane.cfg.model.name: lane.sae_version for lane in lanes}

@@ -97,7 +97,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "services",
         "commands",
         "Run the data path on a Ray cluster until stopped (SIGTERM, Ctrl-C): collectors, "
-        "the model server, the pipeline.",
+        "the model server, the pipeline, and the policy controller when control.policies "
+        "names a policy file.",
     ),
     "pipeline": (
         "services",

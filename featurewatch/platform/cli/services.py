@@ -204,7 +204,8 @@ def up(
     home: HomeOpt = None,
 ) -> None:
     """Run the data path on a Ray cluster until stopped (SIGTERM, Ctrl-C): collectors,
-    the model server, the pipeline. Drains on stop; one JSON line per event."""
+    the model server, the pipeline, and the policy controller when control.policies
+    names a policy file. Drains on stop; one JSON line per event."""
     interval = duration_option(every, "--every")
     cfg = cli_config(config, home)
     if address is not None:
