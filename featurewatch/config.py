@@ -399,6 +399,21 @@ class SAEConfig(_Strict):
     dead_after_tokens: int = Field(
         200_000, ge=1, description="A latent that has not fired for this many tokens is dead."
     )
+    inherit_min_cosine: float = Field(
+        0.8,
+        ge=-1,
+        le=1,
+        description="A refreshed child's latent takes over its matched parent latent's "
+        "label and tags only at this decoder cosine or more (see `featurewatch sae match`).",
+    )
+    inherit_min_correlation: float = Field(
+        0.5,
+        ge=-1,
+        le=1,
+        description="... and at this correlation of their activations on held-out vectors "
+        "or more. A refresh whose tagged features do not all hold is not switched to, unless "
+        "the tag's group probe, refitted on the child, holds.",
+    )
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     max_failures: int = Field(
         3,

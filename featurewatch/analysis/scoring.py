@@ -411,9 +411,12 @@ def score_threshold(
 MAX_PROBE_AUROC_LOSS = 0.02
 
 
-def refit_group_probe(cfg, probe: Probe, child: SAEChoice) -> Probe:
+def refit_group_probe(
+    cfg, probe: Probe, child: SAEChoice, feature_ids: list[int] | None = None
+) -> Probe:
     """A group probe fitted again, on the child SAE's features of the transcripts the
-    parent's was fitted on (the same tag group: a refreshed child keeps feature ids)."""
+    parent's was fitted on: `feature_ids`, the child latents matched to the probe's
+    (by default the same ids)."""
     source = probe.fitted_on.get("source")
     if not source or source == "-":
         raise ConfigError(
@@ -424,6 +427,6 @@ def refit_group_probe(cfg, probe: Probe, child: SAEChoice) -> Probe:
     pooled = encode_transcripts(cfg, child, load(child.path), transcripts)
     return fit_probe(
         pooled, [t.label for t in transcripts], tag=probe.tag, sae_version=child.version,
-        family="sae_group", feature_ids=probe.feature_ids,
+        family="sae_group", feature_ids=feature_ids or probe.feature_ids,
         groups=transcript_domains(transcripts), site=child.site, source=source,
     )  # fmt: skip

@@ -72,3 +72,28 @@ def match_latents(parent, child, vectors: torch.Tensor | None = None) -> list[Ma
               None if correlation is None else float(correlation[p, c]))
         for p, c in zip(rows.tolist(), cols.tolist(), strict=True)
     ]  # fmt: skip
+
+
+def holds(match: Match, min_cosine: float, min_correlation: float) -> bool:
+    """Whether a pair keeps its meaning: decoder cosine at least `min_cosine` and, when
+    activations were compared, correlation at least `min_correlation`."""
+    if match.cosine < min_cosine:
+        return False
+    return match.correlation is None or match.correlation >= min_correlation
+
+
+def carried_over(
+    matches: list[Match], parent_ids: list[int], min_cosine: float, min_correlation: float
+) -> tuple[dict[int, Match], list[int]]:
+    """For the parent's latents `parent_ids` (its tagged features, say): ({parent id:
+    its pair} where the pair holds, [the parent ids whose pair does not, or that have
+    none])."""
+    by_parent = {m.parent_id: m for m in matches}
+    held, lost = {}, []
+    for parent_id in sorted(set(parent_ids)):
+        match = by_parent.get(parent_id)
+        if match is not None and holds(match, min_cosine, min_correlation):
+            held[parent_id] = match
+        else:
+            lost.append(parent_id)
+    return held, lost

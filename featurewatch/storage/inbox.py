@@ -57,6 +57,11 @@ class SAERegistration(_Request):
     # The child's latents matched to the parent's: (parent_id, child_id, cosine,
     # correlation or None) each, recorded in sae_matches.
     matches: list[tuple[int, int, float, float | None]] = Field([], max_length=1 << 20)
+    # The matched pairs that hold (sae/matching.py): labels and tags go from each parent
+    # latent to its child latent along these only. None: by feature id.
+    inherit_pairs: list[tuple[int, int, float, float | None]] | None = Field(
+        None, max_length=1 << 20
+    )
 
 
 class ModelVersionRegistration(_Request):
@@ -144,16 +149,23 @@ def _apply_one(catalog: Catalog, request) -> None:
     if not (Path(request.path) / "cfg.json").is_file():
         raise CatalogError(f"{request.path} is not an SAE folder (no cfg.json)")
     fields = request.model_dump(
-        exclude={"kind", "sae_version", "path", "inherit_registry", "matches"}
-    )
+        exclude={
+            "kind", "sae_version", "path", "inherit_registry", "matches", "inherit_pairs",
+        }
+    )  # fmt: skip
     with catalog.transaction():
         catalog.register_sae(request.sae_version, Path(request.path), **fields)
         if request.parent_version and request.matches:
             catalog.record_matches(request.parent_version, request.sae_version, request.matches)
         if request.inherit_registry and request.parent_version:
-            FeatureRegistry(catalog).inherit(
-                request.sae_version, request.parent_version, actor="refresh_sae"
-            )
+            registry = FeatureRegistry(catalog)
+            if request.inherit_pairs is not None:
+                registry.inherit_matched(
+                    request.sae_version, request.parent_version, request.inherit_pairs,
+                    actor="refresh_sae",
+                )  # fmt: skip
+            else:
+                registry.inherit(request.sae_version, request.parent_version, actor="refresh_sae")
 
 
 def apply_registrations(catalog: Catalog, folder: Path) -> list:

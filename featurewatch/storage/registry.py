@@ -156,6 +156,36 @@ class FeatureRegistry:
             self._record(child, feature_id, actor, "inherited", None, parent)
         return len(ids)
 
+    def inherit_matched(self, child: str, parent: str, pairs: list, *, actor: str) -> int:
+        """Copy labels and tags from each parent latent to the child latent matched to
+        it: `pairs` of (parent id, child id, cosine, correlation or None), the pairs that
+        hold (a parent latent without one passes nothing on). Each copy is recorded in
+        the history, naming the parent latent and the match. Runs inside the caller's
+        transaction; returns the features copied."""
+        con, copied = self.con, 0
+        for parent_id, child_id, cosine, correlation in pairs:
+            labelled = con.execute(
+                "INSERT OR IGNORE INTO feature_labels (sae_version, feature_id, label, "
+                "description, owner, updated_at) SELECT ?, ?, label, description, owner, "
+                "now() FROM feature_labels WHERE sae_version = ? AND feature_id = ? "
+                "RETURNING feature_id",
+                [child, child_id, parent, parent_id],
+            ).fetchall()
+            tagged = con.execute(
+                "INSERT OR IGNORE INTO feature_tags SELECT ?, ?, tag FROM feature_tags "
+                "WHERE sae_version = ? AND feature_id = ? RETURNING tag",
+                [child, child_id, parent, parent_id],
+            ).fetchall()
+            if labelled or tagged:
+                match = f"cosine {cosine:.3f}" + (
+                    "" if correlation is None else f", correlation {correlation:.3f}"
+                )
+                self._record(
+                    child, child_id, actor, "inherited", None, f"{parent}#{parent_id} ({match})"
+                )
+                copied += 1
+        return copied
+
     def entries(self, sae_version: str | None = None, tag: str | None = None) -> pa.Table:
         """Registered features, optionally of one SAE version and/or with one tag."""
         sql = "SELECT * FROM features WHERE true"
@@ -172,6 +202,14 @@ class FeatureRegistry:
         """The feature ids of one SAE version that carry `tag` (what scoring selects)."""
         rows = self.entries(sae_version, tag).column("feature_id").to_pylist()
         return sorted(rows)
+
+    def tagged_ids(self, sae_version: str) -> list[int]:
+        """The feature ids of one SAE version that carry any tag."""
+        rows = self.con.execute(
+            "SELECT DISTINCT feature_id FROM feature_tags WHERE sae_version = ? ORDER BY 1",
+            [sae_version],
+        ).fetchall()
+        return [r[0] for r in rows]
 
     def group_ids(
         self, sae_version: str, tag: str | None = None, features: list[int] | None = None

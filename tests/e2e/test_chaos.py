@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_platform_survives_a_seeded_chaos_schedule(tmp_path):
     out = tmp_path / "chaos.json"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--seconds", "150",
+        [sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--seconds", "120",
          "--seed", "3", "--disk-full-s", "8", "--node-down-s", "20", "--json-out", str(out)],
         capture_output=True, text=True, timeout=1200, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip

@@ -35,7 +35,16 @@ def drifted(ray_cluster, tmp_path):
         {
             "home": str(tmp_path / "home"),
             "capture": {"layers": [1]},
-            "sae": {"d_sae": 48, "k": 4, "epochs": 20, "batch_size": 64, "lr": 3e-3},
+            # Every matched pair holds here; the gate's own test raises the bar.
+            "sae": {
+                "d_sae": 48,
+                "k": 4,
+                "epochs": 20,
+                "batch_size": 64,
+                "lr": 3e-3,
+                "inherit_min_cosine": -1.0,
+                "inherit_min_correlation": -1.0,
+            },
         }
     )
     old = fill_spool(cfg.spool_dir, segments=2, seed=0)
@@ -68,8 +77,18 @@ def test_a_stale_sae_is_refreshed_and_swapped_into_the_running_pipeline(drifted)
     assert (fresh["train_segments"], fresh["held_out_segments"]) == (8, 1)
     assert not pending(cfg.inbox_dir)
 
-    # The controller's action, as a fired policy hands it over.
+    # The gate: at a bar no retrained latent reaches, the tagged features 3 and 5 have no
+    # pair that holds (and no group probe stands in): the child is discarded.
     action = {"type": "refresh_sae", "fvu_threshold": 0.3, "data_window": "PT1H", "epochs": 10}
+    strict = cfg.model_copy(update={"sae": cfg.sae.model_copy(update={"inherit_min_cosine": 1.0})})
+    with pytest.raises(RuntimeError) as refused:  # the action fails, naming why
+        refresh_sae_handler(strict)(action, {"numbers": {"sae_version": "parent"}})
+    detail = str(refused.value)
+    assert "tagged features 0 of 2 matched (unmatched: [3, 5])" in detail, detail
+    assert "its tagged features moved: discarded, the parent stays" in detail
+    assert not pending(cfg.inbox_dir)
+
+    # The controller's action, as a fired policy hands it over.
     detail = refresh_sae_handler(cfg)(action, {"numbers": {"sae_version": "parent"}})
     assert "kept: registration requested" in detail, detail
     (request,) = pending(cfg.inbox_dir)
@@ -104,7 +123,16 @@ def test_a_stale_sae_is_refreshed_and_swapped_into_the_running_pipeline(drifted)
             [child],
         ).to_pylist()[0]
         assert row["parent_version"] == "parent" and float(row["fvu"]) < fresh["parent_fvu"]
-        assert FeatureRegistry(reader).ids_with_tag(child, "misalignment") == [3, 5]
+        # The tags went along the matching: to the child latents matched to 3 and 5.
+        heirs = (
+            reader.query(
+                "SELECT child_id FROM sae_matches WHERE child_version = ? AND parent_id IN (3, 5)",
+                [child],
+            )
+            .column(0)
+            .to_pylist()
+        )
+        assert FeatureRegistry(reader).ids_with_tag(child, "misalignment") == sorted(heirs)
         # Its latents matched one to one to the parent's, joinable in SQL.
         matched = reader.query(
             "SELECT count(DISTINCT child_id) AS n, min(cosine) AS low, max(cosine) AS high, "

@@ -301,6 +301,7 @@ def test_a_refreshed_sae_gets_its_probes_refitted_not_copied(planted):
     from featurewatch.config import load_config
     from featurewatch.platform.jobs.refresh_sae import carry_probes
     from featurewatch.sae import load
+    from featurewatch.sae.matching import match_latents
     from featurewatch.storage.sae_store import SAEChoice
 
     _tag(planted, [PLANTED])
@@ -317,8 +318,10 @@ def test_a_refreshed_sae_gets_its_probes_refitted_not_copied(planted):
     sae = load(parent.path)
     same = planted["root"] / "child-same"
     sae.save(same)
-    held, lines = carry_probes(cfg, parent, SAEChoice("child-same", same, LAYER, "resid_post"))
-    assert held, lines
+    held, group_held, lines = carry_probes(
+        cfg, parent, SAEChoice("child-same", same, LAYER, "resid_post"), {}
+    )
+    assert held and group_held, lines
     assert any("sae_group probe refitted: cross-validated AUROC 1.0 -> 1.0" in x for x in lines)
     assert any("probe copied" in x for x in lines)
     refitted = json.loads((same / "probes" / "misalignment.json").read_text())
@@ -327,10 +330,32 @@ def test_a_refreshed_sae_gets_its_probes_refitted_not_copied(planted):
     copied = json.loads(next((same / "probes").glob("misalignment.*l*.json")).read_text())
     assert copied["family"] != "sae_group" and copied["sae_version"] == "child-same"
 
+    # A child whose latents are the parent's in another order: read by id, the planted
+    # feature is gone; read through the matching, the probe holds on its new id.
+    order = torch.randperm(sae.d_sae, generator=torch.Generator().manual_seed(1))
+    moved = planted["root"] / "child-permuted"
+    permuted = load(parent.path)
+    with torch.no_grad():
+        permuted.W_enc.copy_(sae.W_enc[:, order])
+        permuted.b_enc.copy_(sae.b_enc[order])
+        permuted.W_dec.copy_(sae.W_dec[order])
+    permuted.save(moved)
+    choice = SAEChoice("child-permuted", moved, LAYER, "resid_post")
+    to_child = {m.parent_id: m.child_id for m in match_latents(sae, permuted)}
+    assert all(order[c] == p for p, c in to_child.items())  # matched back exactly
+    held, _, lines = carry_probes(cfg, parent, choice, {})
+    assert not held, lines
+    held, group_held, lines = carry_probes(cfg, parent, choice, to_child)
+    assert held and group_held, lines
+    refitted = json.loads((moved / "probes" / "misalignment.json").read_text())
+    assert refitted["feature_ids"] == [to_child[PLANTED]] != [PLANTED]
+
     lost = planted["root"] / "child-lost"
     with torch.no_grad():  # the planted feature now reads a random direction
         sae.W_enc[:, PLANTED] = torch.randn(sae.d_in) / sae.d_in**0.5
     sae.save(lost)
-    held, lines = carry_probes(cfg, parent, SAEChoice("child-lost", lost, LAYER, "resid_post"))
-    assert not held, lines
+    held, group_held, lines = carry_probes(
+        cfg, parent, SAEChoice("child-lost", lost, LAYER, "resid_post"), {}
+    )
+    assert not held and not group_held, lines
     assert any("sae_group probe refitted: cross-validated AUROC 1.0 -> 0." in x for x in lines)

@@ -92,6 +92,24 @@ def test_a_child_sae_is_registered_with_its_parents_labels_and_tags(catalog, tmp
         ).to_pylist() == [{"n": 1}]
 
 
+def test_a_child_inherits_only_along_the_pairs_that_hold(catalog, tmp_path):
+    """Feature 7 is the child's 3 (a pair that holds): its label and tag go to 3. Feature
+    9 moved away (its pair is not among those that hold): its tag is not inherited."""
+    home = tmp_path / "home"
+    matches = [(7, 3, 0.95, 0.8), (9, 9, 0.3, 0.1)]
+    submit(home, child_request(tmp_path, matches=matches, inherit_pairs=matches[:1]))
+    apply_registrations(catalog, home)
+    registry = FeatureRegistry(catalog)
+    assert registry.ids_with_tag("sae1-r1", "misalignment") == [3]
+    entry = registry.show("sae1-r1", 3)
+    assert entry["label"] == "toxic persona"
+    assert [(h["field"], h["new_value"]) for h in entry["history"]] == [
+        ("inherited", "sae1#7 (cosine 0.950, correlation 0.800)")
+    ]
+    assert registry.show("sae1-r1", 9)["tags"] == []
+    assert registry.show("sae1-r1", 7)["label"] is None
+
+
 def test_bad_requests_are_rejected_with_the_reason_and_the_rest_applied(catalog, tmp_path):
     home = tmp_path / "home"
     submit(home, child_request(tmp_path, sae_version="orphan", parent_version="nope"))

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from featurewatch.errors import SAEFormatError
 from featurewatch.platform.cli import app
 from featurewatch.sae import TopKSAE, build
-from featurewatch.sae.matching import match_latents
+from featurewatch.sae.matching import Match, carried_over, holds, match_latents
 from featurewatch.sae.train import (
     DeadLatents,
     SAETrainingStep,
@@ -91,6 +91,18 @@ def test_a_child_trained_on_from_its_parent_matches_nearly_everything_but_a_move
     assert len(good) >= 0.9 * 48, sorted(m.cosine for m in matches.values())
     # The moved latent is not its parent's any more: below the 0.9 a match must reach.
     assert matches[5].cosine < 0.9 and matches[5].child_id != 5
+    # Tagged 5 and 7: under the default bars 7 carries over (to its own id), 5 does not.
+    held, lost = carried_over(list(matches.values()), [5, 7], 0.8, 0.5)
+    assert list(held) == [7] and held[7].child_id == 7 and lost == [5]
+
+
+def test_a_pair_holds_at_both_bars():
+    assert holds(Match(1, 2, 0.85, 0.6), 0.8, 0.5)
+    assert not holds(Match(1, 2, 0.79, 0.9), 0.8, 0.5)
+    assert not holds(Match(1, 2, 0.95, 0.4), 0.8, 0.5)
+    assert holds(Match(1, 2, 0.95, None), 0.8, 0.5)  # no vectors compared: cosine alone
+    # A parent feature with no pair at all (a smaller child) is lost too.
+    assert carried_over([Match(1, 2, 0.9, 0.9)], [1, 3], 0.8, 0.5)[1] == [3]
 
 
 def test_saes_of_other_widths_or_bad_vectors_are_refused():

@@ -126,8 +126,9 @@ def verdicts_handler(cfg):
 def refresh_sae_handler(cfg):
     """The `refresh_sae` action: measure the SAE in use on the newest spool segments of
     the action's window and, past the FVU threshold, train a child from it there (a Ray
-    Train job) that replaces it in the pipeline only if it is not worse
-    (`platform/jobs/refresh_sae.py`). A worse child fails the action, the parent kept."""
+    Train job) that replaces it in the pipeline only if it is not worse and its tagged
+    features carry over (`platform/jobs/refresh_sae.py`). A refused child fails the
+    action, naming why; the parent is kept."""
 
     def refresh(action: dict, decision: dict) -> str:
         result = refresh_sae(

@@ -11,13 +11,21 @@ traffic (or the served model) drifts. The refresh job:
    architecture and size, a few epochs), so the child's feature ids keep their meaning;
 4. keeps the child only if its FVU on the held-out segments is not worse than the
    parent's;
-5. fits the parent's tag probes again: a group probe reads feature values, so it is
-   refitted on the child's activations of the transcripts it was fitted on, and the
-   child is kept only if the refitted probe's cross-validated AUROC is within 0.02 of
-   the parent's (a residual probe reads the model, not the SAE, and goes over as it is);
-6. hands the child to the catalog's writer as a registration request
-   (`storage/inbox.py`) that takes over the parent's labels and tags; the pipeline
-   applies it between rounds and encodes with the child from then on.
+5. matches the child's latents to the parent's one to one (`sae/matching.py`: decoder
+   cosine and activation correlation on the held-out vectors); a pair holds at
+   `sae.inherit_min_cosine` and `sae.inherit_min_correlation` or above;
+6. fits the parent's tag probes again: a group probe reads feature values, so it is
+   refitted on the child's activations of the transcripts it was fitted on, on the
+   child latents matched to its features, and the child is kept only if the refitted
+   probe's cross-validated AUROC is within 0.02 of the parent's (a residual probe reads
+   the model, not the SAE, and goes over as it is);
+7. the gate: the child is kept only if every tagged feature of the parent has a pair
+   that holds, or a group probe was refitted and held (then the unmatched tagged
+   features are listed, and lose their tag on the child);
+8. hands the child to the catalog's writer as a registration request
+   (`storage/inbox.py`) that takes over the parent's labels and tags along the pairs
+   that hold; the pipeline applies it between rounds and encodes with the child from
+   then on.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,12 +46,14 @@ from featurewatch.analysis.probes import load_probe
 from featurewatch.analysis.scoring import MAX_PROBE_AUROC_LOSS, refit_group_probe
 from featurewatch.config import FeaturewatchConfig
 from featurewatch.errors import ConfigError
-from featurewatch.platform.jobs.sae_jobs import latent_matches, segment_vectors
+from featurewatch.platform.jobs.sae_jobs import MATCH_VECTORS, segment_vectors
 from featurewatch.platform.jobs.train_sae import SAVED_AS, train_sae
 from featurewatch.sae import load
+from featurewatch.sae.matching import carried_over, holds, match_latents
 from featurewatch.sae.train import evaluate
 from featurewatch.storage.catalog import Catalog
 from featurewatch.storage.inbox import SAERegistration, submit
+from featurewatch.storage.registry import FeatureRegistry
 from featurewatch.storage.sae_store import SAEChoice, registered_sae
 from featurewatch.storage.spool import spool_segments
 
@@ -65,6 +75,10 @@ class RefreshResult:
     decoder_cosine: float | None = None  # mean, child's decoder rows vs the parent's
     probes: list[str] = field(default_factory=list)  # what became of each tag probe
     probes_held: bool = True  # every refitted probe is within reach of the parent's
+    group_probe_held: bool = False  # at least one group probe was refitted and held
+    matched_share: float | None = None  # of the child's pairs, the share that holds
+    tagged: list[int] = field(default_factory=list)  # the parent's tagged features
+    unmatched_tagged: list[int] = field(default_factory=list)  # ... without a pair that holds
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -77,15 +91,24 @@ class RefreshResult:
             return f"{fresh}: the dictionary is fresh, not refreshed"
         if self.kept:
             verdict = "kept: registration requested"
+        elif self.child_fvu is not None and self.child_fvu > self.parent_fvu:
+            verdict = "worse: discarded"
         elif not self.probes_held:
             verdict = "its probes detect less: discarded, the parent stays"
         else:
-            verdict = "worse: discarded"
+            verdict = "its tagged features moved: discarded, the parent stays"
         probes = f"; probes: {'; '.join(self.probes)}" if self.probes else ""
+        matched = ""
+        if self.matched_share is not None:
+            matched = (
+                f"; {self.matched_share:.0%} of latents matched; tagged features "
+                f"{len(self.tagged) - len(self.unmatched_tagged)} of {len(self.tagged)} matched"
+                + (f" (unmatched: {self.unmatched_tagged})" if self.unmatched_tagged else "")
+            )
         return (
             f"{fresh}; child {self.child} trained on {self.train_segments} segments scored FVU "
             f"{self.child_fvu:.4f} (decoder cosine to the parent {self.decoder_cosine:.3f})"
-            f"{probes}: {verdict}"
+            f"{matched}{probes}: {verdict}"
         )
 
 
@@ -138,6 +161,7 @@ def refresh_sae(
     started = time.time()
     with Catalog.for_analyst(cfg.catalog_path, cfg.lake_location) as catalog:
         choice = registered_sae(cfg, catalog, parent_version)
+        tagged = FeatureRegistry(catalog).tagged_ids(choice.version)
     parent_version = choice.version
     parent = load(choice.path)
     layer, site = choice.layer, choice.site
@@ -177,17 +201,27 @@ def refresh_sae(
     child_fvu, keep = judge(parent_fvu, trained.sae, held_out)
     result.refreshed, result.child, result.child_fvu, result.kept = True, version, child_fvu, keep
     result.decoder_cosine = decoder_cosine(parent, trained.sae)
+    matches = match_latents(parent, trained.sae, held_out[:MATCH_VECTORS])
+    bars = (cfg.sae.inherit_min_cosine, cfg.sae.inherit_min_correlation)
+    pairs = [m for m in matches if holds(m, *bars)]
+    result.matched_share = len(pairs) / max(len(matches), 1)
+    result.tagged = tagged
+    result.unmatched_tagged = carried_over(matches, tagged, *bars)[1]
     if keep:
         child_choice = SAEChoice(version, trained.path, layer, site)
-        result.probes_held, result.probes = carry_probes(cfg, choice, child_choice)
-        result.kept = keep = result.probes_held
+        to_child = {m.parent_id: m.child_id for m in matches}
+        result.probes_held, result.group_probe_held, result.probes = carry_probes(
+            cfg, choice, child_choice, to_child
+        )
+        gate = not result.unmatched_tagged or result.group_probe_held
+        result.kept = keep = result.probes_held and gate
     if not keep:
         shutil.rmtree(trained.path, ignore_errors=True)  # never registered, never served
         result.seconds = time.time() - started
         return result
     metrics = {**trained.metrics, "fvu_fresh": child_fvu, "parent_fvu_fresh": parent_fvu}
     metrics["decoder_cosine_to_parent"] = result.decoder_cosine
-    matches = latent_matches(parent, trained.sae, held_out)
+    metrics["matched_share"] = result.matched_share
     submit(
         cfg.inbox_dir,
         SAERegistration(
@@ -197,21 +231,25 @@ def refresh_sae(
             site=site, parent_version=parent_version,
             data_window=trained.lineage.get("data_window"),
             lineage={**trained.lineage, "refresh": result.summary()}, inherit_registry=True,
-            matches=matches,
+            matches=[astuple(m) for m in matches], inherit_pairs=[astuple(m) for m in pairs],
         ),
     )  # fmt: skip
     result.seconds = time.time() - started
     return result
 
 
-def carry_probes(cfg, parent: SAEChoice, child: SAEChoice) -> tuple[bool, list[str]]:
-    """The parent's tag probes, made the child's: (whether every one held, a line each).
-    Residual probes are copied (they never read the SAE); group probes are refitted on
-    the child and must come within MAX_PROBE_AUROC_LOSS of the parent's cross-validated
-    AUROC. A probe that cannot be refitted counts as not held."""
+def carry_probes(
+    cfg, parent: SAEChoice, child: SAEChoice, to_child: dict[int, int]
+) -> tuple[bool, bool, list[str]]:
+    """The parent's tag probes, made the child's: (whether every one held, whether a
+    group probe was refitted and held, a line each). Residual probes are copied (they
+    never read the SAE); group probes are refitted on the child latents matched to their
+    features (`to_child`: parent id -> child id) and must come within
+    MAX_PROBE_AUROC_LOSS of the parent's cross-validated AUROC. A probe that cannot be
+    refitted counts as not held."""
     folder = Path(parent.path) / "probes"
     names = [path.stem.partition(".") for path in sorted(folder.glob("*.json"))]
-    held, lines = True, []
+    held, group_held, lines = True, False, []
     for tag in sorted({tag for tag, _, _ in names}):
         default = load_probe(parent.path, tag)
         families = {family for t, _, family in names if t == tag and family}
@@ -224,7 +262,8 @@ def carry_probes(cfg, parent: SAEChoice, child: SAEChoice) -> tuple[bool, list[s
                 lines.append(f"{tag} {family} probe copied (it reads the model, not the SAE)")
                 continue
             try:
-                refitted = refit_group_probe(cfg, probe, child)
+                ids = [to_child.get(i, i) for i in probe.feature_ids]
+                refitted = refit_group_probe(cfg, probe, child, feature_ids=ids)
             except ConfigError as err:
                 held = False
                 lines.append(f"{tag} {family} probe not refitted: {err}")
@@ -232,8 +271,10 @@ def carry_probes(cfg, parent: SAEChoice, child: SAEChoice) -> tuple[bool, list[s
             before, after = probe.fitted_on.get("cv_auroc"), refitted.fitted_on.get("cv_auroc")
             if before is not None and (after is None or after < before - MAX_PROBE_AUROC_LOSS):
                 held = False
+            else:
+                group_held = True
             refitted.save(child.path, default=as_default)
             lines.append(
                 f"{tag} {family} probe refitted: cross-validated AUROC {before} -> {after}"
             )
-    return held, lines
+    return held, group_held, lines
